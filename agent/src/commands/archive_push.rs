@@ -1,0 +1,298 @@
+//! `pgpitr-archive %p %f`: PostgreSQL's `archive_command`. Stores one WAL file durably, then —
+//! for a segment — pushes the other segments waiting as `.ready` in `pg_wal/archive_status`,
+//! in parallel, and leaves a marker for each in the spool so that PostgreSQL's next calls for
+//! them return at once. PostgreSQL alone renames `.ready` to `.done`.
+//!
+//! A marker records the pushed file's size, inode and mtime; a later call trusts it only if the
+//! file in `pg_wal` still matches, so a marker can never vouch for different bytes.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+
+use super::spool;
+use crate::config::{Config, ConfigError};
+use crate::pg::{WalFileName, WalLongPageHeader};
+use crate::repo::wal::{self, PushOutcome};
+use crate::repo::{RepoError, RepoIdentity};
+use crate::storage::Storage;
+
+/// What one call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveReport {
+    pub name: WalFileName,
+    pub outcome: Outcome,
+    /// Other `.ready` files pushed ahead by this call.
+    pub pushed_ahead: Vec<WalFileName>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    AlreadyArchived,
+    /// Pushed by an earlier call's batch; nothing to do now.
+    PushedAhead,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+impl ArchiveError {
+    /// PostgreSQL retries any non-zero exit; 2 marks errors the DBA must fix (arguments,
+    /// configuration), 1 everything else. Never above 125: that would make the archiver exit.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ArchiveError::Usage(_) | ArchiveError::Config(_) => 2,
+            ArchiveError::Repo(_) => 1,
+        }
+    }
+}
+
+/// Archives `wal_path` (`%p`, relative to the data directory, which is the working directory)
+/// under the name `wal_name` (`%f`).
+///
+/// # Errors
+/// A `%f` that is not a WAL file name, an unreadable `%p`, a file that is not the segment it is
+/// named after, a repository of another cluster, a different archived copy, storage failures.
+pub async fn run(
+    config: &Config,
+    wal_path: &Path,
+    wal_name: &str,
+) -> Result<ArchiveReport, ArchiveError> {
+    let name: WalFileName = wal_name
+        .parse()
+        .map_err(|e| ArchiveError::Usage(format!("%f: {e}")))?;
+    let meta = std::fs::metadata(wal_path).map_err(|e| {
+        ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()))
+    })?;
+    let spool_dir = spool::spool_dir(config, wal_path, "archive");
+    let marker = spool_dir.join(format!("{name}.ok"));
+    if Marker::of(&meta).matches(&marker) {
+        let _ = std::fs::remove_file(&marker);
+        return Ok(ArchiveReport {
+            name,
+            outcome: Outcome::PushedAhead,
+            pushed_ahead: Vec::new(),
+        });
+    }
+    let plain = std::fs::read(wal_path).map_err(|e| {
+        ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()))
+    })?;
+    let storage = config.storage().await?;
+    let identity = match name {
+        WalFileName::Segment(_) | WalFileName::Partial(_) => {
+            let observed = segment_identity(wal_path, name, &plain)?;
+            RepoIdentity::ensure(storage.as_ref(), &observed).await?
+        }
+        _ => match RepoIdentity::load(storage.as_ref()).await {
+            Err(RepoError::NotInitialized { .. }) => {
+                let observed = identity_from_wal_dir(wal_path)?;
+                RepoIdentity::ensure(storage.as_ref(), &observed).await?
+            }
+            other => other?,
+        },
+    };
+    let outcome = match wal::push(storage.as_ref(), name, plain).await? {
+        PushOutcome::Stored => Outcome::Stored,
+        PushOutcome::AlreadyArchived => {
+            tracing::warn!("WAL file {name} was already archived with the same content");
+            Outcome::AlreadyArchived
+        }
+    };
+    let pushed_ahead = if matches!(name, WalFileName::Segment(_)) && config.archive_batch > 0 {
+        push_ahead(
+            config,
+            storage.as_ref(),
+            &identity,
+            wal_path,
+            name,
+            &spool_dir,
+        )
+        .await
+    } else {
+        Vec::new()
+    };
+    Ok(ArchiveReport {
+        name,
+        outcome,
+        pushed_ahead,
+    })
+}
+
+/// The repository identity a segment implies, after checking that it is the segment its name
+/// says (its first page address is the segment's start LSN).
+fn segment_identity(
+    path: &Path,
+    name: WalFileName,
+    plain: &[u8],
+) -> Result<RepoIdentity, RepoError> {
+    let not_that = |message: String| RepoError::NotThatSegment {
+        path: path.display().to_string(),
+        name,
+        message,
+    };
+    let header = WalLongPageHeader::parse(plain).map_err(|e| not_that(e.to_string()))?;
+    let seg = name.segment().expect("segment kinds");
+    if plain.len() as u64 != u64::from(header.seg_size.bytes()) {
+        return Err(not_that(format!(
+            "{} bytes, but its header says segments are {} bytes",
+            plain.len(),
+            header.seg_size.bytes()
+        )));
+    }
+    let expected = seg.start_lsn(header.seg_size);
+    if header.page_address != expected {
+        return Err(not_that(format!(
+            "its first page is at {}, the segment starts at {expected}",
+            header.page_address
+        )));
+    }
+    Ok(RepoIdentity::new(
+        header.system_identifier,
+        header.pg_major(),
+        header.seg_size,
+    ))
+}
+
+/// For a history or backup-history file arriving before any segment: the identity of the
+/// cluster read from a segment beside it in `pg_wal`.
+fn identity_from_wal_dir(wal_path: &Path) -> Result<RepoIdentity, RepoError> {
+    let dir = wal_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let entries = std::fs::read_dir(dir).map_err(|e| RepoError::io(dir, e))?;
+    for entry in entries.flatten() {
+        if let Some(WalFileName::Segment(_)) =
+            entry.file_name().to_str().and_then(|n| n.parse().ok())
+        {
+            let mut head = [0u8; crate::pg::wal_page::LONG_PAGE_HEADER_LEN];
+            let read = std::fs::File::open(entry.path())
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head));
+            if read.is_ok() {
+                if let Ok(h) = WalLongPageHeader::parse(&head) {
+                    return Ok(RepoIdentity::new(
+                        h.system_identifier,
+                        h.pg_major(),
+                        h.seg_size,
+                    ));
+                }
+            }
+        }
+    }
+    Err(RepoError::NotThatSegment {
+        path: dir.display().to_string(),
+        name: WalFileName::History(crate::pg::TimelineId::FIRST),
+        message: "no WAL segment found beside it to identify the cluster".into(),
+    })
+}
+
+/// Pushes up to `archive_batch` other `.ready` files, `archive_parallel` at a time. Failures are
+/// left for PostgreSQL's own call, which reports them.
+async fn push_ahead(
+    config: &Config,
+    storage: &dyn Storage,
+    identity: &RepoIdentity,
+    wal_path: &Path,
+    current: WalFileName,
+    spool_dir: &Path,
+) -> Vec<WalFileName> {
+    let wal_dir = wal_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let Ok(entries) = std::fs::read_dir(wal_dir.join("archive_status")) else {
+        return Vec::new();
+    };
+    let spooled: HashSet<String> = std::fs::read_dir(spool_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ready: Vec<WalFileName> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".ready")?.parse().ok())
+        .filter(|n: &WalFileName| *n != current && !spooled.contains(&format!("{n}.ok")))
+        .collect();
+    ready.sort();
+    ready.truncate(config.archive_batch as usize);
+    if ready.is_empty() || spool::create_private_dir(spool_dir).is_err() {
+        return Vec::new();
+    }
+    futures::stream::iter(ready)
+        .map(|name| {
+            let path = wal_dir.join(name.to_string());
+            async move {
+                match push_one(storage, identity, &path, name, spool_dir).await {
+                    Ok(()) => Some(name),
+                    Err(e) => {
+                        tracing::debug!(
+                            "pushing {name} ahead failed, left for PostgreSQL's own call: {e}"
+                        );
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(config.archive_parallel as usize)
+        .filter_map(|n| async move { n })
+        .collect()
+        .await
+}
+
+async fn push_one(
+    storage: &dyn Storage,
+    identity: &RepoIdentity,
+    path: &Path,
+    name: WalFileName,
+    spool_dir: &Path,
+) -> Result<(), RepoError> {
+    let meta = std::fs::metadata(path).map_err(|e| RepoError::io(path, e))?;
+    let plain = std::fs::read(path).map_err(|e| RepoError::io(path, e))?;
+    if name.segment().is_some() && !matches!(name, WalFileName::BackupHistory { .. }) {
+        let observed = segment_identity(path, name, &plain)?;
+        identity.check(storage, &observed)?;
+    }
+    wal::push(storage, name, plain).await?;
+    Marker::of(&meta)
+        .write(&spool_dir.join(format!("{name}.ok")))
+        .map_err(|e| RepoError::io(spool_dir, e))
+}
+
+/// What a marker remembers of the file it vouches for.
+#[derive(Debug, PartialEq, Eq)]
+struct Marker(String);
+
+impl Marker {
+    fn of(meta: &std::fs::Metadata) -> Marker {
+        Marker(format!(
+            "{} {} {} {}\n",
+            meta.len(),
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ))
+    }
+
+    fn matches(&self, marker: &PathBuf) -> bool {
+        std::fs::read_to_string(marker)
+            .map(|m| m == self.0)
+            .unwrap_or(false)
+    }
+
+    fn write(&self, marker: &Path) -> std::io::Result<()> {
+        std::fs::write(marker, &self.0)
+    }
+}

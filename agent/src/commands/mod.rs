@@ -1,0 +1,6 @@
+//! One module per command. Each takes a loaded [`crate::config::Config`] and its own arguments
+//! and returns a typed result; the binaries map results to output and exit codes.
+
+pub mod archive_get;
+pub mod archive_push;
+pub mod spool;

@@ -1,0 +1,339 @@
+//! Configuration: one TOML file (`--config FILE`, else `$PGPITR_CONFIG`, else
+//! `/etc/pgpitr/pgpitr.toml` when it exists), then every key overridable by an environment
+//! variable `PGPITR_<KEY>` (`repo` → `PGPITR_REPO`). Unknown keys and bad values are errors that
+//! name the key. Credentials are never configured here: S3 uses the AWS credential chain and the
+//! PostgreSQL connection uses libpq's variables and `~/.pgpass`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::local::LocalStorage;
+use crate::storage::s3::{S3Location, S3Storage};
+use crate::storage::DynStorage;
+
+/// The system-wide default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgpitr/pgpitr.toml";
+
+/// Environment variables read by pgpitr itself that are not configuration keys.
+const NON_KEY_VARS: &[&str] = &["PGPITR_CONFIG", "PGPITR_LOG"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The repository: an absolute directory path, or `s3://bucket/prefix`.
+    pub repo: String,
+    /// S3 endpoint URL for non-AWS servers, e.g. `http://127.0.0.1:3900`.
+    #[serde(default)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (Garage: `garage`).
+    #[serde(default = "default_region")]
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS servers.
+    #[serde(default)]
+    pub s3_force_path_style: bool,
+    /// libpq connection string for `backup` and `check`, e.g. `host=/run/postgresql user=postgres`.
+    #[serde(default)]
+    pub conninfo: String,
+    /// Spool directory for archive batching and restore prefetching; default
+    /// `pg_wal/pgpitr_spool` inside the data directory (same file system, so a rename moves a
+    /// prefetched segment into place).
+    #[serde(default)]
+    pub spool_dir: Option<PathBuf>,
+    /// Most WAL files one `pgpitr-archive` call pushes ahead of PostgreSQL's request.
+    #[serde(default = "default_archive_batch")]
+    pub archive_batch: u32,
+    /// Parallel uploads when batching.
+    #[serde(default = "default_parallel")]
+    pub archive_parallel: u32,
+    /// Segments one `pgpitr-restore` call fetches ahead into the spool.
+    #[serde(default = "default_prefetch")]
+    pub restore_prefetch: u32,
+    /// Parallel downloads for prefetching and `pgpitr restore`.
+    #[serde(default = "default_parallel")]
+    pub restore_parallel: u32,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_archive_batch() -> u32 {
+    16
+}
+fn default_parallel() -> u32 {
+    3
+}
+fn default_prefetch() -> u32 {
+    8
+}
+
+/// The type of each key, to turn environment strings into TOML values.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Bool,
+    Int,
+}
+
+const KEYS: &[(&str, Kind)] = &[
+    ("repo", Kind::Str),
+    ("s3_endpoint", Kind::Str),
+    ("s3_region", Kind::Str),
+    ("s3_force_path_style", Kind::Bool),
+    ("conninfo", Kind::Str),
+    ("spool_dir", Kind::Str),
+    ("archive_batch", Kind::Int),
+    ("archive_parallel", Kind::Int),
+    ("restore_prefetch", Kind::Int),
+    ("restore_parallel", Kind::Int),
+];
+
+/// A configuration error; the message names the file or variable and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("no repository configured: set `repo` in {DEFAULT_CONFIG_PATH} (or --config FILE, or PGPITR_REPO)")]
+    NoRepo,
+    #[error("invalid repo '{repo}': {message}")]
+    Repo { repo: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Value { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Loads the configuration as described in the module docs, from `explicit` if given.
+    ///
+    /// # Errors
+    /// An unreadable or malformed file, an unknown key, a bad value, or no `repo` at all.
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("PGPITR_"))
+            .collect();
+        let path = explicit
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("PGPITR_CONFIG").map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()));
+        let text = match &path {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Self::from_parts(path.as_deref(), text.as_deref(), &env)
+    }
+
+    /// Builds a configuration from a file's text and `PGPITR_*` variables (pure; for tests).
+    pub fn from_parts(
+        path: Option<&Path>,
+        text: Option<&str>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let path_buf = path.map(Path::to_path_buf).unwrap_or_default();
+        let mut table: toml::Table = match text {
+            Some(t) => toml::from_str(t).map_err(|e| ConfigError::Parse {
+                path: path_buf.clone(),
+                message: one_line(&e.to_string()),
+            })?,
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            if NON_KEY_VARS.contains(&var.as_str()) {
+                continue;
+            }
+            let key = var.trim_start_matches("PGPITR_").to_ascii_lowercase();
+            let Some((name, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
+                return Err(ConfigError::Env {
+                    var: var.clone(),
+                    message: "unknown setting (see docs/configuration.md)".into(),
+                });
+            };
+            let bad = |what: &str| ConfigError::Env {
+                var: var.clone(),
+                message: format!("expected {what}, got '{value}'"),
+            };
+            let v = match kind {
+                Kind::Str => toml::Value::String(value.clone()),
+                Kind::Bool => toml::Value::Boolean(match value.as_str() {
+                    "true" | "on" | "yes" | "1" => true,
+                    "false" | "off" | "no" | "0" => false,
+                    _ => return Err(bad("true or false")),
+                }),
+                Kind::Int => {
+                    toml::Value::Integer(value.parse().map_err(|_| bad("a whole number"))?)
+                }
+            };
+            table.insert((*name).to_string(), v);
+        }
+        if !table.contains_key("repo") {
+            return Err(ConfigError::NoRepo);
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path_buf,
+                    message: one_line(&e.to_string()),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |key: &'static str, v: u32| {
+            if v == 0 || v > 256 {
+                Err(ConfigError::Value {
+                    key,
+                    message: format!("{v} is outside 1..=256"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("archive_parallel", self.archive_parallel)?;
+        positive("restore_parallel", self.restore_parallel)?;
+        if self.archive_batch > 1024 {
+            return Err(ConfigError::Value {
+                key: "archive_batch",
+                message: "at most 1024".into(),
+            });
+        }
+        if self.restore_prefetch > 1024 {
+            return Err(ConfigError::Value {
+                key: "restore_prefetch",
+                message: "at most 1024".into(),
+            });
+        }
+        match self.repo_kind()? {
+            RepoKind::Local(p) if !p.is_absolute() => Err(ConfigError::Repo {
+                repo: self.repo.clone(),
+                message: "a local repository must be an absolute path (archive_command runs in the data directory)".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Which kind of repository `repo` names.
+    pub fn repo_kind(&self) -> Result<RepoKind, ConfigError> {
+        if self.repo.starts_with("s3://") {
+            S3Location::parse(
+                &self.repo,
+                self.s3_endpoint.clone(),
+                self.s3_region.clone(),
+                self.s3_force_path_style,
+            )
+            .map(RepoKind::S3)
+            .map_err(|message| ConfigError::Repo {
+                repo: self.repo.clone(),
+                message,
+            })
+        } else if self.repo.contains("://") {
+            Err(ConfigError::Repo {
+                repo: self.repo.clone(),
+                message: "only local paths and s3:// URLs are supported".into(),
+            })
+        } else {
+            Ok(RepoKind::Local(PathBuf::from(&self.repo)))
+        }
+    }
+
+    /// Opens the repository's storage (no I/O for a local directory; builds the S3 client).
+    pub async fn storage(&self) -> Result<DynStorage, ConfigError> {
+        Ok(match self.repo_kind()? {
+            RepoKind::Local(p) => std::sync::Arc::new(LocalStorage::new(p)),
+            RepoKind::S3(loc) => std::sync::Arc::new(S3Storage::connect(loc).await),
+        })
+    }
+}
+
+/// Where a repository lives.
+#[derive(Debug, Clone)]
+pub enum RepoKind {
+    Local(PathBuf),
+    S3(S3Location),
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"/a\"\narchive_parallel = 2\n"),
+            &env(&[
+                ("PGPITR_REPO", "s3://b/p"),
+                ("PGPITR_S3_FORCE_PATH_STYLE", "true"),
+                ("PGPITR_CONFIG", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.repo, "s3://b/p");
+        assert!(c.s3_force_path_style);
+        assert_eq!(c.archive_parallel, 2);
+    }
+
+    #[test]
+    fn env_only_works_without_a_file() {
+        let c = Config::from_parts(None, None, &env(&[("PGPITR_REPO", "/var/lib/pgpitr/repo")]))
+            .unwrap();
+        assert_eq!(c.restore_prefetch, 8);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::from_parts(
+            Some(Path::new("/c.toml")),
+            Some("repo = \"/a\"\nrepos = 1\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("repos"), "{e}");
+        let e = Config::from_parts(
+            None,
+            None,
+            &env(&[("PGPITR_REPO", "/a"), ("PGPITR_ARCHIVE_PARALLEL", "many")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("PGPITR_ARCHIVE_PARALLEL"), "{e}");
+        let e = Config::from_parts(
+            None,
+            None,
+            &env(&[("PGPITR_REPO", "/a"), ("PGPITR_NOPE", "1")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("PGPITR_NOPE"), "{e}");
+        let e = Config::from_parts(None, Some("repo = \"/a\"\narchive_parallel = \"x\"\n"), &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("archive_parallel"), "{e}");
+        let e =
+            Config::from_parts(None, None, &env(&[("PGPITR_REPO", "relative/dir")])).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        assert!(matches!(
+            Config::from_parts(None, None, &[]),
+            Err(ConfigError::NoRepo)
+        ));
+    }
+}

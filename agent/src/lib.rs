@@ -1,0 +1,12 @@
+//! pgpitr: PostgreSQL physical backup and WAL archiving for point-in-time recovery.
+//!
+//! The library owns everything real; the three binaries (`pgpitr`, `pgpitr-archive`,
+//! `pgpitr-restore`) parse arguments and map errors to exit codes.
+
+pub mod commands;
+pub mod config;
+pub mod logging;
+pub mod pg;
+pub mod repo;
+pub mod storage;
+pub mod walsender;

@@ -1,0 +1,12 @@
+//! The repository: what pgpitr keeps in storage and how it is laid out. `layout` builds every
+//! key; `identity` owns `repo.json` (which cluster the repository belongs to); `codec` is the
+//! lz4 + SHA-256 envelope of stored files; `wal` is the WAL archive.
+
+pub mod codec;
+pub mod error;
+pub mod identity;
+pub mod layout;
+pub mod wal;
+
+pub use error::RepoError;
+pub use identity::RepoIdentity;

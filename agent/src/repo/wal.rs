@@ -1,0 +1,170 @@
+//! The WAL archive: storing WAL files under content-addressed keys (`layout::wal_object_key`) and
+//! getting them back verified. The `archive_command` contract (PostgreSQL docs, "Continuous
+//! Archiving and Point-in-Time Recovery", 26.3.1) is enforced here: the same name with the same
+//! content is a success, with different content an error that leaves the archived copy untouched.
+
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::codec::{self, Compressed};
+use super::layout;
+use super::RepoError;
+use crate::pg::WalFileName;
+use crate::storage::{PutMode, Storage, StorageError};
+
+/// One stored WAL file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedWal {
+    pub name: WalFileName,
+    pub sha256_hex: String,
+    pub key: String,
+    /// Compressed size in bytes.
+    pub size: u64,
+}
+
+/// What [`push`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Stored,
+    /// The same content was already archived under this name; nothing was written.
+    AlreadyArchived,
+}
+
+/// Every stored WAL object whose key starts with `prefix` (a directory from
+/// `layout::wal_dir`, or `layout::WAL_ROOT` for all), sorted by name.
+pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ArchivedWal>, RepoError> {
+    let mut out: Vec<ArchivedWal> = storage
+        .list(prefix)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            layout::parse_wal_object_key(&o.key).map(|(name, sha256_hex)| ArchivedWal {
+                name,
+                sha256_hex,
+                key: o.key,
+                size: o.size,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.key.cmp(&b.key)));
+    Ok(out)
+}
+
+/// The stored versions of `name` (normally zero or one).
+pub async fn find(storage: &dyn Storage, name: WalFileName) -> Result<Vec<ArchivedWal>, RepoError> {
+    list(storage, &layout::wal_object_prefix(name)).await
+}
+
+/// Picks the one stored version of `name` from a listing.
+///
+/// # Errors
+/// [`RepoError::Ambiguous`] when two different contents are stored under the name (possible only
+/// when two writers raced on a server without conditional PUT).
+pub fn pick(listing: &[ArchivedWal], name: WalFileName) -> Result<Option<&ArchivedWal>, RepoError> {
+    let mut found = listing.iter().filter(|w| w.name == name);
+    let first = found.next();
+    match found.count() {
+        0 => Ok(first),
+        more => Err(RepoError::Ambiguous {
+            name,
+            count: more + 1,
+        }),
+    }
+}
+
+/// Stores `plain` as WAL file `name`, compressing and hashing on every core. Durable when it
+/// returns `Ok` (the storage's `put` contract).
+///
+/// # Errors
+/// [`RepoError::DifferentContent`] when `name` is archived with other bytes; storage errors.
+pub async fn push(
+    storage: &dyn Storage,
+    name: WalFileName,
+    plain: Vec<u8>,
+) -> Result<PushOutcome, RepoError> {
+    let compressed: Compressed = tokio::task::spawn_blocking(move || codec::compress(&plain))
+        .await
+        .expect("compression task");
+    let sha = compressed.sha256_hex();
+    if let Some(existing) = find(storage, name).await?.into_iter().next() {
+        return compare(name, &existing.sha256_hex, &sha);
+    }
+    let key = layout::wal_object_key(name, &sha);
+    match storage
+        .put(&key, Bytes::from(compressed.data), PutMode::Create)
+        .await
+    {
+        Ok(()) => {}
+        // Same key means same hash: someone stored these very bytes a moment ago.
+        Err(StorageError::AlreadyExists { .. }) => return Ok(PushOutcome::AlreadyArchived),
+        Err(e) => return Err(e.into()),
+    }
+    // A racing writer with other content may have slipped in on a server without conditional
+    // PUT: look again, and if so report it rather than leave two versions unnoticed.
+    let versions = find(storage, name).await?;
+    if let Some(other) = versions.iter().find(|w| w.sha256_hex != sha) {
+        return Err(RepoError::DifferentContent {
+            name,
+            existing: other.sha256_hex.clone(),
+            new: sha,
+        });
+    }
+    Ok(PushOutcome::Stored)
+}
+
+fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, RepoError> {
+    if existing == new {
+        Ok(PushOutcome::AlreadyArchived)
+    } else {
+        Err(RepoError::DifferentContent {
+            name,
+            existing: existing.to_string(),
+            new: new.to_string(),
+        })
+    }
+}
+
+/// Downloads `wal`, verifies its SHA-256 and writes it to `dest` atomically: a temporary file in
+/// `dest`'s directory renamed into place only after verification, with mode 0600.
+///
+/// # Errors
+/// [`RepoError::Corrupt`] on a checksum or lz4 failure (nothing is written at `dest`); storage
+/// and I/O errors.
+pub async fn fetch_to(
+    storage: &dyn Storage,
+    wal: &ArchivedWal,
+    dest: &Path,
+) -> Result<u64, RepoError> {
+    let compressed = storage.get(&wal.key).await?;
+    let (wal, dest) = (wal.clone(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest))
+        .await
+        .expect("decompression task")
+}
+
+fn write_verified(compressed: &[u8], wal: &ArchivedWal, dest: &Path) -> Result<u64, RepoError> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".pgpitr-")
+        .tempfile_in(dir)
+        .map_err(|e| RepoError::io(dir, e))?;
+    let written = {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        let n = codec::decompress_verified(compressed, &wal.sha256_hex, &mut out).map_err(|e| {
+            RepoError::Corrupt {
+                key: wal.key.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        out.flush().map_err(|e| RepoError::io(dest, e))?;
+        n
+    };
+    tmp.persist(dest)
+        .map_err(|e| RepoError::io(dest, e.error))?;
+    Ok(written)
+}

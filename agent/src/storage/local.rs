@@ -1,0 +1,272 @@
+//! A repository in a local directory (or a mounted file system such as NFS). Writes go to a
+//! temporary file in the target directory, are fsynced, then linked (create) or renamed
+//! (overwrite) into place, and the directory is fsynced so that the name survives a crash —
+//! the sequence PostgreSQL itself uses (`durable_rename`, src/backend/storage/file/fd.c).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::{validate_key, ObjectMeta, PutMode, Storage, StorageError, StorageResult};
+
+/// Temporary files start with this; `list` never shows them.
+const TEMP_PREFIX: &str = ".tmp.";
+
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// A storage rooted at `root`, which must be an absolute path. The directory is not created:
+    /// a missing repository is reported by [`Storage::check_writable`] and by every operation.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStorage { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> StorageResult<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn io_error(&self, key: &str, e: io::Error) -> StorageError {
+        match e.kind() {
+            io::ErrorKind::NotFound if !self.root.is_dir() => StorageError::Permanent {
+                key: key.to_string(),
+                message: format!(
+                    "repository directory {} does not exist",
+                    self.root.display()
+                ),
+            },
+            io::ErrorKind::NotFound => StorageError::NotFound {
+                key: key.to_string(),
+            },
+            io::ErrorKind::AlreadyExists => StorageError::AlreadyExists {
+                key: key.to_string(),
+            },
+            _ => StorageError::Permanent {
+                key: key.to_string(),
+                message: format!("{} ({})", e, self.root.display()),
+            },
+        }
+    }
+
+    fn put_blocking(&self, key: &str, data: &[u8], mode: PutMode) -> StorageResult<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("a key has a parent").to_path_buf();
+        if !self.root.is_dir() {
+            return Err(self.io_error(key, io::ErrorKind::NotFound.into()));
+        }
+        create_dir_durable(&self.root, &dir).map_err(|e| self.io_error(key, e))?;
+        let file_name = path.file_name().expect("validated key").to_string_lossy();
+        let tmp = dir.join(format!(
+            "{TEMP_PREFIX}{file_name}.{}.{}",
+            std::process::id(),
+            unique()
+        ));
+        let result = (|| -> io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            drop(f);
+            match mode {
+                // link(2) fails with EEXIST instead of replacing: an atomic create-if-absent.
+                PutMode::Create => fs::hard_link(&tmp, &path)?,
+                PutMode::Overwrite => fs::rename(&tmp, &path)?,
+            }
+            fsync_dir(&dir)
+        })();
+        let _ = fs::remove_file(&tmp);
+        result.map_err(|e| self.io_error(key, e))
+    }
+
+    fn list_blocking(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
+        if !self.root.is_dir() {
+            return Err(self.io_error(prefix, io::ErrorKind::NotFound.into()));
+        }
+        // Walk only the directory part of the prefix; the rest filters file names.
+        let dir_part = prefix.rfind('/').map(|i| &prefix[..i]).unwrap_or("");
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(dir_part)?
+        };
+        if !start.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for entry in walkdir::WalkDir::new(&start).follow_links(false) {
+            let entry = entry.map_err(|e| StorageError::Permanent {
+                key: prefix.into(),
+                message: e.to_string(),
+            })?;
+            if !entry.file_type().is_file()
+                || entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+            {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(&self.root).expect("under root");
+            let Some(key) = rel
+                .to_str()
+                .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+            else {
+                continue;
+            };
+            if key.starts_with(prefix) {
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push(ObjectMeta { key, size });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+/// Creates `dir` (under `root`) and any missing parents, fsyncing each new directory's parent so
+/// that the new entries are durable.
+fn create_dir_durable(root: &Path, dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if parent != root && parent.starts_with(root) {
+            create_dir_durable(root, parent)?;
+        }
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(dir.parent().unwrap_or(root)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsync(2) on a directory makes the entries created or renamed in it durable.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (u64::from(nanos) << 16) ^ COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("storage task panicked")
+}
+
+#[async_trait::async_trait]
+impl Storage for LocalStorage {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn check_writable(&self) -> StorageResult<()> {
+        let this = self.clone();
+        blocking(move || {
+            let root = &this.root;
+            let fail = |message: String| Err(StorageError::Permanent { key: String::new(), message });
+            match fs::metadata(root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => return fail(format!("repository {} is not a directory", root.display())),
+                Err(_) => {
+                    return fail(format!(
+                        "repository directory {} does not exist; create it, owned by the user PostgreSQL runs as",
+                        root.display()
+                    ))
+                }
+            }
+            let probe = root.join(format!("{TEMP_PREFIX}probe.{}.{}", std::process::id(), unique()));
+            match File::create(&probe) {
+                Ok(_) => {
+                    let _ = fs::remove_file(&probe);
+                    Ok(())
+                }
+                Err(e) => fail(format!(
+                    "repository directory {} is not writable by this user ({e}); fix its owner or mode",
+                    root.display()
+                )),
+            }
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.put_blocking(&key, &data, mode)).await
+    }
+
+    async fn get(&self, key: &str) -> StorageResult<Bytes> {
+        let path = self.path(key)?;
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || {
+            fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| this.io_error(&key, e))
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StorageResult<Bytes> {
+        let path = self.path(key)?;
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || {
+            let read = || -> io::Result<Vec<u8>> {
+                let mut f = File::open(&path)?;
+                f.seek(SeekFrom::Start(range.start))?;
+                let mut buf = vec![0u8; (range.end - range.start) as usize];
+                f.read_exact(&mut buf)?;
+                Ok(buf)
+            };
+            read().map(Bytes::from).map_err(|e| this.io_error(&key, e))
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
+        let path = self.path(key)?;
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key, size: m.len() })),
+            Ok(_) => Ok(None),
+            Err(e) => match this.io_error(&key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
+        let (this, prefix) = (self.clone(), prefix.to_string());
+        blocking(move || this.list_blocking(&prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> StorageResult<()> {
+        let path = self.path(key)?;
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || match fs::remove_file(&path) {
+            Ok(()) => {
+                fsync_dir(path.parent().expect("has parent")).map_err(|e| this.io_error(&key, e))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(this.io_error(&key, e)),
+        })
+        .await
+    }
+}

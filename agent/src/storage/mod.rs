@@ -1,0 +1,131 @@
+//! The object store under a repository: one small trait, [`Storage`], with a local-directory
+//! implementation ([`local::LocalStorage`]) and an S3 one ([`s3::S3Storage`]). Keys are
+//! `/`-separated relative paths built only by `repo::layout`; the contracts below hold on every
+//! backend and are checked by one conformance suite (`agent/tests/storage_conformance.rs`).
+
+pub mod local;
+pub mod s3;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// How [`Storage::put`] treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Fail with [`StorageError::AlreadyExists`] if the key exists. Local directories guarantee
+    /// this atomically (hard link); S3 sends `If-None-Match: *` after a HEAD, so a server that
+    /// ignores the header (Garage) leaves a window in which a racing writer wins — repository keys
+    /// that must never be overwritten therefore carry their content's hash.
+    Create,
+    /// Replace any existing object atomically.
+    Overwrite,
+}
+
+/// An object's key and size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Storage errors, split by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object '{key}' does not exist")]
+    NotFound { key: String },
+    #[error("object '{key}' already exists")]
+    AlreadyExists { key: String },
+    /// Network failures, timeouts, 5xx and throttling that persisted through the retries.
+    #[error("storage unavailable for '{key}': {message}")]
+    Transient { key: String, message: String },
+    /// Anything a retry cannot fix: permissions, a missing bucket or directory, bad credentials.
+    #[error("storage error for '{key}': {message}")]
+    Permanent { key: String, message: String },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// A flat key space of immutable-by-convention objects.
+///
+/// Contracts, on every implementation:
+/// - `put` is atomic (no reader ever sees part of an object) and durable once it returns `Ok`
+///   (local: file and directory fsynced; S3: the PUT or multipart completion was acknowledged).
+/// - `get`/`get_range` return exactly the bytes last put, or [`StorageError::NotFound`].
+/// - `list` returns every object whose key starts with `prefix` (a prefix of any string, not only
+///   of directories), sorted by key, never a partially written object.
+/// - `delete` of a missing key succeeds.
+#[async_trait::async_trait]
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Where the objects live, for messages: `/var/lib/pgpitr/repo` or `s3://bucket/prefix`.
+    fn location(&self) -> String;
+
+    /// Checks that the location exists and can be written, with an error that says what to fix.
+    async fn check_writable(&self) -> StorageResult<()>;
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()>;
+
+    async fn get(&self, key: &str) -> StorageResult<Bytes>;
+
+    /// Bytes `range` of the object (`range.end` exclusive, within the object's size).
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StorageResult<Bytes>;
+
+    /// The object's metadata, or `None` if it does not exist.
+    async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>>;
+
+    async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>>;
+
+    async fn delete(&self, key: &str) -> StorageResult<()>;
+}
+
+/// A shared handle to a repository's storage.
+pub type DynStorage = Arc<dyn Storage>;
+
+/// Rejects keys that could escape the repository: empty, absolute, `.`/`..` components, empty
+/// components, backslashes or control characters.
+pub fn validate_key(key: &str) -> StorageResult<()> {
+    let ok = !key.is_empty()
+        && !key.starts_with('/')
+        && !key.contains('\\')
+        && !key.chars().any(|c| c.is_control())
+        && key
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Permanent {
+            key: key.to_string(),
+            message: "invalid object key".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_the_repository() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_key("wal/0000000100000000/000000010000000000000001-ab.lz4").is_ok());
+    }
+}

@@ -1,0 +1,397 @@
+//! A repository under an S3 bucket and prefix (AWS S3 or a compatible server such as Garage or
+//! MinIO), through aws-sdk-s3: SigV4, retries with backoff and the standard credential chain
+//! (environment, shared profile, web identity, IMDS) come from the SDK, never from our code.
+//! Objects above [`MULTIPART_THRESHOLD`] go up as multipart uploads.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::{validate_key, ObjectMeta, PutMode, Storage, StorageError, StorageResult};
+
+/// Objects larger than this are uploaded in parts of [`PART_SIZE`].
+pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+/// Part size for multipart uploads (S3's minimum is 5 MiB for all but the last part).
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts in flight at once per multipart upload.
+const PART_CONCURRENCY: usize = 2;
+
+/// Where and how to reach the bucket; credentials are not here: they come from the AWS chain.
+#[derive(Debug, Clone)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Key prefix without a leading slash, empty or ending in `/`.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+}
+
+impl S3Location {
+    /// Parses `s3://bucket[/prefix]`; the other fields are given.
+    ///
+    /// # Errors
+    /// A URL without the `s3://` scheme or without a bucket name.
+    pub fn parse(
+        url: &str,
+        endpoint: Option<String>,
+        region: String,
+        force_path_style: bool,
+    ) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("'{url}' is not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!(
+                "'{url}' names no bucket: expected s3://bucket/prefix"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        Ok(S3Location {
+            bucket: bucket.to_string(),
+            prefix,
+            endpoint,
+            region,
+            force_path_style,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    location: S3Location,
+}
+
+impl S3Storage {
+    /// Builds a client: up to 5 attempts per request with exponential backoff, 5 s to connect,
+    /// 60 s per attempt (a stalled server is a timeout, then a retry, never a hang).
+    pub async fn connect(location: S3Location) -> Self {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(location.region.clone()))
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .build(),
+            )
+            .load()
+            .await;
+        let mut conf =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.force_path_style);
+        if let Some(endpoint) = &location.endpoint {
+            conf = conf.endpoint_url(endpoint);
+        }
+        S3Storage {
+            client: Client::from_conf(conf.build()),
+            location,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> StorageResult<String> {
+        validate_key(key)?;
+        Ok(format!("{}{}", self.location.prefix, key))
+    }
+
+    async fn put_multipart(&self, key: &str, full: &str, data: Bytes) -> StorageResult<()> {
+        let bucket = &self.location.bucket;
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let parts: Vec<(i32, Bytes)> = (0..data.len())
+            .step_by(PART_SIZE)
+            .enumerate()
+            .map(|(i, start)| {
+                (
+                    i as i32 + 1,
+                    data.slice(start..(start + PART_SIZE).min(data.len())),
+                )
+            })
+            .collect();
+        let uploaded: StorageResult<Vec<CompletedPart>> = futures::stream::iter(parts)
+            .map(|(number, body)| {
+                let upload_id = upload_id.clone();
+                async move {
+                    let out = self
+                        .client
+                        .upload_part()
+                        .bucket(bucket)
+                        .key(full)
+                        .upload_id(upload_id)
+                        .part_number(number)
+                        .body(ByteStream::from(body))
+                        .send()
+                        .await
+                        .map_err(|e| map_err(key, e))?;
+                    Ok(CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build())
+                }
+            })
+            .buffered(PART_CONCURRENCY)
+            .try_collect()
+            .await;
+        let completed = match uploaded {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err(key, e)),
+            Err(e) => Err(e),
+        };
+        if completed.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        completed
+    }
+}
+
+/// Maps an SDK error (after the SDK's own retries) to what the caller can act on. The message
+/// holds the service's error code and text, never a credential.
+fn map_err<E>(key: &str, e: SdkError<E, HttpResponse>) -> StorageError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let key = key.to_string();
+    let status = match &e {
+        SdkError::ServiceError(s) => Some(s.raw().status().as_u16()),
+        SdkError::ResponseError(r) => Some(r.raw().status().as_u16()),
+        _ => None,
+    };
+    let message = match (e.code(), e.message()) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        (Some(code), None) => code.to_string(),
+        _ => DisplayErrorContext(&e).to_string(),
+    };
+    match (status, &e) {
+        (Some(404), _) => StorageError::NotFound { key },
+        (Some(412), _) => StorageError::AlreadyExists { key },
+        (_, SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)) => StorageError::Transient { key, message },
+        (Some(s), _) if s >= 500 || s == 429 => StorageError::Transient { key, message: format!("HTTP {s}: {message}") },
+        (Some(403), _) => StorageError::Permanent {
+            key,
+            message: format!("access denied ({message}); check the credentials in the AWS chain and the bucket policy"),
+        },
+        _ => StorageError::Permanent { key, message },
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for S3Storage {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.location.bucket, self.location.prefix)
+    }
+
+    async fn check_writable(&self) -> StorageResult<()> {
+        match self
+            .client
+            .head_bucket()
+            .bucket(&self.location.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match map_err("", e) {
+                StorageError::NotFound { .. } => StorageError::Permanent {
+                    key: String::new(),
+                    message: format!(
+                        "bucket '{}' does not exist; create it or fix `repo`",
+                        self.location.bucket
+                    ),
+                },
+                other => other,
+            }),
+        }
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
+        let full = self.full_key(key)?;
+        if mode == PutMode::Create && self.head(key).await?.is_some() {
+            return Err(StorageError::AlreadyExists {
+                key: key.to_string(),
+            });
+        }
+        if data.len() > MULTIPART_THRESHOLD {
+            return self.put_multipart(key, &full, data).await;
+        }
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .body(ByteStream::from(data));
+        if mode == PutMode::Create {
+            req = req.if_none_match("*");
+        }
+        req.send().await.map(|_| ()).map_err(|e| map_err(key, e))
+    }
+
+    async fn get(&self, key: &str) -> StorageResult<Bytes> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
+        collect(key, out.body).await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StorageResult<Bytes> {
+        let full = self.full_key(key)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .send()
+            .await
+            .map_err(|e| map_err(key, e))?;
+        collect(key, out.body).await
+    }
+
+    async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0) as u64,
+            })),
+            Err(e) => match map_err(key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
+        let full_prefix = format!("{}{}", self.location.prefix, prefix);
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.location.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| map_err(prefix, e))?;
+            for object in page.contents() {
+                let Some(full) = object.key() else { continue };
+                let key = &full[self.location.prefix.len()..];
+                if validate_key(key).is_ok() {
+                    out.push(ObjectMeta {
+                        key: key.to_string(),
+                        size: object.size().unwrap_or(0) as u64,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> StorageResult<()> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err(key, e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+async fn collect(key: &str, body: ByteStream) -> StorageResult<Bytes> {
+    body.collect()
+        .await
+        .map(|d| d.into_bytes())
+        .map_err(|e| StorageError::Transient {
+            key: key.to_string(),
+            message: format!("reading the object body: {e}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bucket_and_prefix() {
+        let l = S3Location::parse("s3://b/some/prefix/", None, "garage".into(), true).unwrap();
+        assert_eq!(
+            (l.bucket.as_str(), l.prefix.as_str()),
+            ("b", "some/prefix/")
+        );
+        let l = S3Location::parse("s3://b", None, "r".into(), false).unwrap();
+        assert_eq!(l.prefix, "");
+        assert!(S3Location::parse("s3:///x", None, "r".into(), false).is_err());
+        assert!(S3Location::parse("/local", None, "r".into(), false).is_err());
+    }
+}

@@ -1,0 +1,61 @@
+//! `pgpitr-restore`: PostgreSQL's `restore_command`. Argument parsing and exit codes only; the
+//! work is `pgpitr::commands::archive_get`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pgpitr::commands::archive_get::{self, exit, FetchError};
+use pgpitr::config::Config;
+
+/// Restore one WAL file from the pgpitr repository.
+///
+/// In postgresql.conf (pgpitr restore writes this for you):
+///
+///     restore_command = 'pgpitr-restore %f %p'
+///
+/// Exit codes: 0 restored; 1 not in the archive (PostgreSQL asks for files that may not exist);
+/// 200 bad arguments or configuration; 201 storage unreachable after retries; 202 the stored file
+/// is corrupt or ambiguous or the repository is another cluster's. Codes above 125 make
+/// PostgreSQL stop recovery instead of treating the file as missing and promoting early.
+#[derive(Parser, Debug)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Configuration file (default: $PGPITR_CONFIG, then /etc/pgpitr/pgpitr.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// %f: the name of the WAL file PostgreSQL wants.
+    wal_name: String,
+    /// %p: where to write it, relative to the data directory.
+    dest: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(exit::USAGE as u8);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    pgpitr::logging::init("warn");
+    let result = pgpitr::logging::runtime().block_on(async {
+        let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
+        archive_get::run(&config, &cli.wal_name, &cli.dest).await
+    });
+    match result {
+        Ok(source) => {
+            tracing::info!(name = %cli.wal_name, ?source, "restored");
+            ExitCode::SUCCESS
+        }
+        Err(FetchError::NotFound(_)) => ExitCode::from(exit::NOT_FOUND as u8),
+        Err(e) => {
+            eprintln!("pgpitr-restore: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
