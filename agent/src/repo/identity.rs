@@ -16,7 +16,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct RepoIdentity {
     pub format_version: u32,
     /// `pg_control`'s system identifier, as a decimal string (JSON numbers lose u64 precision).
-    #[serde(with = "u64_string")]
+    #[serde(with = "super::u64_string")]
     pub system_identifier: u64,
     pub pg_major: u32,
     pub wal_segment_size: WalSegSize,
@@ -125,19 +125,5 @@ impl RepoIdentity {
             });
         }
         Ok(())
-    }
-}
-
-mod u64_string {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }

@@ -6,6 +6,8 @@ pub mod codec;
 pub mod error;
 pub mod identity;
 pub mod layout;
+pub mod manifest;
+mod u64_string;
 pub mod wal;
 
 pub use error::RepoError;
