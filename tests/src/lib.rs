@@ -1,1 +1,117 @@
+//! Test harness for pgpitr's end-to-end tests: real PostgreSQL clusters started as an
+//! unprivileged user (PostgreSQL refuses root, and CI runs as root), a real Garage S3 server on
+//! loopback, and the workspace's binaries copied where that user can run them.
 
+pub mod garage;
+pub mod pg;
+pub mod wal;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The user PostgreSQL and the archive/restore commands run as when the tests run as root.
+pub const PG_USER: &str = "postgres";
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command run as [`PG_USER`] when we are root, else as ourselves. The environment is kept.
+pub fn as_pg_user(program: impl AsRef<Path>) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg(PG_USER).arg("--").arg(program.as_ref());
+        c
+    } else {
+        Command::new(program.as_ref())
+    }
+}
+
+/// Hands `path` (file or directory tree) to [`PG_USER`] when running as root.
+pub fn give_to_pg_user(path: &Path) {
+    if is_root() {
+        let st = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{PG_USER}:{PG_USER}"))
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chown {}", path.display());
+    }
+}
+
+/// A fresh temporary directory that [`PG_USER`] can traverse, removed on drop.
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("pgpitr-{tag}-"))
+        .tempdir_in("/tmp")
+        .unwrap();
+    set_mode(d.path(), 0o755);
+    d
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The directory holding copies of the workspace binaries (`pgpitr`, `pgpitr-archive`,
+/// `pgpitr-restore`), readable and executable by everyone, so that a cluster running as
+/// [`PG_USER`] can call them whatever the checkout's permissions.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let dir = std::env::temp_dir().join(format!("pgpitr-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_mode(&dir, 0o755);
+        for name in ["pgpitr", "pgpitr-archive", "pgpitr-restore"] {
+            let src = target.join(name);
+            assert!(
+                src.exists(),
+                "{} is missing: run `cargo build --workspace` before the tests",
+                src.display()
+            );
+            let dst = dir.join(name);
+            std::fs::copy(&src, &dst).unwrap();
+            set_mode(&dst, 0o755);
+        }
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A free TCP port on loopback (bound then released; good enough for tests run in one process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `cmd`, panicking with its output if it fails; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

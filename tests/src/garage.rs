@@ -1,0 +1,164 @@
+//! A real Garage S3 server on loopback, one per test process, with a fresh bucket per test.
+//! The binary comes from `$GARAGE_BIN`, else `~/.cache/pgpitr/garage/bin/garage` (where
+//! `scripts/test` installs it), else `garage` on the PATH.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, run_ok};
+
+/// Fixed test credentials, imported into this throwaway server only.
+pub const KEY_ID: &str = "GK0123456789abcdef01234567";
+pub const SECRET: &str = "5e1ec7ed0123456789abcdef0123456789abcdef0123456789abcdef01234567";
+pub const REGION: &str = "garage";
+
+pub struct Garage {
+    pub endpoint: String,
+    config: PathBuf,
+    binary: PathBuf,
+    _root: tempfile::TempDir,
+    child: Mutex<Child>,
+}
+
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("GARAGE_BIN") {
+        return PathBuf::from(p);
+    }
+    let cached = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/pgpitr/garage/bin/garage");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("garage")
+}
+
+impl Garage {
+    /// The process-wide server, started on first use.
+    pub fn shared() -> &'static Garage {
+        static G: OnceLock<Garage> = OnceLock::new();
+        G.get_or_init(Garage::start)
+    }
+
+    fn start() -> Garage {
+        let root = tempfile::Builder::new()
+            .prefix("pgpitr-garage-")
+            .tempdir()
+            .unwrap();
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = root.path().join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{r}/meta\"\ndata_dir = \"{r}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                r = root.path().display(),
+                secret = "ab".repeat(32),
+            ),
+        )
+        .unwrap();
+        let binary = binary();
+        let log = std::fs::File::create(root.path().join("garage.log")).unwrap();
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting Garage ({}): {e}; run scripts/test, which installs it",
+                    binary.display()
+                )
+            });
+        let g = Garage {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            config,
+            binary,
+            _root: root,
+            child: Mutex::new(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let node = loop {
+            let out = g.cli().args(["node", "id", "-q"]).output().unwrap();
+            if out.status.success() {
+                break String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Garage did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        run_ok(
+            g.cli()
+                .args(["layout", "assign", "-z", "dc1", "-c", "1G", &node]),
+        );
+        run_ok(g.cli().args(["layout", "apply", "--version", "1"]));
+        run_ok(
+            g.cli()
+                .args(["key", "import", "--yes", "-n", "test", KEY_ID, SECRET]),
+        );
+        g
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("-c").arg(&self.config).env("RUST_LOG", "warn");
+        c
+    }
+
+    /// Creates a new empty bucket that the test key can read and write; returns its name.
+    pub fn bucket(&self) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok(self.cli().args(["bucket", "create", &name]));
+        run_ok(self.cli().args([
+            "bucket", "allow", "--read", "--write", "--owner", &name, "--key", "test",
+        ]));
+        name
+    }
+
+    /// The environment that points pgpitr at `s3://bucket/prefix` on this server, with the
+    /// credentials in the standard AWS variables (never in a config file or argv).
+    pub fn env(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+        [
+            ("PGPITR_REPO", format!("s3://{bucket}/{prefix}")),
+            ("PGPITR_S3_ENDPOINT", self.endpoint.clone()),
+            ("PGPITR_S3_REGION", REGION.to_string()),
+            ("PGPITR_S3_FORCE_PATH_STYLE", "true".to_string()),
+            ("AWS_ACCESS_KEY_ID", KEY_ID.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.child.lock() {
+            let _ = c.kill();
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! One conformance suite for every `Storage` implementation: the local directory and S3 against
+//! a real Garage server. Each contract in `agent/src/storage/mod.rs` has a check here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pgpitr::storage::local::LocalStorage;
+use pgpitr::storage::s3::{S3Location, S3Storage, MULTIPART_THRESHOLD};
+use pgpitr::storage::{DynStorage, PutMode, StorageError};
+use pgpitr_tests::garage::{self, Garage};
+
+async fn conformance(s: DynStorage) {
+    let loc = s.location();
+    s.check_writable()
+        .await
+        .unwrap_or_else(|e| panic!("{loc}: {e}"));
+
+    // put / get / head
+    s.put("a/b/one", Bytes::from_static(b"first"), PutMode::Create)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("a/b/one").await.unwrap(),
+        Bytes::from_static(b"first")
+    );
+    assert_eq!(s.head("a/b/one").await.unwrap().unwrap().size, 5);
+    assert!(s.head("a/b/none").await.unwrap().is_none());
+    assert!(matches!(
+        s.get("a/b/none").await,
+        Err(StorageError::NotFound { .. })
+    ));
+
+    // Create never replaces; Overwrite does
+    let again = s
+        .put("a/b/one", Bytes::from_static(b"other"), PutMode::Create)
+        .await;
+    assert!(
+        matches!(again, Err(StorageError::AlreadyExists { .. })),
+        "{loc}: {again:?}"
+    );
+    assert_eq!(
+        s.get("a/b/one").await.unwrap(),
+        Bytes::from_static(b"first"),
+        "{loc}: Create replaced an object"
+    );
+    s.put("a/b/one", Bytes::from_static(b"second"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("a/b/one").await.unwrap(),
+        Bytes::from_static(b"second")
+    );
+
+    // ranges
+    assert_eq!(
+        s.get_range("a/b/one", 1..4).await.unwrap(),
+        Bytes::from_static(b"eco")
+    );
+    assert_eq!(s.get_range("a/b/one", 3..3).await.unwrap(), Bytes::new());
+
+    // list: any string prefix, sorted, recursive
+    for k in ["a/b/two", "a/c/x", "a/bz", "b/y"] {
+        s.put(k, Bytes::from(k.to_string()), PutMode::Create)
+            .await
+            .unwrap();
+    }
+    let keys =
+        |v: Vec<pgpitr::storage::ObjectMeta>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(s.list("a/b").await.unwrap()),
+        ["a/b/one", "a/b/two", "a/bz"]
+    );
+    assert_eq!(keys(s.list("a/b/t").await.unwrap()), ["a/b/two"]);
+    assert_eq!(
+        keys(s.list("").await.unwrap()),
+        ["a/b/one", "a/b/two", "a/bz", "a/c/x", "b/y"]
+    );
+    assert!(s.list("zzz/").await.unwrap().is_empty());
+
+    // delete is idempotent
+    s.delete("a/c/x").await.unwrap();
+    s.delete("a/c/x").await.unwrap();
+    assert!(s.head("a/c/x").await.unwrap().is_none());
+
+    // large objects (multipart on S3) come back byte for byte
+    let big: Vec<u8> = (0..MULTIPART_THRESHOLD + 3 * 1024 * 1024 + 7)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    s.put("big/object", Bytes::from(big.clone()), PutMode::Create)
+        .await
+        .unwrap();
+    let back = s.get("big/object").await.unwrap();
+    assert!(
+        back.len() == big.len() && back[..] == big[..],
+        "{loc}: large object differs"
+    );
+    let mid = (MULTIPART_THRESHOLD as u64 - 10)..(MULTIPART_THRESHOLD as u64 + 10);
+    assert_eq!(
+        &s.get_range("big/object", mid.clone()).await.unwrap()[..],
+        &big[mid.start as usize..mid.end as usize]
+    );
+
+    // keys that could escape are refused before any I/O
+    for bad in ["../x", "/abs", "a/../../b", ""] {
+        assert!(
+            s.put(bad, Bytes::new(), PutMode::Overwrite).await.is_err(),
+            "{loc}: accepted key {bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn local_directory_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(Arc::new(LocalStorage::new(dir.path()))).await;
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn s3_on_garage_conforms() {
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    std::env::set_var("AWS_ACCESS_KEY_ID", garage::KEY_ID);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage::SECRET);
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let loc = S3Location::parse(
+        &format!("s3://{bucket}/some/prefix"),
+        Some(g.endpoint.clone()),
+        garage::REGION.into(),
+        true,
+    )
+    .unwrap();
+    conformance(Arc::new(S3Storage::connect(loc).await)).await;
+}
+
+#[tokio::test]
+async fn missing_repository_is_a_clear_error() {
+    let s = LocalStorage::new("/nonexistent/pgpitr-repo");
+    let e = pgpitr::storage::Storage::check_writable(&s)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    let e = pgpitr::storage::Storage::put(&s, "x", Bytes::new(), PutMode::Create)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not exist"), "{e}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
