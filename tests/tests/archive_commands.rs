@@ -1,0 +1,422 @@
+//! `pgpitr-archive` and `pgpitr-restore` as PostgreSQL runs them — subprocesses in the data
+//! directory with `%p` and `%f` — on synthetic segments: the archive_command and
+//! restore_command contracts, bad input, and both repository kinds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use pgpitr_tests::garage::Garage;
+use pgpitr_tests::wal::synthetic_segment;
+use pgpitr_tests::{bin, temp_dir};
+
+const SEG: u32 = 1 << 20; // initdb --wal-segsize=1: segment sizes are read from WAL, never assumed
+const SYSID: u64 = 7_400_000_000_000_000_042;
+
+/// A fake data directory with `pg_wal/archive_status` and a repository.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    pgdata: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Fixture {
+    fn local() -> Fixture {
+        let dir = temp_dir("archive");
+        let repo = dir.path().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        Fixture::with_env(
+            dir,
+            vec![("PGPITR_REPO".into(), repo.display().to_string())],
+        )
+    }
+
+    fn s3() -> Fixture {
+        let g = Garage::shared();
+        let bucket = g.bucket();
+        Fixture::with_env(temp_dir("archive-s3"), g.env(&bucket, "cluster1"))
+    }
+
+    fn with_env(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Fixture {
+        let pgdata = dir.path().join("pgdata");
+        std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
+        Fixture {
+            _dir: dir,
+            pgdata,
+            env,
+        }
+    }
+
+    fn repo(&self) -> PathBuf {
+        PathBuf::from(&self.env[0].1)
+    }
+
+    fn write_segment(&self, segno: u64, seed: u64) -> String {
+        let name = format!(
+            "00000001{:08X}{:08X}",
+            segno / (0x1_0000_0000 / u64::from(SEG)),
+            segno % (0x1_0000_0000 / u64::from(SEG))
+        );
+        std::fs::write(
+            self.pgdata.join("pg_wal").join(&name),
+            synthetic_segment(SYSID, SEG, segno, seed),
+        )
+        .unwrap();
+        name
+    }
+
+    fn mark_ready(&self, name: &str) {
+        std::fs::write(
+            self.pgdata
+                .join("pg_wal/archive_status")
+                .join(format!("{name}.ready")),
+            "",
+        )
+        .unwrap();
+    }
+
+    fn cmd(&self, program: &str, args: &[&str]) -> Output {
+        let mut c = Command::new(bin(program));
+        c.args(args)
+            .current_dir(&self.pgdata)
+            .env_remove("PGPITR_CONFIG");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    fn archive(&self, name: &str) -> Output {
+        self.cmd("pgpitr-archive", &[&format!("pg_wal/{name}"), name])
+    }
+
+    fn restore(&self, name: &str, dest: &str) -> Output {
+        self.cmd("pgpitr-restore", &[name, dest])
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+fn archive_contract(f: &Fixture) {
+    let seg1 = f.write_segment(1, 11);
+    let out = f.archive(&seg1);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        out.stderr.is_empty(),
+        "archive of a new segment must be quiet: {}",
+        stderr(&out)
+    );
+
+    // Same name, same content: success.
+    let out = f.archive(&seg1);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // Same name, different content: refused, archived copy untouched.
+    let original = std::fs::read(f.pgdata.join("pg_wal").join(&seg1)).unwrap();
+    f.write_segment(1, 99);
+    let out = f.archive(&seg1);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("already exists in the archive with a different checksum"),
+        "{}",
+        stderr(&out)
+    );
+    let got = f.restore(&seg1, "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&got), 0, "{}", stderr(&got));
+    assert!(
+        std::fs::read(f.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == original,
+        "archived copy changed"
+    );
+
+    // .history files are never overwritten; .partial and .backup keep their own names.
+    std::fs::write(
+        f.pgdata.join("pg_wal/00000002.history"),
+        "1\t0/3000000\tno recovery target specified\n",
+    )
+    .unwrap();
+    assert_eq!(code(&f.archive("00000002.history")), 0);
+    std::fs::write(
+        f.pgdata.join("pg_wal/00000002.history"),
+        "1\t0/4000000\tother\n",
+    )
+    .unwrap();
+    assert_eq!(code(&f.archive("00000002.history")), 1);
+    let partial = format!("{seg1}.partial");
+    std::fs::copy(
+        f.pgdata.join("pg_wal").join(&seg1),
+        f.pgdata.join("pg_wal").join(&partial),
+    )
+    .unwrap();
+    assert_eq!(code(&f.archive(&partial)), 0);
+    let backup = "000000010000000000000001.00000028.backup";
+    std::fs::write(
+        f.pgdata.join("pg_wal").join(backup),
+        "START WAL LOCATION: 0/100028\n",
+    )
+    .unwrap();
+    assert_eq!(code(&f.archive(backup)), 0);
+
+    let first_history = b"1\t0/3000000\tno recovery target specified\n".to_vec();
+    let expected = [
+        ("00000002.history", first_history),
+        (
+            partial.as_str(),
+            std::fs::read(f.pgdata.join("pg_wal").join(&partial)).unwrap(),
+        ),
+        (
+            backup,
+            std::fs::read(f.pgdata.join("pg_wal").join(backup)).unwrap(),
+        ),
+    ];
+    for (name, content) in expected {
+        let out = f.restore(name, "pg_wal/RECOVERYHISTORY");
+        assert_eq!(code(&out), 0, "{name}: {}", stderr(&out));
+        assert!(
+            std::fs::read(f.pgdata.join("pg_wal/RECOVERYHISTORY")).unwrap() == content,
+            "{name} differs"
+        );
+    }
+    // A missing file: exit 1, quietly, nothing written.
+    let out = f.restore("000000010000000000000077", "pg_wal/RECOVERYXLOG.missing");
+    assert_eq!(code(&out), 1);
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+    assert!(!f.pgdata.join("pg_wal/RECOVERYXLOG.missing").exists());
+}
+
+#[test]
+fn archive_and_restore_contract_on_local_directory() {
+    let f = Fixture::local();
+    archive_contract(&f);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(f.repo().join("repo.json")).unwrap()).unwrap();
+    assert_eq!(json["system_identifier"], SYSID.to_string());
+    assert_eq!(json["wal_segment_size"], SEG);
+    assert_eq!(json["pg_major"], 15);
+}
+
+#[test]
+fn archive_and_restore_contract_on_s3() {
+    archive_contract(&Fixture::s3());
+}
+
+#[test]
+fn batching_pushes_ready_segments_ahead_and_prefetch_serves_from_spool() {
+    let f = Fixture::local();
+    let names: Vec<String> = (1..=6).map(|n| f.write_segment(n, n)).collect();
+    for n in &names {
+        f.mark_ready(n);
+    }
+    assert_eq!(code(&f.archive(&names[0])), 0);
+    // The others are already stored: the objects exist before PostgreSQL asks for them.
+    let stored = walk(&f.repo());
+    for n in &names {
+        assert!(
+            stored.iter().any(|k| k.contains(n.as_str())),
+            "{n} not pushed ahead: {stored:?}"
+        );
+    }
+    let marker = f
+        .pgdata
+        .join("pg_wal/pgpitr_spool/archive")
+        .join(format!("{}.ok", names[1]));
+    assert!(marker.exists());
+    assert_eq!(code(&f.archive(&names[1])), 0);
+    assert!(
+        !marker.exists(),
+        "marker is consumed by the call it answers"
+    );
+    // A marker never vouches for changed bytes: rewrite segment 3, the call must really compare.
+    f.write_segment(3, 1234);
+    let out = f.archive(&names[2]);
+    assert_eq!(
+        code(&out),
+        1,
+        "changed segment accepted through a stale marker: {}",
+        stderr(&out)
+    );
+
+    // Restore: the first call fetches ahead into the spool, the next is a rename from it.
+    let out = f.restore(&names[0], "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let spool = f.pgdata.join("pg_wal/pgpitr_spool/restore");
+    assert!(spool.join(&names[1]).exists(), "segment 2 not prefetched");
+    // Break the repository: a spooled segment must still be served.
+    std::fs::rename(f.repo(), f.repo().with_extension("moved")).unwrap();
+    let out = f.restore(&names[1], "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(f.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap(),
+        std::fs::read(f.pgdata.join("pg_wal").join(&names[1])).unwrap()
+    );
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_and_writes_nothing() {
+    let f = Fixture::local();
+    let seg = f.write_segment(1, 1);
+    let cases: Vec<(&str, Vec<&str>, i32, &str)> = vec![
+        ("pgpitr-archive", vec![], 2, "required"),
+        ("pgpitr-archive", vec!["pg_wal/x"], 2, "required"),
+        (
+            "pgpitr-archive",
+            vec!["pg_wal/x", "../x"],
+            2,
+            "invalid WAL file name '../x'",
+        ),
+        (
+            "pgpitr-archive",
+            vec!["/etc/passwd", "/etc/passwd"],
+            2,
+            "invalid WAL file name '/etc/passwd'",
+        ),
+        (
+            "pgpitr-archive",
+            vec!["pg_wal/x", "00000001000000000000001"],
+            2,
+            "invalid WAL file name",
+        ),
+        (
+            "pgpitr-archive",
+            vec!["pg_wal/nope", "000000010000000000000009"],
+            2,
+            "cannot read %p",
+        ),
+        ("pgpitr-restore", vec![], 200, "required"),
+        (
+            "pgpitr-restore",
+            vec!["../x", "pg_wal/RECOVERYXLOG"],
+            200,
+            "invalid WAL file name",
+        ),
+        (
+            "pgpitr-restore",
+            vec!["/etc/passwd", "pg_wal/RECOVERYXLOG"],
+            200,
+            "invalid WAL file name",
+        ),
+    ];
+    for (program, args, expected, message) in cases {
+        let out = f.cmd(program, &args);
+        assert_eq!(code(&out), expected, "{program} {args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "{program} {args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // A segment whose header does not match its name (a file copied under the wrong name).
+    std::fs::copy(
+        f.pgdata.join("pg_wal").join(&seg),
+        f.pgdata.join("pg_wal/000000010000000000000005"),
+    )
+    .unwrap();
+    let out = f.archive("000000010000000000000005");
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("is not the WAL segment"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        walk(&f.repo()).is_empty(),
+        "nothing may be written: {:?}",
+        walk(&f.repo())
+    );
+
+    // A repository that does not exist, or is not writable.
+    let mut missing = Fixture::local();
+    missing.env[0].1 = "/nonexistent/repo".into();
+    missing.write_segment(1, 1);
+    let out = missing.archive(&seg);
+    assert_eq!(code(&out), 1);
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    let out = missing.restore(&seg, "pg_wal/RECOVERYXLOG");
+    assert!(
+        code(&out) > 125,
+        "unreachable repository must stop recovery: {}",
+        code(&out)
+    );
+    if !pgpitr_tests::is_root() {
+        pgpitr_tests::set_mode(&f.repo(), 0o500);
+        let out = f.archive(&seg);
+        assert!(stderr(&out).contains("not writable"), "{}", stderr(&out));
+        pgpitr_tests::set_mode(&f.repo(), 0o755);
+    }
+    // A relative repository path.
+    let mut relative = Fixture::local();
+    relative.env[0].1 = "repo".into();
+    relative.write_segment(1, 1);
+    let out = relative.archive(&seg);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("absolute path"), "{}", stderr(&out));
+}
+
+#[test]
+fn wal_of_another_cluster_is_refused() {
+    let f = Fixture::local();
+    let seg = f.write_segment(1, 1);
+    assert_eq!(code(&f.archive(&seg)), 0);
+    let other = synthetic_segment(SYSID + 1, SEG, 2, 2);
+    std::fs::write(f.pgdata.join("pg_wal/000000010000000000000002"), other).unwrap();
+    let out = f.archive("000000010000000000000002");
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("belongs to the cluster with system identifier"),
+        "{}",
+        stderr(&out)
+    );
+    // A non-empty location without repo.json is not adopted.
+    let g = Fixture::local();
+    std::fs::write(g.repo().join("somebody-elses-file"), "x").unwrap();
+    let seg = g.write_segment(1, 1);
+    let out = g.archive(&seg);
+    assert_eq!(code(&out), 1);
+    assert!(
+        stderr(&out).contains("is not a pgpitr repository"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn corrupt_object_stops_recovery_and_writes_nothing() {
+    let f = Fixture::local();
+    let seg = f.write_segment(1, 1);
+    assert_eq!(code(&f.archive(&seg)), 0);
+    let object = walk(&f.repo())
+        .into_iter()
+        .find(|k| k.contains(&seg))
+        .unwrap();
+    let mut bytes = std::fs::read(&object).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    std::fs::write(&object, bytes).unwrap();
+    let out = f.restore(&seg, "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 202, "{}", stderr(&out));
+    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert!(
+        !f.pgdata.join("pg_wal/RECOVERYXLOG").exists(),
+        "%p written despite a failed verification"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
