@@ -1,1 +1,78 @@
-fn main() {}
+//! `pgpitr`: the agent. Parses arguments, runs one command from `pgpitr::commands`, maps the
+//! result to an exit code: 0 success, 1 failure, 2 bad arguments or configuration (clap's own
+//! usage errors also exit 2), 3 a restore whose recovery ended before its target.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgpitr::commands;
+use pgpitr::config::Config;
+
+/// PostgreSQL physical backup and WAL archiving for point-in-time recovery.
+///
+/// WAL reaches the repository through `archive_command = 'pgpitr-archive %p %f'`; base backups
+/// through `pgpitr backup` (weekly, from a timer); `pgpitr restore --target-time '…' --pgdata DIR`
+/// builds a new data directory that recovers to that moment. Start with `pgpitr init`.
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Configuration file (default: $PGPITR_CONFIG, then /etc/pgpitr/pgpitr.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a commented starter configuration and print the postgresql.conf lines.
+    Init(commands::init::InitArgs),
+}
+
+/// Exit codes of `pgpitr`.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    pgpitr::logging::init("info");
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgpitr: error: {e:#}");
+            let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some();
+            ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
+        }
+    }
+}
+
+/// The directory of this executable, where `pgpitr-archive` and `pgpitr-restore` are installed.
+fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin"))
+}
+
+/// Loads the configuration and a multi-threaded runtime for commands that need storage.
+#[allow(dead_code)]
+fn load(config_path: Option<&Path>) -> anyhow::Result<(Config, tokio::runtime::Runtime)> {
+    let config = Config::load(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    Ok((config, rt))
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config_path = cli.config.as_deref();
+    match cli.command {
+        Command::Init(args) => {
+            print!("{}", commands::init::run(config_path, &args, &bin_dir())?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -3,4 +3,5 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod init;
 pub mod spool;
