@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""WAL archiving benchmark: pgpitr-archive / pgpitr-restore vs pgBackRest archive-push / archive-get
+on real 16 MiB WAL segments from an OLTP run (pgbench after a checkpoint, so with full-page images),
+all in one run on this machine. Prints a Markdown report. Run through scripts/bench."""
+import os, shutil, statistics, subprocess, sys, tempfile, time
+
+PG = "/usr/lib/postgresql/15/bin"
+TARGET = sys.argv[1]          # directory with pgpitr, pgpitr-archive, pgpitr-restore (release)
+SEGMENTS = int(os.environ.get("BENCH_SEGMENTS", "32"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def as_pg(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd if os.geteuid() == 0 else cmd
+
+
+def timed(cmd, env=None, cwd=None):
+    """Wall seconds and peak RSS (KiB) of one command, including its waited-for children."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{cmd} failed: {p.stderr.read().decode()}")
+    return dt, ru.ru_maxrss
+
+
+def make_wal(root):
+    """A PG 15 cluster, pgbench -s 20, CHECKPOINT, then pgbench until SEGMENTS segments are archived
+    (by cp) into root/wal. Returns (pgdata, socket dir, port, wal dir)."""
+    data, sock, wal = f"{root}/data", f"{root}/sock", f"{root}/wal"
+    for d in (sock, wal):
+        os.makedirs(d)
+    shutil.chown(root, "postgres") if os.geteuid() == 0 else None
+    run(["chown", "-R", "postgres", root]) if os.geteuid() == 0 else None
+    run(as_pg([f"{PG}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"]))
+    port = "5499"
+    with open(f"{data}/postgresql.conf", "a") as f:
+        f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
+                f"archive_mode = on\narchive_command = 'cp %p {wal}/%f'\nmax_wal_size = '4GB'\n"
+                f"checkpoint_timeout = '1h'\nshared_buffers = '256MB'\n")
+    run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
+    conn = ["-h", sock, "-p", port, "-U", "postgres"]
+    run([f"{PG}/pgbench", "-i", "-s", "20", "-q"] + conn + ["postgres"])
+    run([f"{PG}/psql", "-X"] + conn + ["-c", "CHECKPOINT", "postgres"])
+    start = run([f"{PG}/psql", "-XAt"] + conn + ["-c", "SELECT pg_walfile_name(pg_current_wal_lsn())", "postgres"]).strip()
+    while True:
+        run([f"{PG}/pgbench", "-n", "-T", "5", "-c", "4"] + conn + ["postgres"])
+        done = sorted(n for n in os.listdir(wal) if len(n) == 24 and n > start)
+        if len(done) >= SEGMENTS:
+            break
+    return data, sock, port, wal, sorted(done)[:SEGMENTS], conn
+
+
+def fake_pgdata(root, wal, names, ready):
+    d = tempfile.mkdtemp(dir=root)
+    os.makedirs(f"{d}/pg_wal/archive_status")
+    for n in names:
+        shutil.copy(f"{wal}/{n}", f"{d}/pg_wal/{n}")
+        if ready:
+            open(f"{d}/pg_wal/archive_status/{n}.ready", "w").close()
+    return d
+
+
+def summary(times):
+    return statistics.median(times) * 1000, statistics.mean(times) * 1000
+
+
+def main():
+    root = tempfile.mkdtemp(prefix="pgpitr-bench-", dir="/tmp")
+    os.chmod(root, 0o755)
+    data, sock, port, wal, names, conn = make_wal(root)
+    raw = sum(os.path.getsize(f"{wal}/{n}") for n in names)
+    results = {}
+
+    def record(label, times, rss):
+        med, mean = summary(times)
+        results[label] = (med, mean, max(rss), len(times))
+
+    for rnd in range(ROUNDS):
+        # --- pgpitr, synchronous (no batching, no prefetch) ---
+        repo = f"{root}/pgpitr-repo-{rnd}"
+        os.makedirs(repo)
+        env = dict(os.environ, PGPITR_REPO=repo, PGPITR_ARCHIVE_BATCH="0", PGPITR_RESTORE_PREFETCH="0")
+        env.pop("PGPITR_CONFIG", None)
+        d = fake_pgdata(root, wal, names, ready=False)
+        t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
+        record("pgpitr-archive, one segment per call", t, r)
+        stored = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(repo) for f in fs)
+        out = tempfile.mkdtemp(dir=root)
+        os.makedirs(f"{out}/pg_wal")
+        t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
+        record("pgpitr-restore, one segment per call", t, r)
+        for n in names[:4]:
+            assert open(f"{out}/pg_wal/{n}", "rb").read() == open(f"{wal}/{n}", "rb").read()
+
+        # --- pgpitr with batching / prefetch, called as PostgreSQL calls it ---
+        repo = f"{root}/pgpitr-repo-b{rnd}"
+        os.makedirs(repo)
+        env = dict(os.environ, PGPITR_REPO=repo)
+        env.pop("PGPITR_CONFIG", None)
+        d = fake_pgdata(root, wal, names, ready=True)
+        t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
+        record("pgpitr-archive, batching (16 ahead, 3 parallel)", t, r)
+        out = tempfile.mkdtemp(dir=root)
+        os.makedirs(f"{out}/pg_wal")
+        t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, out) for n in names])
+        record("pgpitr-restore, prefetch (8 ahead, 3 parallel)", t, r)
+
+        # --- pgBackRest 2.45, lz4, synchronous ---
+        br = f"{root}/pgbr-{rnd}"
+        os.makedirs(f"{br}/repo")
+        conf = f"{br}/pgbackrest.conf"
+        with open(conf, "w") as f:
+            f.write(f"[global]\nrepo1-path={br}/repo\ncompress-type=lz4\nlog-level-console=warn\nlog-level-file=off\n"
+                    f"lock-path={br}/lock\nspool-path={br}/spool\narchive-async=n\n\n"
+                    f"[bench]\npg1-path={data}\npg1-port={port}\npg1-socket-path={sock}\npg1-user=postgres\n")
+        run(["chown", "-R", "postgres", br]) if os.geteuid() == 0 else None
+        base = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
+        run(as_pg(base + ["stanza-create"]))
+        t, r = zip(*[timed(as_pg(base + ["archive-push", f"{wal}/{n}"])) for n in names])
+        record("pgBackRest archive-push (lz4)", t, r)
+        out = tempfile.mkdtemp(dir=root)
+        run(["chown", "postgres", out]) if os.geteuid() == 0 else None
+        t, r = zip(*[timed(as_pg(base + ["archive-get", n, f"{out}/{n}"])) for n in names])
+        record("pgBackRest archive-get", t, r)
+
+    run(as_pg([f"{PG}/pg_ctl", "-D", data, "-m", "immediate", "stop"]))
+    cpu = run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip()
+    print(f"### WAL archiving ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu})\n")
+    print(f"{len(names)} real 16 MiB segments from pgbench (scale 20, 4 clients, after a CHECKPOINT), "
+          f"{raw / 2**20:.0f} MiB plain, {stored / 2**20:.0f} MiB stored by pgpitr "
+          f"({stored / raw:.2f}); local repository on the same disk; {ROUNDS} rounds, each segment once per round; "
+          f"every figure is per call, process start included.\n")
+    print("| command | median ms/segment | mean ms/segment | segments/s (1/mean) | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (med, mean, rss, n) in results.items():
+        print(f"| {label} | {med:.1f} | {mean:.1f} | {1000 / mean:.0f} | {rss / 1024:.1f} |")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
