@@ -65,20 +65,21 @@ impl Garage {
         .unwrap();
         let binary = binary();
         let log = std::fs::File::create(root.path().join("garage.log")).unwrap();
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting Garage ({}): {e}; run scripts/test, which installs it",
-                    binary.display()
-                )
-            });
+        let child = spawn_tied_to_process(
+            Command::new(&binary)
+                .arg("-c")
+                .arg(&config)
+                .arg("server")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting Garage ({}): {e}; run scripts/test, which installs it",
+                binary.display()
+            )
+        });
         let g = Garage {
             endpoint: format!("http://127.0.0.1:{s3}"),
             config,
@@ -153,6 +154,32 @@ impl Garage {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
+}
+
+/// Spawns `cmd` so that it is killed when this test process exits: statics are never dropped, so
+/// the child gets `PR_SET_PDEATHSIG`, which fires when the spawning *thread* ends — hence a
+/// thread that lives as long as the process.
+fn spawn_tied_to_process(cmd: &mut Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let cmd = std::mem::replace(cmd, Command::new("true"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut cmd = cmd;
+        tx.send(cmd.spawn()).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().unwrap()
 }
 
 impl Drop for Garage {
