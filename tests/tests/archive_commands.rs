@@ -420,3 +420,81 @@ fn walk(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// An S3 endpoint that answers every request with HTTP 500, counting them.
+fn failing_s3_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the request head (and any body the client sends with it), then fail.
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+#[test]
+fn storage_errors_are_retried_then_fatal_for_restore_and_retryable_for_archive() {
+    let (endpoint, requests) = failing_s3_endpoint();
+    let env: Vec<(String, String)> = [
+        ("PGPITR_REPO", "s3://bucket/prefix".to_string()),
+        ("PGPITR_S3_ENDPOINT", endpoint),
+        ("PGPITR_S3_REGION", "garage".to_string()),
+        ("PGPITR_S3_FORCE_PATH_STYLE", "true".to_string()),
+        (
+            "AWS_ACCESS_KEY_ID",
+            pgpitr_tests::garage::KEY_ID.to_string(),
+        ),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            pgpitr_tests::garage::SECRET.to_string(),
+        ),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let f = Fixture::with_env(temp_dir("s3-500"), env);
+    let seg = f.write_segment(1, 1);
+
+    let out = f.restore(&seg, "pg_wal/RECOVERYXLOG");
+    assert_eq!(
+        code(&out),
+        201,
+        "a failing server must stop recovery, not look like a missing file: {}",
+        stderr(&out)
+    );
+    assert!(!f.pgdata.join("pg_wal/RECOVERYXLOG").exists());
+    assert!(
+        requests.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "no retries happened"
+    );
+    assert!(
+        !stderr(&out).contains(pgpitr_tests::garage::SECRET),
+        "secret leaked: {}",
+        stderr(&out)
+    );
+
+    let out = f.archive(&seg);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("storage unavailable") || stderr(&out).contains("HTTP 500"),
+        "{}",
+        stderr(&out)
+    );
+}
