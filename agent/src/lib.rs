@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod logging;
 pub mod pg;
+pub mod recovery;
 pub mod repo;
 pub mod storage;
 pub mod walsender;

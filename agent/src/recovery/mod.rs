@@ -1,0 +1,35 @@
+//! Point-in-time recovery. `target` says what to recover to (the `--target-*` options and their
+//! `recovery_target_*` settings); `plan` chooses the base backup and the exact WAL that reach
+//! it, as a pure function of the repository's listing; `window` computes what the archive can
+//! recover at all (for `pgpitr list`). Nothing in these modules does I/O: the restore that
+//! executes a plan lives beside them and takes a [`RecoveryPlan`] as its input.
+
+pub mod plan;
+pub mod target;
+pub mod window;
+
+pub use plan::{plan, BackupSummary, PlanError, PlanInput, RecoveryPlan, RestorePoint};
+pub use target::{RecoveryTarget, RecoveryTargetSpec, TargetTimeline};
+pub use window::{archived_wal_ranges, recoverable_windows, RecoverableWindow, TimelineWal};
+
+/// Serde helpers: WAL names are written in their PostgreSQL text form.
+pub(crate) mod display_serde {
+    use std::fmt::Display;
+
+    use serde::Serializer;
+
+    pub fn one<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn option<T: Display, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn seq<T: Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| x.to_string()))
+    }
+}
