@@ -3,6 +3,7 @@
 //! The library owns everything real; the three binaries (`pgpitr`, `pgpitr-archive`,
 //! `pgpitr-restore`) parse arguments and map errors to exit codes.
 
+pub mod backup;
 pub mod commands;
 pub mod config;
 pub mod logging;

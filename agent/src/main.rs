@@ -28,6 +28,10 @@ struct Cli {
 enum Command {
     /// Write a commented starter configuration and print the postgresql.conf lines.
     Init(commands::init::InitArgs),
+    /// Take a base backup over the replication protocol into the repository.
+    Backup(commands::backup::BackupArgs),
+    /// List backups, the archived WAL per timeline and the recoverable window.
+    List(commands::list::ListArgs),
 }
 
 /// Exit codes of `pgpitr`.
@@ -58,7 +62,6 @@ fn bin_dir() -> PathBuf {
 }
 
 /// Loads the configuration and a multi-threaded runtime for commands that need storage.
-#[allow(dead_code)]
 fn load(config_path: Option<&Path>) -> anyhow::Result<(Config, tokio::runtime::Runtime)> {
     let config = Config::load(config_path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -72,6 +75,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => {
             print!("{}", commands::init::run(config_path, &args, &bin_dir())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup(args) => {
+            let (config, rt) = load(config_path)?;
+            let manifest = rt.block_on(commands::backup::run(&config, &args))?;
+            println!("{}", manifest.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List(args) => {
+            let (config, rt) = load(config_path)?;
+            let listing = rt.block_on(commands::list::run(&config))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", commands::list::render(&listing));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -3,5 +3,7 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod backup;
 pub mod init;
+pub mod list;
 pub mod spool;

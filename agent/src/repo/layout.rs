@@ -4,6 +4,10 @@
 //! repo.json                                         identity (format, system identifier, …)
 //! wal/<TLI><LOG>/<segment>-<sha256>.lz4             WAL segments, .partial and .backup files
 //! wal/history/<TLI>.history-<sha256>.lz4            timeline history files
+//! packs/<xx>/<pack-id>.pack                         lz4 chunks of base backups, appended
+//! packs/<xx>/<pack-id>.idx                          the chunks in that pack (JSON)
+//! backups/<backup-id>/backup_manifest               PostgreSQL's own backup manifest
+//! backups/<backup-id>/manifest.json                 the backup's manifest: its commit point
 //! ```
 //!
 //! The SHA-256 (of the plain bytes, 64 hex digits) is part of a WAL object's key, so two
@@ -11,6 +15,7 @@
 //! that ignore conditional PUTs.
 
 use crate::pg::WalFileName;
+use crate::repo::manifest::BackupId;
 
 pub const REPO_JSON: &str = "repo.json";
 pub const WAL_ROOT: &str = "wal/";
@@ -53,6 +58,71 @@ pub fn parse_wal_object_key(key: &str) -> Option<(WalFileName, String)> {
     (format!("{WAL_ROOT}{dir}/") == wal_dir(name)).then(|| (name, sha.to_string()))
 }
 
+pub const BACKUPS_ROOT: &str = "backups/";
+pub const PACKS_ROOT: &str = "packs/";
+const MANIFEST_JSON: &str = "manifest.json";
+const PACK_SUFFIX: &str = ".pack";
+const PACK_INDEX_SUFFIX: &str = ".idx";
+
+/// `backups/<id>/manifest.json`: written last, its presence is the backup's commit point.
+pub fn backup_manifest_key(id: &BackupId) -> String {
+    format!("{BACKUPS_ROOT}{id}/{MANIFEST_JSON}")
+}
+
+/// `backups/<id>/backup_manifest`: PostgreSQL's own manifest of the backup, as sent.
+pub fn pg_backup_manifest_key(id: &BackupId) -> String {
+    format!("{BACKUPS_ROOT}{id}/backup_manifest")
+}
+
+/// The backup id of a `backups/<id>/manifest.json` key; `None` for any other key.
+pub fn parse_backup_manifest_key(key: &str) -> Option<BackupId> {
+    let rest = key.strip_prefix(BACKUPS_ROOT)?;
+    let (id, file) = rest.split_once('/')?;
+    (file == MANIFEST_JSON).then(|| BackupId::parse(id).ok())?
+}
+
+/// Whether `id` is a valid pack id: 32 lowercase hex digits.
+pub fn is_pack_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn pack_dir(pack_id: &str) -> String {
+    format!("{PACKS_ROOT}{}/", &pack_id[..pack_id.len().min(2)])
+}
+
+/// `packs/<xx>/<pack-id>.pack`, `xx` being the id's first two hex digits.
+pub fn pack_key(pack_id: &str) -> String {
+    format!("{}{pack_id}{PACK_SUFFIX}", pack_dir(pack_id))
+}
+
+/// `packs/<xx>/<pack-id>.idx`: the index of the pack's chunks, written after the pack.
+pub fn pack_index_key(pack_id: &str) -> String {
+    format!("{}{pack_id}{PACK_INDEX_SUFFIX}", pack_dir(pack_id))
+}
+
+/// What a key under [`PACKS_ROOT`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackObject {
+    Pack(String),
+    Index(String),
+}
+
+/// Parses a pack or pack-index key back into its pack id; `None` for anything else.
+pub fn parse_pack_key(key: &str) -> Option<PackObject> {
+    let rest = key.strip_prefix(PACKS_ROOT)?;
+    let (dir, file) = rest.split_once('/')?;
+    let (id, object) = if let Some(id) = file.strip_suffix(PACK_SUFFIX) {
+        (id, PackObject::Pack(id.to_string()))
+    } else {
+        let id = file.strip_suffix(PACK_INDEX_SUFFIX)?;
+        (id, PackObject::Index(id.to_string()))
+    };
+    (is_pack_id(id) && dir == &id[..2]).then_some(object)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +162,29 @@ mod tests {
         ] {
             assert_eq!(parse_wal_object_key(&key), None, "{key}");
         }
+    }
+
+    #[test]
+    fn backup_and_pack_keys_round_trip() {
+        let id = BackupId::parse("20261123T101459Z").unwrap();
+        assert_eq!(
+            backup_manifest_key(&id),
+            "backups/20261123T101459Z/manifest.json"
+        );
+        assert_eq!(parse_backup_manifest_key(&backup_manifest_key(&id)), Some(id.clone()));
+        assert_eq!(parse_backup_manifest_key(&pg_backup_manifest_key(&id)), None);
+        assert_eq!(parse_backup_manifest_key("backups/../manifest.json"), None);
+        let pack = "0123456789abcdef0123456789abcdef";
+        assert_eq!(pack_key(pack), format!("packs/01/{pack}.pack"));
+        assert_eq!(
+            parse_pack_key(&pack_key(pack)),
+            Some(PackObject::Pack(pack.into()))
+        );
+        assert_eq!(
+            parse_pack_key(&pack_index_key(pack)),
+            Some(PackObject::Index(pack.into()))
+        );
+        assert_eq!(parse_pack_key(&format!("packs/02/{pack}.pack")), None);
+        assert_eq!(parse_pack_key("packs/01/0123.pack"), None);
     }
 }

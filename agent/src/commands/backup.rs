@@ -1,0 +1,732 @@
+//! `pgpitr backup`: a base backup over the replication protocol into the repository.
+//!
+//! Order of work, so that nothing the server does is wasted on a backup that cannot succeed:
+//!
+//! 1. the repository: reachable, writable, with a `repo.json` (the WAL archive must exist —
+//!    a backup is useless without its WAL, and BASE_BACKUP's `WAIT` needs archiving);
+//! 2. the server: a replication connection (authentication and the REPLICATION attribute),
+//!    IDENTIFY_SYSTEM checked against `repo.json`, `wal_level`, `archive_mode` (an error when
+//!    off) and `archive_command` (a warning when it does not call `pgpitr-archive`);
+//! 3. BASE_BACKUP (checkpoint, `WAIT`, manifest with SHA-256 checksums, tablespace map): the
+//!    tar streams go to [`crate::backup::tar_reader::ingest`] on a blocking thread, which
+//!    packs chunks and hands full packs to an uploader task — all through bounded channels,
+//!    so memory stays bounded whatever the database size;
+//! 4. after the server's end-of-backup: every pack uploaded, PostgreSQL's `backup_manifest`
+//!    stored, `pg_snapshot_xmax(pg_current_snapshot())` read over an ordinary SQL connection
+//!    (optional), every WAL segment from the start to the stop LSN found in the repository;
+//! 5. only then `backups/<id>/manifest.json`, written with [`PutMode::Create`]: the commit
+//!    point. A backup that fails or is killed before leaves packs that the next backup reuses,
+//!    and no manifest.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::backup::pack::{self, ChunkSet, Packer};
+use crate::backup::tar_reader::{self, ArchiveMsg, IngestError};
+use crate::config::{Config, ConfigError};
+use crate::pg::{Lsn, TimelineId, WalFileName, WalSegSize, WalSegmentName};
+use crate::repo::layout;
+use crate::repo::manifest::{BackupId, BackupManifest, TablespaceEntry, MANIFEST_VERSION};
+use crate::repo::wal;
+use crate::repo::{RepoError, RepoIdentity};
+use crate::storage::{PutMode, Storage, StorageError};
+use crate::walsender::{
+    BackupEvent, BaseBackupOptions, ConnectParams, ReplicationConnection, WalsenderError,
+};
+
+/// Archive messages buffered between the network and the tar reader (each one CopyData frame,
+/// typically up to 32 KiB).
+const ARCHIVE_CHANNEL: usize = 256;
+/// Sealed packs waiting for the uploader (each up to [`crate::backup::PACK_TARGET_SIZE`]).
+const PACK_CHANNEL: usize = 1;
+/// Plain progress lines are logged this often when stderr is not a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How the server's starting checkpoint is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Checkpoint {
+    /// As fast as possible (more I/O at once).
+    Fast,
+    /// Spread over `checkpoint_completion_target` (the default, like `pg_basebackup`).
+    Spread,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// A label for the backup (shown by `pgpitr list`; default `pgpitr <backup id>`).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// The checkpoint that starts the backup.
+    #[arg(long, value_enum, default_value_t = Checkpoint::Spread)]
+    pub checkpoint: Checkpoint,
+    /// Never remove this backup by retention.
+    #[arg(long)]
+    pub keep: bool,
+    /// How long to wait, after the server finished, for the backup's WAL to appear in the
+    /// repository.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub wal_timeout: u64,
+}
+
+/// Why a backup failed. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{source}{}", hint(.source))]
+    Server {
+        #[source]
+        source: WalsenderError,
+    },
+    #[error("{location} holds no pgpitr repository yet (no repo.json): archive WAL first (archive_command = 'pgpitr-archive %p %f') — a backup is useless without its WAL")]
+    NoWalArchive { location: String },
+    #[error("no connection configured: set `conninfo` (or PGPITR_CONNINFO), or the libpq variables PGHOST, PGUSER, …")]
+    NoConnInfo,
+    #[error("server wal_level is '{0}': a backup needs wal_level = replica (or logical); set it and restart the server")]
+    WalLevel(String),
+    #[error("server archive_mode is '{0}': the backup's WAL would never reach the repository; set archive_mode = on and archive_command = 'pgpitr-archive %p %f', then restart the server")]
+    ArchiveOff(String),
+    #[error("the server's WAL segment size '{0}' cannot be read")]
+    SegmentSize(String),
+    #[error("{0}")]
+    Ingest(#[from] IngestError),
+    #[error("the backup's WAL is not in the repository after {waited}s: {missing} segment(s) missing, first {first}; check that archive_command succeeds (pg_stat_archiver) or raise --wal-timeout")]
+    WalMissing {
+        waited: u64,
+        missing: usize,
+        first: WalSegmentName,
+    },
+    #[error("PostgreSQL's backup_manifest does not match the stored files: {0}")]
+    ManifestMismatch(String),
+    #[error("unexpected output from the server: {0}")]
+    Protocol(String),
+    /// The tar reader stopped early; its own error is the one to report.
+    #[error("the tar reader stopped")]
+    ReaderStopped,
+}
+
+fn hint(e: &WalsenderError) -> String {
+    e.hint().map(|h| format!("; hint: {h}")).unwrap_or_default()
+}
+
+impl From<WalsenderError> for BackupError {
+    fn from(source: WalsenderError) -> Self {
+        BackupError::Server { source }
+    }
+}
+
+impl From<StorageError> for BackupError {
+    fn from(e: StorageError) -> Self {
+        BackupError::Repo(e.into())
+    }
+}
+
+/// Takes a base backup into the repository of `config` and returns its manifest once the
+/// manifest — the commit point — is stored.
+///
+/// # Errors
+/// See [`BackupError`]; nothing that looks like a complete backup is left on error.
+pub async fn run(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
+    // 1. The repository.
+    let storage = config.storage().await?;
+    storage.check_writable().await?;
+    let identity = match RepoIdentity::load(storage.as_ref()).await {
+        Ok(id) => id,
+        Err(RepoError::NotInitialized { location }) => {
+            return Err(BackupError::NoWalArchive { location })
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    // 2. The server.
+    let params = ConnectParams::from_conninfo(&config.conninfo)?;
+    let mut conn = match ReplicationConnection::connect(&params).await {
+        Ok(c) => c,
+        Err(e @ WalsenderError::TooManyWalSenders { .. }) => {
+            // wal_level = minimal forces max_wal_senders = 0: name the real cause if we can.
+            if let Some(level) = sql_show(&params, "wal_level").await {
+                if level == "minimal" {
+                    return Err(BackupError::WalLevel(level));
+                }
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let system = conn.identify_system().await?;
+    let seg_text = conn.show("wal_segment_size").await?;
+    let seg_size =
+        parse_segment_size(&seg_text).ok_or_else(|| BackupError::SegmentSize(seg_text.clone()))?;
+    let version_num = conn.server_version_num();
+    let observed = RepoIdentity::new(system.system_identifier, version_num / 10000, seg_size);
+    identity.check(storage.as_ref(), &observed)?;
+    let wal_level = conn.show("wal_level").await?;
+    if wal_level == "minimal" {
+        return Err(BackupError::WalLevel(wal_level));
+    }
+    let archive_mode = conn.show("archive_mode").await?;
+    if archive_mode != "on" && archive_mode != "always" {
+        return Err(BackupError::ArchiveOff(archive_mode));
+    }
+    match conn.show("archive_command").await {
+        Ok(cmd) if cmd.contains("pgpitr-archive") => {}
+        Ok(cmd) => tracing::warn!(
+            "archive_command is '{cmd}', not pgpitr-archive: the backup will wait for its WAL to \
+             appear in the repository anyway"
+        ),
+        Err(e) => tracing::warn!("cannot read archive_command: {e}"),
+    }
+
+    // 3. The backup.
+    let (id, start_time) = new_backup_id(storage.as_ref()).await?;
+    let label = args.label.clone().unwrap_or_else(|| format!("pgpitr {id}"));
+    tracing::info!(
+        "backup {id} of cluster {} (PostgreSQL {}) starting with a {} checkpoint",
+        system.system_identifier,
+        conn.server_version(),
+        match args.checkpoint {
+            Checkpoint::Fast => "fast",
+            Checkpoint::Spread => "spread",
+        }
+    );
+    let known = ChunkSet::load(storage.as_ref()).await?;
+    tracing::debug!("{} chunks already in the repository", known.len());
+
+    let (pack_tx, pack_rx) = mpsc::channel(PACK_CHANNEL);
+    let uploader = {
+        let storage = storage.clone();
+        tokio::spawn(async move { pack::upload(storage.as_ref(), pack_rx).await })
+    };
+    let (archive_tx, archive_rx) = mpsc::channel(ARCHIVE_CHANNEL);
+    let packer = Packer::new(known, pack_tx);
+    let reader = tokio::task::spawn_blocking(move || tar_reader::ingest(archive_rx, packer));
+
+    let opts = BaseBackupOptions {
+        fast_checkpoint: args.checkpoint == Checkpoint::Fast,
+        wait_for_wal: true,
+        manifest: true,
+        progress: true,
+        tablespace_map: true,
+        ..BaseBackupOptions::new(label.clone())
+    };
+    let streamed = stream_backup(&mut conn, opts, archive_tx).await;
+    // Whatever happened, collect the reader and the uploader, and report the root cause: a
+    // storage failure stops the reader, which stops the stream; a server error truncates the
+    // archive the reader is in.
+    let ingested = reader.await.expect("tar reader thread");
+    let uploaded = uploader.await.expect("uploader task");
+    uploaded?;
+    let streamed = match streamed {
+        Err(BackupError::ReaderStopped) => None,
+        other => Some(other?),
+    };
+    let ingested = ingested?;
+    let Some(streamed) = streamed else {
+        return Err(BackupError::ReaderStopped);
+    };
+    conn.close().await;
+
+    let start_lsn: Lsn = parse_lsn(&streamed.start_lsn)?;
+    let stop_lsn: Lsn = parse_lsn(&streamed.stop_lsn)?;
+    let start_timeline = TimelineId(streamed.start_timeline);
+    let stop_timeline = TimelineId(streamed.stop_timeline);
+    cross_check(&streamed.pg_manifest, &ingested.files)?;
+
+    // 4. What the manifest needs besides the files.
+    storage
+        .put(
+            &layout::pg_backup_manifest_key(&id),
+            Bytes::from(streamed.pg_manifest),
+            PutMode::Overwrite,
+        )
+        .await?;
+    let stop_next_xid = next_xid(&params).await;
+    wait_for_wal(
+        storage.as_ref(),
+        seg_size,
+        (start_lsn, start_timeline),
+        (stop_lsn, stop_timeline),
+        Duration::from_secs(args.wal_timeout),
+    )
+    .await?;
+
+    // 5. The commit point.
+    let size_bytes = ingested.files.iter().map(|f| f.size).sum();
+    let manifest = BackupManifest {
+        manifest_version: MANIFEST_VERSION,
+        id: id.clone(),
+        label,
+        keep: args.keep,
+        start_lsn,
+        start_timeline,
+        stop_lsn,
+        stop_timeline,
+        start_time,
+        stop_time: jiff::Timestamp::now(),
+        stop_next_xid,
+        system_identifier: system.system_identifier,
+        pg_version_num: version_num,
+        wal_segment_size: seg_size,
+        tablespaces: streamed.tablespaces,
+        files: ingested.files,
+        size_bytes,
+        new_bytes: ingested.stats.new_bytes,
+    };
+    let body = serde_json::to_vec(&manifest).expect("serialisable");
+    storage
+        .put(
+            &layout::backup_manifest_key(&id),
+            Bytes::from(body),
+            PutMode::Create,
+        )
+        .await?;
+    tracing::info!(
+        "backup {id} complete: {} files, {} ({} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
+        manifest.files.len(),
+        human_bytes(size_bytes),
+        human_bytes(manifest.new_bytes),
+        ingested.stats.packs,
+        ingested.stats.reused_chunks,
+    );
+    Ok(manifest)
+}
+
+/// What the server sent besides the archives.
+#[derive(Debug, Default)]
+struct Streamed {
+    start_lsn: String,
+    start_timeline: u32,
+    stop_lsn: String,
+    stop_timeline: u32,
+    tablespaces: Vec<TablespaceEntry>,
+    pg_manifest: Vec<u8>,
+}
+
+/// Runs BASE_BACKUP and feeds its archives to the tar reader.
+async fn stream_backup(
+    conn: &mut ReplicationConnection,
+    opts: BaseBackupOptions,
+    archive_tx: mpsc::Sender<ArchiveMsg>,
+) -> Result<Streamed, BackupError> {
+    let mut out = Streamed::default();
+    let mut progress = Progress::new();
+    let mut stream = conn.base_backup(opts).await?;
+    // A send fails only when the reader stopped; its own error is reported by the caller.
+    let reader_gone = || BackupError::ReaderStopped;
+    while let Some(event) = stream.next_event().await? {
+        match event {
+            BackupEvent::Started {
+                start_lsn,
+                timeline,
+            } => {
+                tracing::info!(
+                    "checkpoint done, backup starts at {start_lsn} on timeline {timeline}"
+                );
+                out.start_lsn = start_lsn;
+                out.start_timeline = timeline;
+            }
+            BackupEvent::Tablespaces(list) => {
+                let total: Option<u64> = list.iter().map(|t| t.size_estimate_bytes).sum();
+                progress.set_total(total);
+                for t in list {
+                    if let (Some(oid), Some(location)) = (t.oid, t.location) {
+                        out.tablespaces.push(TablespaceEntry { oid, location });
+                    }
+                }
+            }
+            BackupEvent::ArchiveStart { name, .. } => {
+                let tablespace = match name.strip_suffix(".tar") {
+                    Some("base") => None,
+                    Some(oid) => Some(
+                        oid.parse::<u32>()
+                            .map_err(|_| BackupError::Protocol(format!("archive name {name}")))?,
+                    ),
+                    None => return Err(BackupError::Protocol(format!("archive name {name}"))),
+                };
+                archive_tx
+                    .send(ArchiveMsg::Start { tablespace })
+                    .await
+                    .map_err(|_| reader_gone())?;
+            }
+            BackupEvent::ArchiveData(data) => {
+                progress.add(data.len() as u64);
+                archive_tx
+                    .send(ArchiveMsg::Data(data))
+                    .await
+                    .map_err(|_| reader_gone())?;
+            }
+            BackupEvent::ArchiveEnd => {
+                archive_tx
+                    .send(ArchiveMsg::End)
+                    .await
+                    .map_err(|_| reader_gone())?;
+            }
+            BackupEvent::ManifestData(data) => out.pg_manifest.extend_from_slice(&data),
+            BackupEvent::Progress { .. } => {}
+            BackupEvent::Finished { stop_lsn, timeline } => {
+                out.stop_lsn = stop_lsn;
+                out.stop_timeline = timeline;
+            }
+        }
+    }
+    progress.finish();
+    if out.stop_lsn.is_empty() || out.start_lsn.is_empty() {
+        return Err(BackupError::Protocol(
+            "backup ended without its positions".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn parse_lsn(s: &str) -> Result<Lsn, BackupError> {
+    s.parse()
+        .map_err(|e: crate::pg::ParseError| BackupError::Protocol(e.to_string()))
+}
+
+/// Checks every file of PostgreSQL's `backup_manifest` against what was stored: same size,
+/// same SHA-256. An independent check that the tar stream was read correctly.
+fn cross_check(
+    pg_manifest: &[u8],
+    files: &[crate::repo::manifest::FileEntry],
+) -> Result<(), BackupError> {
+    #[derive(serde::Deserialize)]
+    struct PgManifest {
+        #[serde(rename = "Files")]
+        files: Vec<PgFile>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PgFile {
+        #[serde(rename = "Path")]
+        path: Option<String>,
+        #[serde(rename = "Size")]
+        size: u64,
+        #[serde(rename = "Checksum-Algorithm")]
+        algorithm: Option<String>,
+        #[serde(rename = "Checksum")]
+        checksum: Option<String>,
+    }
+    let parsed: PgManifest = serde_json::from_slice(pg_manifest)
+        .map_err(|e| BackupError::ManifestMismatch(format!("unreadable: {e}")))?;
+    let ours: std::collections::HashMap<&str, &crate::repo::manifest::FileEntry> =
+        files.iter().map(|f| (f.path.as_str(), f)).collect();
+    for f in parsed.files {
+        // Paths that are not valid UTF-8 come as "Encoded-Path"; our tar reader refuses them.
+        let Some(path) = f.path else {
+            return Err(BackupError::ManifestMismatch(
+                "a file name is not UTF-8".into(),
+            ));
+        };
+        let Some(ours) = ours.get(path.as_str()) else {
+            return Err(BackupError::ManifestMismatch(format!(
+                "'{path}' was not received"
+            )));
+        };
+        if ours.size != f.size {
+            return Err(BackupError::ManifestMismatch(format!(
+                "'{path}' has {} bytes, the server says {}",
+                ours.size, f.size
+            )));
+        }
+        if f.algorithm.as_deref() == Some("SHA256")
+            && f.checksum.as_deref() != ours.sha256.as_deref()
+        {
+            return Err(BackupError::ManifestMismatch(format!(
+                "'{path}' has a different SHA-256"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A backup id for now, unique in the repository: waits a second while the id is taken.
+async fn new_backup_id(storage: &dyn Storage) -> Result<(BackupId, jiff::Timestamp), BackupError> {
+    loop {
+        let now = jiff::Timestamp::now();
+        let id = BackupId::from_time(now);
+        let taken = storage
+            .head(&layout::backup_manifest_key(&id))
+            .await?
+            .is_some()
+            || storage
+                .head(&layout::pg_backup_manifest_key(&id))
+                .await?
+                .is_some();
+        if !taken {
+            return Ok((id, now));
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
+/// `SHOW wal_segment_size` output (`16MB`, `1GB`, `1024kB`) in bytes.
+fn parse_segment_size(s: &str) -> Option<WalSegSize> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits].parse().ok()?;
+    let unit = match s[digits..].trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    WalSegSize::new(u32::try_from(n.checked_mul(unit)?).ok()?).ok()
+}
+
+/// An ordinary SQL connection with the same parameters (no TLS: used only for optional
+/// information; `None` when it cannot be opened). The database is `dbname` when the conninfo
+/// names one, else `postgres` (a replication conninfo defaults to `replication`, which is no
+/// database).
+async fn sql_connect(params: &ConnectParams) -> Option<tokio_postgres::Client> {
+    let dbname = match params.dbname.as_str() {
+        "replication" => "postgres",
+        other => other,
+    };
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&params.host)
+        .port(params.port)
+        .user(&params.user)
+        .dbname(dbname)
+        .application_name("pgpitr backup")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(p) = &params.password {
+        cfg.password(p);
+    }
+    let connect = cfg.connect(tokio_postgres::NoTls);
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(15), connect)
+        .await
+        .ok()?
+        .map_err(|e| tracing::debug!("SQL connection failed: {e}"))
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(client)
+}
+
+async fn sql_show(params: &ConnectParams, name: &str) -> Option<String> {
+    let client = sql_connect(params).await?;
+    let row = client
+        .query_one(&format!("SELECT current_setting('{name}')"), &[])
+        .await
+        .ok()?;
+    row.try_get(0).ok()
+}
+
+/// The next transaction id to be assigned, read after the backup: every xid below it began
+/// before the backup ended. `pg_snapshot_xmax(pg_current_snapshot())` rather than
+/// `pg_current_xact_id()`, which would assign (and burn) an xid and fails on a standby.
+async fn next_xid(params: &ConnectParams) -> Option<u64> {
+    let client = sql_connect(params).await?;
+    let row = client
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .map_err(|e| tracing::warn!("cannot read the next transaction id: {e}"))
+        .ok()?;
+    let text: String = row.try_get(0).ok()?;
+    text.parse().ok()
+}
+
+/// Waits until every WAL segment from `start`'s to `stop`'s is in the repository (on the start
+/// or the stop timeline), polling for up to `limit`.
+async fn wait_for_wal(
+    storage: &dyn Storage,
+    seg_size: WalSegSize,
+    start: (Lsn, TimelineId),
+    stop: (Lsn, TimelineId),
+    limit: Duration,
+) -> Result<(), BackupError> {
+    let first = start.0.segno(seg_size);
+    // The segment holding the last byte before the stop LSN (XLByteToPrevSeg in
+    // do_pg_backup_stop()).
+    let last = Lsn(stop.0 .0.saturating_sub(1)).segno(seg_size).max(first);
+    let timelines = [start.1, stop.1];
+    let wanted = |segno: u64| {
+        timelines
+            .iter()
+            .map(move |&tli| WalSegmentName::from_segno(tli, segno, seg_size))
+    };
+    let dirs: HashSet<String> = (first..=last)
+        .flat_map(wanted)
+        .map(|n| layout::wal_dir(WalFileName::Segment(n)))
+        .collect();
+    let began = Instant::now();
+    loop {
+        let mut present = HashSet::new();
+        for dir in &dirs {
+            for w in wal::list(storage, dir).await? {
+                if let WalFileName::Segment(s) = w.name {
+                    present.insert(s);
+                }
+            }
+        }
+        let missing: Vec<WalSegmentName> = (first..=last)
+            .filter(|&n| !wanted(n).any(|s| present.contains(&s)))
+            .map(|n| WalSegmentName::from_segno(stop.1, n, seg_size))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if began.elapsed() >= limit {
+            return Err(BackupError::WalMissing {
+                waited: limit.as_secs(),
+                missing: missing.len(),
+                first: missing[0],
+            });
+        }
+        tracing::info!(
+            "waiting for {} WAL segment(s) to reach the repository, first {}",
+            missing.len(),
+            missing[0]
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A progress bar on a terminal, log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: Option<u64>,
+    done: u64,
+    began: Instant,
+    last_log: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total: None,
+            done: 0,
+            began: Instant::now(),
+            last_log: Instant::now(),
+        }
+    }
+
+    fn set_total(&mut self, total: Option<u64>) {
+        self.total = total;
+        if let (Some(bar), Some(t)) = (&self.bar, total) {
+            bar.set_length(t);
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if let Some(bar) = &self.bar {
+            // The estimate can be short (files grow during the backup).
+            if self.total.is_some_and(|t| self.done > t) {
+                bar.set_length(self.done);
+            }
+            bar.set_position(self.done);
+        } else if self.last_log.elapsed() >= LOG_EVERY {
+            self.last_log = Instant::now();
+            let rate = self.done as f64 / self.began.elapsed().as_secs_f64().max(0.001);
+            match self.total {
+                Some(t) if t > 0 => tracing::info!(
+                    "backup: {} of ~{} ({}%), {}/s",
+                    human_bytes(self.done),
+                    human_bytes(t),
+                    (self.done * 100 / t).min(100),
+                    human_bytes(rate as u64)
+                ),
+                _ => tracing::info!(
+                    "backup: {}, {}/s",
+                    human_bytes(self.done),
+                    human_bytes(rate as u64)
+                ),
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `1.5 GiB`-style sizes for messages.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_sizes_as_shown_by_the_server() {
+        assert_eq!(parse_segment_size("16MB").unwrap().bytes(), 16 << 20);
+        assert_eq!(parse_segment_size("1GB").unwrap().bytes(), 1 << 30);
+        assert_eq!(parse_segment_size("1024kB").unwrap().bytes(), 1 << 20);
+        assert!(parse_segment_size("3MB").is_none());
+        assert!(parse_segment_size("MB").is_none());
+    }
+
+    #[test]
+    fn sizes_for_humans() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn backup_manifest_cross_check() {
+        let file = crate::repo::manifest::FileEntry {
+            path: "PG_VERSION".into(),
+            size: 3,
+            mode: 0o600,
+            mtime: 0,
+            sha256: Some("ab".repeat(32)),
+            kind: Default::default(),
+            link_target: None,
+            chunks: Vec::new(),
+        };
+        let m = |size: u64, sum: &str| {
+            format!(
+                r#"{{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [{{"Path": "PG_VERSION", "Size": {size}, "Last-Modified": "x", "Checksum-Algorithm": "SHA256", "Checksum": "{sum}"}}]}}"#
+            )
+        };
+        cross_check(
+            m(3, &"ab".repeat(32)).as_bytes(),
+            std::slice::from_ref(&file),
+        )
+        .unwrap();
+        assert!(cross_check(
+            m(4, &"ab".repeat(32)).as_bytes(),
+            std::slice::from_ref(&file)
+        )
+        .is_err());
+        assert!(cross_check(
+            m(3, &"cd".repeat(32)).as_bytes(),
+            std::slice::from_ref(&file)
+        )
+        .is_err());
+        assert!(cross_check(m(3, "x").as_bytes(), &[]).is_err());
+    }
+}

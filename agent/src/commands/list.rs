@@ -1,0 +1,303 @@
+//! `pgpitr list`: the repository's backups (from `backups/*/manifest.json`, the committed ones
+//! only), its archived WAL per timeline, and the recoverable window per timeline (computed by
+//! [`crate::recovery::window`], with the planner's rules). `--json` prints one JSON document:
+//! `{"backups": [...], "wal": [...], "windows": [...]}`.
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError};
+use crate::pg::{Lsn, TimelineHistory, TimelineId, WalFileName};
+use crate::recovery::{archived_wal_ranges, recoverable_windows, BackupSummary};
+use crate::recovery::{RecoverableWindow, TimelineWal};
+use crate::repo::manifest::{BackupId, BackupManifest};
+use crate::repo::{codec, layout, wal, RepoError, RepoIdentity};
+use crate::storage::{Storage, StorageError};
+
+use super::backup::human_bytes;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ListArgs {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+impl From<StorageError> for ListError {
+    fn from(e: StorageError) -> Self {
+        ListError::Repo(e.into())
+    }
+}
+
+/// One backup as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupLine {
+    pub id: BackupId,
+    pub label: String,
+    pub keep: bool,
+    pub start_time: jiff::Timestamp,
+    pub stop_time: jiff::Timestamp,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Lsn,
+    pub start_timeline: TimelineId,
+    pub stop_timeline: TimelineId,
+    /// `15.14`-style.
+    pub pg_version: String,
+    pub pg_version_num: u32,
+    pub files: usize,
+    pub size_bytes: u64,
+    pub new_bytes: u64,
+}
+
+/// Everything `list` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub backups: Vec<BackupLine>,
+    pub wal: Vec<TimelineWal>,
+    pub windows: Vec<RecoverableWindow>,
+}
+
+/// Every committed backup (those with a `manifest.json`), oldest first.
+///
+/// # Errors
+/// Storage errors; [`RepoError::Corrupt`] for a manifest that cannot be read.
+pub async fn load_backups(storage: &dyn Storage) -> Result<Vec<BackupManifest>, RepoError> {
+    let keys: Vec<String> = storage
+        .list(layout::BACKUPS_ROOT)
+        .await?
+        .into_iter()
+        .filter(|o| layout::parse_backup_manifest_key(&o.key).is_some())
+        .map(|o| o.key)
+        .collect();
+    let mut fetched = futures::stream::iter(keys)
+        .map(|key| async move {
+            let body = storage.get(&key).await;
+            (key, body)
+        })
+        .buffered(16);
+    let mut out = Vec::new();
+    while let Some((key, body)) = fetched.next().await {
+        let body = match body {
+            Ok(b) => b,
+            Err(StorageError::NotFound { .. }) => continue, // expired meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        let m: BackupManifest = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        out.push(m);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The timeline histories archived in the repository (`.history` files), verified.
+async fn load_histories(
+    storage: &dyn Storage,
+    listing: &[wal::ArchivedWal],
+) -> Result<Vec<TimelineHistory>, RepoError> {
+    let mut out = Vec::new();
+    for w in listing {
+        let WalFileName::History(tli) = w.name else {
+            continue;
+        };
+        let compressed = storage.get(&w.key).await?;
+        let mut plain = Vec::new();
+        codec::decompress_verified(&compressed, &w.sha256_hex, &mut plain).map_err(|e| {
+            RepoError::Corrupt {
+                key: w.key.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let text = String::from_utf8_lossy(&plain);
+        match TimelineHistory::parse(tli, &text) {
+            Ok(h) => out.push(h),
+            Err(e) => tracing::warn!("ignoring {}: {e}", w.key),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the listing.
+///
+/// # Errors
+/// Configuration and storage errors, a repository without `repo.json`, unreadable manifests.
+pub async fn run(config: &Config) -> Result<Listing, ListError> {
+    let storage = config.storage().await?;
+    let identity = RepoIdentity::load(storage.as_ref()).await?;
+    let seg_size = identity.wal_segment_size;
+    let manifests = load_backups(storage.as_ref()).await?;
+    let listing = wal::list(storage.as_ref(), layout::WAL_ROOT).await?;
+    let histories = load_histories(storage.as_ref(), &listing).await?;
+    let summaries: Vec<BackupSummary> = manifests.iter().map(BackupSummary::from).collect();
+    let windows = recoverable_windows(&summaries, &listing, &histories, seg_size);
+    let wal = archived_wal_ranges(&listing, seg_size);
+    let backups = manifests
+        .iter()
+        .map(|m| BackupLine {
+            id: m.id.clone(),
+            label: m.label.clone(),
+            keep: m.keep,
+            start_time: m.start_time,
+            stop_time: m.stop_time,
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            start_timeline: m.start_timeline,
+            stop_timeline: m.stop_timeline,
+            pg_version: pg_version(m.pg_version_num),
+            pg_version_num: m.pg_version_num,
+            files: m.files.len(),
+            size_bytes: m.size_bytes,
+            new_bytes: m.new_bytes,
+        })
+        .collect();
+    Ok(Listing {
+        backups,
+        wal,
+        windows,
+    })
+}
+
+/// `150014` → `15.14`.
+fn pg_version(num: u32) -> String {
+    format!("{}.{}", num / 10000, num % 10000)
+}
+
+fn time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// The text form of a listing.
+pub fn render(l: &Listing) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    if l.backups.is_empty() {
+        s.push_str("no backups\n");
+    } else {
+        let _ = writeln!(
+            s,
+            "{:<16}  {:<19}  {:<19}  {:>12}  {:>12}  {:>3}  {:>6}  {:>10}  {:>10}  LABEL",
+            "BACKUP",
+            "START (UTC)",
+            "STOP (UTC)",
+            "START LSN",
+            "STOP LSN",
+            "TLI",
+            "PG",
+            "SIZE",
+            "NEW"
+        );
+        for b in &l.backups {
+            let _ = writeln!(
+                s,
+                "{:<16}  {:<19}  {:<19}  {:>12}  {:>12}  {:>3}  {:>6}  {:>10}  {:>10}  {}{}",
+                b.id.0,
+                time(b.start_time),
+                time(b.stop_time),
+                b.start_lsn.to_string(),
+                b.stop_lsn.to_string(),
+                b.stop_timeline.0,
+                b.pg_version,
+                human_bytes(b.size_bytes),
+                human_bytes(b.new_bytes),
+                b.label,
+                if b.keep { " (keep)" } else { "" }
+            );
+        }
+    }
+    s.push_str("\narchived WAL:\n");
+    if l.wal.is_empty() {
+        s.push_str("  none\n");
+    }
+    for t in &l.wal {
+        let _ = write!(
+            s,
+            "  timeline {}: {} .. {} ({} segments, {})",
+            t.timeline.0,
+            t.first,
+            t.last,
+            t.segments,
+            human_bytes(t.bytes)
+        );
+        match t.gaps.len() {
+            0 => s.push('\n'),
+            n => {
+                let g = &t.gaps[0];
+                let _ = writeln!(
+                    s,
+                    "; {n} gap(s), first {} .. {} missing",
+                    g.first_missing, g.last_missing
+                );
+            }
+        }
+    }
+    s.push_str("\nrecoverable window:\n");
+    let mut any = false;
+    for w in &l.windows {
+        match (&w.earliest, &w.latest) {
+            (Some(e), Some(latest)) => {
+                any = true;
+                let _ = writeln!(
+                    s,
+                    "  timeline {}: from {} UTC (end of backup {}, {}) to {} (end of archived WAL, segment {})",
+                    w.timeline.0,
+                    time(e.time),
+                    e.backup,
+                    e.lsn,
+                    latest.end_lsn,
+                    latest.last_segment
+                );
+            }
+            (Some(e), None) => {
+                any = true;
+                let _ = writeln!(
+                    s,
+                    "  timeline {}: from {} UTC (end of backup {}, {})",
+                    w.timeline.0,
+                    time(e.time),
+                    e.backup,
+                    e.lsn
+                );
+            }
+            _ => {}
+        }
+        for i in &w.incomplete {
+            let _ = writeln!(
+                s,
+                "  timeline {}: backup {} is not restorable yet: WAL segment {} is missing",
+                w.timeline.0, i.backup, i.missing
+            );
+        }
+    }
+    if !any {
+        s.push_str("  none: no backup with all of its WAL archived\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_empty_listing() {
+        assert_eq!(pg_version(150014), "15.14");
+        assert_eq!(pg_version(180000), "18.0");
+        let text = render(&Listing {
+            backups: Vec::new(),
+            wal: Vec::new(),
+            windows: Vec::new(),
+        });
+        assert!(text.contains("no backups"), "{text}");
+        assert!(text.contains("none: no backup"), "{text}");
+    }
+}
