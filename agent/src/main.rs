@@ -32,6 +32,10 @@ enum Command {
     Backup(commands::backup::BackupArgs),
     /// List backups, the archived WAL per timeline and the recoverable window.
     List(commands::list::ListArgs),
+    /// Show which backup and which archived WAL reach a recovery target (writes nothing).
+    Plan(commands::plan::PlanArgs),
+    /// Write a new data directory that recovers to a target time, LSN, xid or restore point.
+    Restore(commands::restore::RestoreArgs),
 }
 
 /// Exit codes of `pgpitr`.
@@ -47,7 +51,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgpitr: error: {e:#}");
-            let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some();
+            let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some()
+                || e.downcast_ref::<commands::restore::RestoreCommandError>()
+                    .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
         }
     }
@@ -92,6 +98,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", commands::list::render(&listing));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => {
+            let (config, rt) = load(config_path)?;
+            let plan = rt.block_on(commands::plan::run(&config, &args))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", commands::plan::render(&plan));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore(args) => {
+            let (config, rt) = load(config_path)?;
+            let report = rt.block_on(commands::restore::run(&config, &args, &bin_dir()))?;
+            print!("{}", commands::restore::render(&report));
+            Ok(ExitCode::from(report.exit_code()))
         }
     }
 }

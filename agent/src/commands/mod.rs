@@ -6,4 +6,6 @@ pub mod archive_push;
 pub mod backup;
 pub mod init;
 pub mod list;
+pub mod plan;
+pub mod restore;
 pub mod spool;

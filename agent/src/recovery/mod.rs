@@ -1,10 +1,16 @@
 //! Point-in-time recovery. `target` says what to recover to (the `--target-*` options and their
 //! `recovery_target_*` settings); `plan` chooses the base backup and the exact WAL that reach
 //! it, as a pure function of the repository's listing; `window` computes what the archive can
-//! recover at all (for `pgpitr list`). Nothing in these modules does I/O: the restore that
-//! executes a plan lives beside them and takes a [`RecoveryPlan`] as its input.
+//! recover at all (for `pgpitr list`); `settings` renders what a restore writes for PostgreSQL.
+//! Nothing in those modules does I/O. The I/O lives beside them: `source` reads the planner's
+//! input from a repository, `restore` executes a [`RecoveryPlan`] into a new data directory,
+//! `start` starts PostgreSQL on it and waits for the end of recovery.
 
 pub mod plan;
+pub mod restore;
+pub mod settings;
+pub mod source;
+pub mod start;
 pub mod target;
 pub mod window;
 

@@ -1,0 +1,132 @@
+//! What the planner reads, loaded from a repository: the identity (`repo.json`), every committed
+//! backup manifest (`backups/<id>/manifest.json`), the archived WAL listing and the parsed
+//! timeline histories (`.history` objects, fetched and checked against their SHA-256). This is
+//! the I/O in front of the pure [`super::plan`]; nothing here writes.
+
+use futures::StreamExt;
+
+use super::plan::{BackupSummary, PlanInput};
+use super::target::RecoveryTargetSpec;
+use crate::pg::{TimelineHistory, WalFileName};
+use crate::repo::manifest::{BackupId, BackupManifest};
+use crate::repo::wal::{self, ArchivedWal};
+use crate::repo::{codec, layout, RepoError, RepoIdentity};
+use crate::storage::{Storage, StorageError};
+
+/// Manifests fetched at once.
+const MANIFEST_FETCH_PARALLEL: usize = 16;
+
+/// A snapshot of what the repository holds, as far as recovery is concerned.
+#[derive(Debug, Clone)]
+pub struct RepoState {
+    pub identity: RepoIdentity,
+    /// Every committed backup, oldest first (by id).
+    pub manifests: Vec<BackupManifest>,
+    pub wal: Vec<ArchivedWal>,
+    pub histories: Vec<TimelineHistory>,
+}
+
+impl RepoState {
+    /// Reads the repository.
+    ///
+    /// # Errors
+    /// Storage errors; [`RepoError::NotInitialized`] without `repo.json`; [`RepoError::Corrupt`]
+    /// for a manifest that is not valid JSON or a history file whose checksum does not match.
+    pub async fn load(storage: &dyn Storage) -> Result<RepoState, RepoError> {
+        let identity = RepoIdentity::load(storage).await?;
+        let manifests = load_manifests(storage).await?;
+        let wal = wal::list(storage, layout::WAL_ROOT).await?;
+        let histories = load_histories(storage, &wal).await?;
+        Ok(RepoState {
+            identity,
+            manifests,
+            wal,
+            histories,
+        })
+    }
+
+    /// The planner's input for `spec`, optionally forcing a backup.
+    pub fn plan_input(&self, spec: RecoveryTargetSpec, forced: Option<BackupId>) -> PlanInput {
+        let mut input = PlanInput::new(
+            self.manifests.iter().map(BackupSummary::from).collect(),
+            self.wal.clone(),
+            self.histories.clone(),
+            self.identity.wal_segment_size,
+            spec,
+        );
+        input.forced_backup = forced;
+        input
+    }
+
+    /// The manifest of backup `id`.
+    pub fn manifest(&self, id: &BackupId) -> Option<&BackupManifest> {
+        self.manifests.iter().find(|m| &m.id == id)
+    }
+}
+
+/// Every committed backup (those whose `manifest.json` exists), oldest first.
+///
+/// # Errors
+/// Storage errors; [`RepoError::Corrupt`] for a manifest that cannot be decoded.
+pub async fn load_manifests(storage: &dyn Storage) -> Result<Vec<BackupManifest>, RepoError> {
+    let keys: Vec<String> = storage
+        .list(layout::BACKUPS_ROOT)
+        .await?
+        .into_iter()
+        .filter(|o| layout::parse_backup_manifest_key(&o.key).is_some())
+        .map(|o| o.key)
+        .collect();
+    let mut fetched = futures::stream::iter(keys)
+        .map(|key| async move {
+            let body = storage.get(&key).await;
+            (key, body)
+        })
+        .buffered(MANIFEST_FETCH_PARALLEL);
+    let mut out = Vec::new();
+    while let Some((key, body)) = fetched.next().await {
+        let body = match body {
+            Ok(b) => b,
+            // Expired between the listing and the read.
+            Err(StorageError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let m: BackupManifest = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        out.push(m);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The parsed `.history` files of `listing`, each verified against its SHA-256. A history that
+/// PostgreSQL would not accept either is skipped with a warning; the planner then reports its
+/// timeline as unknown if it is needed.
+///
+/// # Errors
+/// Storage errors; [`RepoError::Corrupt`] for a checksum mismatch.
+pub async fn load_histories(
+    storage: &dyn Storage,
+    listing: &[ArchivedWal],
+) -> Result<Vec<TimelineHistory>, RepoError> {
+    let mut out = Vec::new();
+    for w in listing {
+        let WalFileName::History(tli) = w.name else {
+            continue;
+        };
+        let compressed = storage.get(&w.key).await?;
+        let mut plain = Vec::new();
+        codec::decompress_verified(&compressed, &w.sha256_hex, &mut plain).map_err(|e| {
+            RepoError::Corrupt {
+                key: w.key.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        match TimelineHistory::parse(tli, &String::from_utf8_lossy(&plain)) {
+            Ok(h) => out.push(h),
+            Err(e) => tracing::warn!("ignoring {}: {e}", w.key),
+        }
+    }
+    Ok(out)
+}
