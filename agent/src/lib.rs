@@ -7,6 +7,7 @@ pub mod backup;
 pub mod commands;
 pub mod config;
 pub mod logging;
+pub mod pgsql;
 pub mod pg;
 pub mod recovery;
 pub mod repo;

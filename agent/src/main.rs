@@ -36,6 +36,8 @@ enum Command {
     Plan(commands::plan::PlanArgs),
     /// Write a new data directory that recovers to a target time, LSN, xid or restore point.
     Restore(commands::restore::RestoreArgs),
+    /// Check the configuration, storage, connection, server settings and that WAL arrives.
+    Check(commands::check::CheckArgs),
 }
 
 /// Exit codes of `pgpitr`.
@@ -114,6 +116,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = rt.block_on(commands::restore::run(&config, &args, &bin_dir()))?;
             print!("{}", commands::restore::render(&report));
             Ok(ExitCode::from(report.exit_code()))
+        }
+        Command::Check(args) => {
+            let (config, rt) = load(config_path)?;
+            let checks = rt.block_on(commands::check::run(&config, &args));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", commands::check::render(&checks));
+            }
+            let failed = checks.iter().any(|c| !c.ok);
+            Ok(if failed {
+                ExitCode::from(exit::FAILURE)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

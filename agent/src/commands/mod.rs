@@ -3,6 +3,7 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod check;
 pub mod backup;
 pub mod init;
 pub mod list;
