@@ -19,14 +19,17 @@ def as_pg(cmd):
 
 
 def timed(cmd, env=None, cwd=None):
-    """Wall seconds and peak RSS (KiB) of one command, including its waited-for children."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"{cmd} failed: {p.stderr.read().decode()}")
-    return dt, ru.ru_maxrss
+    """Wall seconds and peak RSS (KiB) of one command. RSS comes from GNU time's %M: a forked
+    child inherits its parent's RSS high-water mark until exec, so rusage read from this Python
+    process would report at least Python's own size."""
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name] + cmd, env=env, cwd=cwd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"{cmd} failed: {p.stderr.decode()}")
+        return dt, int(rss.read().split()[-1])
 
 
 def make_wal(root):
@@ -42,7 +45,7 @@ def make_wal(root):
     with open(f"{data}/postgresql.conf", "a") as f:
         f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
                 f"archive_mode = on\narchive_command = 'cp %p {wal}/%f'\nmax_wal_size = '4GB'\n"
-                f"checkpoint_timeout = '1h'\nshared_buffers = '256MB'\n")
+                f"checkpoint_timeout = '1h'\nshared_buffers = '256MB'\nsynchronous_commit = off\n")
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
     conn = ["-h", sock, "-p", port, "-U", "postgres"]
     run([f"{PG}/pgbench", "-i", "-s", "20", "-q"] + conn + ["postgres"])
@@ -66,6 +69,44 @@ def fake_pgdata(root, wal, names, ready):
     return d
 
 
+def start_garage(root):
+    """A single-node Garage on loopback with one bucket; returns (env for pgpitr, process) or None."""
+    garage = os.environ.get("GARAGE_BIN") or os.path.expanduser("~/.cache/pgpitr/garage/bin/garage")
+    if not os.path.exists(garage):
+        return None
+    import socket
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    rpc, s3, admin = port(), port(), port()
+    d = f"{root}/garage"
+    os.makedirs(d)
+    cfg = f"{d}/garage.toml"
+    with open(cfg, "w") as f:
+        f.write(f'metadata_dir = "{d}/meta"\ndata_dir = "{d}/data"\ndb_engine = "sqlite"\nreplication_factor = 1\n'
+                f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\nrpc_secret = "{"cd" * 32}"\n'
+                f'[s3_api]\ns3_region = "garage"\napi_bind_addr = "127.0.0.1:{s3}"\nroot_domain = ".s3.localhost"\n'
+                f'[admin]\napi_bind_addr = "127.0.0.1:{admin}"\n')
+    proc = subprocess.Popen([garage, "-c", cfg, "server"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, RUST_LOG="warn"))
+    cli = [garage, "-c", cfg]
+    for _ in range(100):
+        r = subprocess.run(cli + ["node", "id", "-q"], capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        time.sleep(0.2)
+    node = r.stdout.strip().split("@")[0]
+    key, secret = "GK" + "0" * 24, "1" * 64
+    for args in (["layout", "assign", "-z", "dc1", "-c", "10G", node], ["layout", "apply", "--version", "1"],
+                 ["key", "import", "--yes", "-n", "bench", key, secret], ["bucket", "create", "bench"],
+                 ["bucket", "allow", "--read", "--write", "--owner", "bench", "--key", "bench"]):
+        run(cli + args)
+    env = dict(PGPITR_S3_ENDPOINT=f"http://127.0.0.1:{s3}", PGPITR_S3_REGION="garage", PGPITR_S3_FORCE_PATH_STYLE="true",
+               AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret, AWS_EC2_METADATA_DISABLED="true")
+    return env, proc
+
+
 def summary(times):
     return statistics.median(times) * 1000, statistics.mean(times) * 1000
 
@@ -81,6 +122,7 @@ def main():
         med, mean = summary(times)
         results[label] = (med, mean, max(rss), len(times))
 
+    garage = start_garage(root)
     for rnd in range(ROUNDS):
         # --- pgpitr, synchronous (no batching, no prefetch) ---
         repo = f"{root}/pgpitr-repo-{rnd}"
@@ -111,6 +153,19 @@ def main():
         t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, out) for n in names])
         record("pgpitr-restore, prefetch (8 ahead, 3 parallel)", t, r)
 
+        # --- pgpitr on S3 (Garage on loopback), synchronous ---
+        if garage:
+            env = dict(os.environ, **garage[0], PGPITR_REPO=f"s3://bench/r{rnd}", PGPITR_ARCHIVE_BATCH="0",
+                       PGPITR_RESTORE_PREFETCH="0")
+            env.pop("PGPITR_CONFIG", None)
+            d = fake_pgdata(root, wal, names, ready=False)
+            t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
+            record("pgpitr-archive to S3 (Garage), one segment per call", t, r)
+            out = tempfile.mkdtemp(dir=root)
+            os.makedirs(f"{out}/pg_wal")
+            t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
+            record("pgpitr-restore from S3 (Garage), one segment per call", t, r)
+
         # --- pgBackRest 2.45, lz4, synchronous ---
         br = f"{root}/pgbr-{rnd}"
         os.makedirs(f"{br}/repo")
@@ -130,6 +185,8 @@ def main():
         record("pgBackRest archive-get", t, r)
 
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-m", "immediate", "stop"]))
+    if garage:
+        garage[1].kill()
     cpu = run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip()
     print(f"### WAL archiving ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu})\n")
     print(f"{len(names)} real 16 MiB segments from pgbench (scale 20, 4 clients, after a CHECKPOINT), "

@@ -84,13 +84,13 @@ pub async fn run(
             pushed_ahead: Vec::new(),
         });
     }
-    let plain = std::fs::read(wal_path).map_err(|e| {
+    let head = read_head(wal_path).map_err(|e| {
         ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()))
     })?;
     let storage = config.storage().await?;
     let identity = match name {
         WalFileName::Segment(_) | WalFileName::Partial(_) => {
-            let observed = segment_identity(wal_path, name, &plain)?;
+            let observed = segment_identity(wal_path, name, &head, meta.len())?;
             RepoIdentity::ensure(storage.as_ref(), &observed).await?
         }
         _ => match RepoIdentity::load(storage.as_ref()).await {
@@ -101,7 +101,7 @@ pub async fn run(
             other => other?,
         },
     };
-    let outcome = match wal::push(storage.as_ref(), name, plain).await? {
+    let outcome = match wal::push(storage.as_ref(), name, wal_path).await? {
         PushOutcome::Stored => Outcome::Stored,
         PushOutcome::AlreadyArchived => {
             tracing::warn!("WAL file {name} was already archived with the same content");
@@ -133,19 +133,19 @@ pub async fn run(
 fn segment_identity(
     path: &Path,
     name: WalFileName,
-    plain: &[u8],
+    head: &[u8],
+    len: u64,
 ) -> Result<RepoIdentity, RepoError> {
     let not_that = |message: String| RepoError::NotThatSegment {
         path: path.display().to_string(),
         name,
         message,
     };
-    let header = WalLongPageHeader::parse(plain).map_err(|e| not_that(e.to_string()))?;
+    let header = WalLongPageHeader::parse(head).map_err(|e| not_that(e.to_string()))?;
     let seg = name.segment().expect("segment kinds");
-    if plain.len() as u64 != u64::from(header.seg_size.bytes()) {
+    if len != u64::from(header.seg_size.bytes()) {
         return Err(not_that(format!(
-            "{} bytes, but its header says segments are {} bytes",
-            plain.len(),
+            "{len} bytes, but its header says segments are {} bytes",
             header.seg_size.bytes()
         )));
     }
@@ -260,15 +260,26 @@ async fn push_one(
     spool_dir: &Path,
 ) -> Result<(), RepoError> {
     let meta = std::fs::metadata(path).map_err(|e| RepoError::io(path, e))?;
-    let plain = std::fs::read(path).map_err(|e| RepoError::io(path, e))?;
     if name.segment().is_some() && !matches!(name, WalFileName::BackupHistory { .. }) {
-        let observed = segment_identity(path, name, &plain)?;
+        let head = read_head(path).map_err(|e| RepoError::io(path, e))?;
+        let observed = segment_identity(path, name, &head, meta.len())?;
         identity.check(storage, &observed)?;
     }
-    wal::push(storage, name, plain).await?;
+    wal::push(storage, name, path).await?;
     Marker::of(&meta)
         .write(&spool_dir.join(format!("{name}.ok")))
         .map_err(|e| RepoError::io(spool_dir, e))
+}
+
+/// The first bytes of a file: enough for a WAL segment's long page header, or all of a small
+/// history or backup-history file.
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(crate::pg::wal_page::LONG_PAGE_HEADER_LEN);
+    std::fs::File::open(path)?
+        .take(crate::pg::wal_page::LONG_PAGE_HEADER_LEN as u64)
+        .read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// What a marker remembers of the file it vouches for.

@@ -4,17 +4,20 @@
 
 use std::io::{Read, Write};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-/// Inputs are cut into parts of this size for parallel compression.
-const PART_SIZE: usize = 4 * 1024 * 1024;
+/// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
+/// the parts in flight stay a few MiB, large enough that the frame overhead is negligible.
+const PART_SIZE: usize = 1024 * 1024;
 /// Streaming buffer for decompression.
 const READ_BUF: usize = 256 * 1024;
 
-/// The compressed form of some plain bytes.
+/// The compressed form of some plain bytes: the frames in order (their concatenation is the
+/// stored object) and the SHA-256 of the plain bytes.
 #[derive(Debug, Clone)]
 pub struct Compressed {
-    pub data: Vec<u8>,
+    pub frames: Vec<Bytes>,
     pub sha256: [u8; 32],
     pub plain_len: u64,
 }
@@ -23,41 +26,95 @@ impl Compressed {
     pub fn sha256_hex(&self) -> String {
         hex::encode(self.sha256)
     }
+
+    /// Compressed size in bytes.
+    pub fn len(&self) -> usize {
+        self.frames.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The stored object as one buffer (a copy; prefer handing `frames` to storage).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.len());
+        for f in &self.frames {
+            out.extend_from_slice(f);
+        }
+        Bytes::from(out)
+    }
 }
 
-/// Compresses and hashes `plain`, using every core for inputs above one part: one thread hashes
-/// while the others compress.
+/// Compresses and hashes `plain` (see [`compress_reader`]).
 pub fn compress(plain: &[u8]) -> Compressed {
-    let parts: Vec<&[u8]> = if plain.is_empty() {
-        vec![plain]
-    } else {
-        plain.chunks(PART_SIZE).collect()
-    };
-    let (sha256, frames) = std::thread::scope(|s| {
-        let hasher = s.spawn(|| Sha256::digest(plain).into());
-        let frames: Vec<Vec<u8>> = if parts.len() == 1 {
-            vec![compress_frame(parts[0])]
-        } else {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|p| s.spawn(move || compress_frame(p)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("compression thread"))
-                .collect()
-        };
-        (hasher.join().expect("hash thread"), frames)
-    });
-    let mut data = Vec::with_capacity(frames.iter().map(Vec::len).sum());
-    for f in frames {
-        data.extend_from_slice(&f);
+    compress_reader(plain).expect("reading from a slice cannot fail")
+}
+
+/// Reads `input` to its end in parts of 1 MiB, hashing each part on this thread while worker
+/// threads (one per core, at most 4) compress earlier parts. Memory stays bounded: at most two
+/// parts per worker are in flight, plus the compressed output.
+///
+/// # Errors
+/// A failing read.
+pub fn compress_reader(mut input: impl Read) -> std::io::Result<Compressed> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
+    let job_rx = std::sync::Mutex::new(job_rx);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Bytes)>();
+    let mut hasher = Sha256::new();
+    let mut plain_len = 0u64;
+    let mut parts = 0usize;
+    std::thread::scope(|s| -> std::io::Result<()> {
+        for _ in 0..workers {
+            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            s.spawn(move || loop {
+                let job = job_rx.lock().expect("job queue").recv();
+                let Ok((index, part)) = job else { break };
+                let _ = done_tx.send((index, Bytes::from(compress_frame(&part))));
+            });
+        }
+        let result = (|| loop {
+            let part = read_part(&mut input)?;
+            if part.is_empty() && parts > 0 {
+                return Ok(());
+            }
+            hasher.update(&part);
+            plain_len += part.len() as u64;
+            let last = part.len() < PART_SIZE;
+            job_tx.send((parts, part)).expect("workers alive");
+            parts += 1;
+            if last {
+                return Ok(());
+            }
+        })();
+        drop(job_tx);
+        result
+    })?;
+    drop(done_tx);
+    let mut frames: Vec<Option<Bytes>> = vec![None; parts];
+    for (index, frame) in done_rx {
+        frames[index] = Some(frame);
     }
-    Compressed {
-        data,
-        sha256,
-        plain_len: plain.len() as u64,
-    }
+    let frames = frames
+        .into_iter()
+        .map(|f| f.expect("every part compressed"))
+        .collect();
+    Ok(Compressed {
+        frames,
+        sha256: hasher.finalize().into(),
+        plain_len,
+    })
+}
+
+/// Reads up to one part, fewer bytes only at the end of the input.
+fn read_part(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut part = Vec::with_capacity(PART_SIZE);
+    input.take(PART_SIZE as u64).read_to_end(&mut part)?;
+    Ok(part)
 }
 
 fn compress_frame(part: &[u8]) -> Vec<u8> {
@@ -148,7 +205,7 @@ mod tests {
             assert_eq!(c.sha256_hex(), hex::encode(Sha256::digest(&plain)));
             let mut out = Vec::new();
             assert_eq!(
-                decompress_verified(&c.data, &c.sha256_hex(), &mut out).unwrap(),
+                decompress_verified(&c.to_bytes(), &c.sha256_hex(), &mut out).unwrap(),
                 len as u64
             );
             assert!(out == plain, "round trip of {len} bytes");
@@ -159,14 +216,15 @@ mod tests {
     fn detects_corruption_and_wrong_checksum() {
         let plain = pseudo_random(PART_SIZE + 1000);
         let c = compress(&plain);
-        let err = decompress_verified(&c.data, &"00".repeat(32), &mut Vec::new()).unwrap_err();
+        let err =
+            decompress_verified(&c.to_bytes(), &"00".repeat(32), &mut Vec::new()).unwrap_err();
         assert!(matches!(err, DecodeError::Checksum { .. }));
-        let mut flipped = c.data.clone();
+        let mut flipped = c.to_bytes().to_vec();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x40;
         assert!(decompress_verified(&flipped, &c.sha256_hex(), &mut Vec::new()).is_err());
         assert!(decompress_verified(
-            &c.data[..c.data.len() - 3],
+            &c.to_bytes()[..c.len() - 3],
             &c.sha256_hex(),
             &mut Vec::new()
         )

@@ -6,8 +6,6 @@
 use std::io::Write;
 use std::path::Path;
 
-use bytes::Bytes;
-
 use super::codec::{self, Compressed};
 use super::layout;
 use super::RepoError;
@@ -74,26 +72,31 @@ pub fn pick(listing: &[ArchivedWal], name: WalFileName) -> Result<Option<&Archiv
     }
 }
 
-/// Stores `plain` as WAL file `name`, compressing and hashing on every core. Durable when it
-/// returns `Ok` (the storage's `put` contract).
+/// Stores the file at `path` as WAL file `name`, streaming it through compression and hashing on
+/// every core. Durable when it returns `Ok` (the storage's `put` contract).
 ///
 /// # Errors
-/// [`RepoError::DifferentContent`] when `name` is archived with other bytes; storage errors.
+/// [`RepoError::DifferentContent`] when `name` is archived with other bytes; an unreadable
+/// file; storage errors.
 pub async fn push(
     storage: &dyn Storage,
     name: WalFileName,
-    plain: Vec<u8>,
+    path: &Path,
 ) -> Result<PushOutcome, RepoError> {
-    let compressed: Compressed = tokio::task::spawn_blocking(move || codec::compress(&plain))
-        .await
-        .expect("compression task");
+    let source = path.to_path_buf();
+    let compressed: Compressed = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&source).map_err(|e| RepoError::io(&source, e))?;
+        codec::compress_reader(file).map_err(|e| RepoError::io(&source, e))
+    })
+    .await
+    .expect("compression task")?;
     let sha = compressed.sha256_hex();
     if let Some(existing) = find(storage, name).await?.into_iter().next() {
         return compare(name, &existing.sha256_hex, &sha);
     }
     let key = layout::wal_object_key(name, &sha);
     match storage
-        .put(&key, Bytes::from(compressed.data), PutMode::Create)
+        .put_parts(&key, compressed.frames, PutMode::Create)
         .await
     {
         Ok(()) => {}

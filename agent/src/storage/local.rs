@@ -58,7 +58,7 @@ impl LocalStorage {
         }
     }
 
-    fn put_blocking(&self, key: &str, data: &[u8], mode: PutMode) -> StorageResult<()> {
+    fn put_blocking(&self, key: &str, parts: &[Bytes], mode: PutMode) -> StorageResult<()> {
         let path = self.path(key)?;
         let dir = path.parent().expect("a key has a parent").to_path_buf();
         if !self.root.is_dir() {
@@ -73,7 +73,9 @@ impl LocalStorage {
         ));
         let result = (|| -> io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(data)?;
+            for part in parts {
+                f.write_all(part)?;
+            }
             f.sync_all()?;
             drop(f);
             match mode {
@@ -208,7 +210,12 @@ impl Storage for LocalStorage {
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
         let (this, key) = (self.clone(), key.to_string());
-        blocking(move || this.put_blocking(&key, &data, mode)).await
+        blocking(move || this.put_blocking(&key, &[data], mode)).await
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StorageResult<()> {
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(move || this.put_blocking(&key, &parts, mode)).await
     }
 
     async fn get(&self, key: &str) -> StorageResult<Bytes> {
@@ -255,6 +262,21 @@ impl Storage for LocalStorage {
     async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
         let (this, prefix) = (self.clone(), prefix.to_string());
         blocking(move || this.list_blocking(&prefix)).await
+    }
+
+    async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        let path = self.path(key)?;
+        let (this, key) = (self.clone(), key.to_string());
+        blocking(
+            move || match fs::metadata(&path).and_then(|m| m.modified()) {
+                Ok(t) => Ok(jiff::Timestamp::try_from(t).ok()),
+                Err(e) => match this.io_error(&key, e) {
+                    StorageError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                },
+            },
+        )
+        .await
     }
 
     async fn delete(&self, key: &str) -> StorageResult<()> {

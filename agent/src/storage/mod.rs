@@ -72,6 +72,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()>;
 
+    /// `put` of the concatenation of `parts`, with the same guarantees. Backends that can write
+    /// the parts one after another (local files) avoid the copy that the default makes.
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StorageResult<()> {
+        let mut all = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
+        for p in &parts {
+            all.extend_from_slice(p);
+        }
+        drop(parts);
+        self.put(key, Bytes::from(all), mode).await
+    }
+
     async fn get(&self, key: &str) -> StorageResult<Bytes>;
 
     /// Bytes `range` of the object (`range.end` exclusive, within the object's size).
@@ -83,6 +94,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>>;
 
     async fn delete(&self, key: &str) -> StorageResult<()>;
+
+    /// When the object was last written (local: the file's mtime; S3: `Last-Modified`), or
+    /// `None` when it does not exist or the backend cannot tell. Used by `expire` to leave young
+    /// objects alone.
+    async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        let _ = key;
+        Ok(None)
+    }
 }
 
 /// A shared handle to a repository's storage.
