@@ -52,6 +52,22 @@ pub struct Config {
     /// Parallel downloads for prefetching and `pgpitr restore`.
     #[serde(default = "default_parallel")]
     pub restore_parallel: u32,
+    /// Retention for `pgpitr expire` (each overridden by its `--keep-*` option): the N newest
+    /// backups.
+    #[serde(default)]
+    pub keep_last: Option<u32>,
+    /// Backups that stopped within this long before now: `30d`, `12h`, `2w`.
+    #[serde(default)]
+    pub keep_within: Option<String>,
+    /// The newest backup of each of the N newest UTC days with a backup.
+    #[serde(default)]
+    pub keep_daily: Option<u32>,
+    /// The newest backup of each of the N newest ISO weeks with a backup.
+    #[serde(default)]
+    pub keep_weekly: Option<u32>,
+    /// The newest backup of each of the N newest months with a backup.
+    #[serde(default)]
+    pub keep_monthly: Option<u32>,
 }
 
 fn default_region() -> String {
@@ -86,6 +102,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("archive_parallel", Kind::Int),
     ("restore_prefetch", Kind::Int),
     ("restore_parallel", Kind::Int),
+    ("keep_last", Kind::Int),
+    ("keep_within", Kind::Str),
+    ("keep_daily", Kind::Int),
+    ("keep_weekly", Kind::Int),
+    ("keep_monthly", Kind::Int),
 ];
 
 /// A configuration error; the message names the file or variable and the key.
@@ -214,6 +235,12 @@ impl Config {
                 message: "at most 1024".into(),
             });
         }
+        if let Some(w) = &self.keep_within {
+            crate::retention::KeepWithin::parse(w).map_err(|e| ConfigError::Value {
+                key: "keep_within",
+                message: e.to_string(),
+            })?;
+        }
         match self.repo_kind()? {
             RepoKind::Local(p) if !p.is_absolute() => Err(ConfigError::Repo {
                 repo: self.repo.clone(),
@@ -335,5 +362,24 @@ mod tests {
             Config::from_parts(None, None, &[]),
             Err(ConfigError::NoRepo)
         ));
+    }
+
+    #[test]
+    fn retention_keys() {
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"/a\"\nkeep_last = 4\nkeep_within = \"30d\"\n"),
+            &env(&[("PGPITR_KEEP_MONTHLY", "12")]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.keep_last, c.keep_within.as_deref(), c.keep_monthly),
+            (Some(4), Some("30d"), Some(12))
+        );
+        for bad in ["keep_within = \"30 days\"", "keep_last = -1"] {
+            let e = Config::from_parts(None, Some(&format!("repo = \"/a\"\n{bad}\n")), &[])
+                .unwrap_err();
+            assert!(e.to_string().contains(&bad[..9]), "{e}");
+        }
     }
 }

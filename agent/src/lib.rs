@@ -11,5 +11,6 @@ pub mod pgsql;
 pub mod pg;
 pub mod recovery;
 pub mod repo;
+pub mod retention;
 pub mod storage;
 pub mod walsender;

@@ -38,6 +38,12 @@ enum Command {
     Restore(commands::restore::RestoreArgs),
     /// Check the configuration, storage, connection, server settings and that WAL arrives.
     Check(commands::check::CheckArgs),
+    /// Delete backups, WAL and packs that the retention policy no longer keeps.
+    Expire(commands::expire::ExpireArgs),
+    /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity.
+    Verify(commands::verify::VerifyArgs),
+    /// Break the repository lock left by a backup or expire that died.
+    Unlock(commands::unlock::UnlockArgs),
 }
 
 /// Exit codes of `pgpitr`.
@@ -54,6 +60,13 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("pgpitr: error: {e:#}");
             let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some()
+                || e.downcast_ref::<commands::expire::ExpireError>().is_some_and(|e| {
+                    matches!(
+                        e,
+                        commands::expire::ExpireError::Policy(_)
+                            | commands::expire::ExpireError::Config(_)
+                    )
+                })
                 || e.downcast_ref::<commands::restore::RestoreCommandError>()
                     .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
@@ -131,6 +144,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Expire(args) => {
+            let (config, rt) = load(config_path)?;
+            let report = rt.block_on(commands::expire::run(&config, &args))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", commands::expire::render(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let (config, rt) = load(config_path)?;
+            let report = rt.block_on(commands::verify::run(&config, &args))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", commands::verify::render(&report));
+            }
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            })
+        }
+        Command::Unlock(args) => {
+            let (config, rt) = load(config_path)?;
+            let broken = rt.block_on(commands::unlock::run(&config, &args))?;
+            if broken.is_empty() {
+                println!("no lock to break");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -4,9 +4,12 @@
 pub mod archive_get;
 pub mod archive_push;
 pub mod check;
+pub mod expire;
 pub mod backup;
 pub mod init;
 pub mod list;
 pub mod plan;
 pub mod restore;
 pub mod spool;
+pub mod unlock;
+pub mod verify;

@@ -8,6 +8,7 @@
 //! packs/<xx>/<pack-id>.idx                          the chunks in that pack (JSON)
 //! backups/<backup-id>/backup_manifest               PostgreSQL's own backup manifest
 //! backups/<backup-id>/manifest.json                 the backup's manifest: its commit point
+//! locks/<token>.lock                                the repository lock of a running backup/expire
 //! ```
 //!
 //! The SHA-256 (of the plain bytes, 64 hex digits) is part of a WAL object's key, so two
@@ -123,6 +124,29 @@ pub fn parse_pack_key(key: &str) -> Option<PackObject> {
     (is_pack_id(id) && dir == &id[..2]).then_some(object)
 }
 
+pub const LOCKS_ROOT: &str = "locks/";
+const LOCK_SUFFIX: &str = ".lock";
+
+/// Whether `token` is a valid lock token: 1 to 100 characters of `[0-9a-z-]`.
+pub fn is_lock_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 100
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'-')
+}
+
+/// `locks/<token>.lock`: one contender for the repository lock (see `repo::lock`).
+pub fn lock_key(token: &str) -> String {
+    format!("{LOCKS_ROOT}{token}{LOCK_SUFFIX}")
+}
+
+/// The token of a `locks/<token>.lock` key; `None` for any other key.
+pub fn parse_lock_key(key: &str) -> Option<String> {
+    let token = key.strip_prefix(LOCKS_ROOT)?.strip_suffix(LOCK_SUFFIX)?;
+    is_lock_token(token).then(|| token.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +210,14 @@ mod tests {
         );
         assert_eq!(parse_pack_key(&format!("packs/02/{pack}.pack")), None);
         assert_eq!(parse_pack_key("packs/01/0123.pack"), None);
+    }
+
+    #[test]
+    fn lock_keys_round_trip() {
+        let t = "00001763892899000000000-42-ab12";
+        assert_eq!(lock_key(t), format!("locks/{t}.lock"));
+        assert_eq!(parse_lock_key(&lock_key(t)).as_deref(), Some(t));
+        assert_eq!(parse_lock_key("locks/a/b.lock"), None);
+        assert_eq!(parse_lock_key("locks/.tmp.lock"), None);
     }
 }

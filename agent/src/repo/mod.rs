@@ -6,6 +6,7 @@ pub mod codec;
 pub mod error;
 pub mod identity;
 pub mod layout;
+pub mod lock;
 pub mod manifest;
 mod u64_string;
 pub mod wal;

@@ -322,6 +322,26 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .last_modified()
+                .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())),
+            Err(e) => match map_err(key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
         let full_prefix = format!("{}{}", self.location.prefix, prefix);
         let mut out = Vec::new();

@@ -1,0 +1,405 @@
+//! `pgpitr expire`: applies the retention policy (`--keep-*` options over the `keep_*`
+//! configuration keys) to the repository, holding the repository lock.
+//!
+//! Decisions come from pure functions: [`crate::retention::decide`] for backups,
+//! [`crate::retention::expirable_wal`] for WAL; packs go when no remaining manifest references
+//! them and they are older than the newest backup's start and than `--pack-min-age` (an
+//! interrupted backup's packs are reused by the next backup; the lock keeps a running backup
+//! out, the age rule also protects from one that does not take it).
+//!
+//! Deletion order keeps the repository consistent at every instant, so a crash (or `kill -9`)
+//! anywhere leaves a repository that `pgpitr verify` passes and the next `expire` finishes:
+//! 1. the expired backups' `manifest.json` (their commit points), then their `backup_manifest`;
+//! 2. WAL no kept backup needs, oldest position first;
+//! 3. unreferenced packs: the index first (a pack without index is ignored by backups), then
+//!    the pack.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError};
+use crate::recovery::plan::BackupSummary;
+use crate::recovery::recoverable_windows;
+use crate::recovery::source::RepoState;
+use crate::repo::layout::{self, PackObject};
+use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::manifest::{BackupId, BackupManifest};
+use crate::repo::RepoError;
+use crate::retention::{self, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
+use crate::storage::{PutMode, StorageError};
+
+use super::backup::human_bytes;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExpireArgs {
+    /// Keep the N newest backups.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep backups that stopped within this long: 30d, 12h, 2w.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<KeepWithin>,
+    /// Keep the newest backup of each of the N newest UTC days.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest backup of each of the N newest ISO weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest backup of each of the N newest months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Mark backup ID as never expiring (stored in its manifest); repeatable. Alone, only marks.
+    #[arg(long = "keep", value_name = "ID", value_parser = parse_id)]
+    pub keep: Vec<BackupId>,
+    /// Print what would be deleted and the space it would free; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Unreferenced packs younger than this stay (they may belong to a backup in progress).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub pack_min_age: KeepWithin,
+    /// Pause between deletions (milliseconds), to spare a busy object store.
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub delete_delay_ms: u64,
+}
+
+fn parse_id(s: &str) -> Result<BackupId, String> {
+    BackupId::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("backup {0} does not exist (see `pgpitr list`)")]
+    UnknownBackup(BackupId),
+}
+
+impl From<StorageError> for ExpireError {
+    fn from(e: StorageError) -> Self {
+        ExpireError::Repo(e.into())
+    }
+}
+
+/// What `expire` did (or, with `--dry-run`, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub policy: String,
+    /// Backups newly marked `keep`.
+    pub marked_keep: Vec<BackupId>,
+    /// Every backup, newest first, with the verdict.
+    pub backups: Vec<Verdict>,
+    pub expired_backups: Vec<BackupId>,
+    pub wal_files: usize,
+    pub wal_bytes: u64,
+    pub packs: usize,
+    pub pack_bytes: u64,
+    /// Unreferenced packs left because they are too young.
+    pub young_packs_kept: usize,
+    /// Bytes freed (or that would be).
+    pub freed_bytes: u64,
+}
+
+/// The policy from `args` over `config`.
+///
+/// # Errors
+/// A `keep_within` in the configuration that does not parse.
+pub fn policy(config: &Config, args: &ExpireArgs) -> Result<RetentionPolicy, ConfigError> {
+    let within = match (&args.keep_within, &config.keep_within) {
+        (Some(w), _) => Some(*w),
+        (None, Some(text)) => Some(KeepWithin::parse(text).map_err(|e| ConfigError::Value {
+            key: "keep_within",
+            message: e.to_string(),
+        })?),
+        (None, None) => None,
+    };
+    Ok(RetentionPolicy {
+        keep_last: args.keep_last.or(config.keep_last),
+        keep_within: within,
+        keep_daily: args.keep_daily.or(config.keep_daily),
+        keep_weekly: args.keep_weekly.or(config.keep_weekly),
+        keep_monthly: args.keep_monthly.or(config.keep_monthly),
+    })
+}
+
+/// Runs `expire`.
+///
+/// # Errors
+/// See [`ExpireError`]. Nothing is deleted when the policy is missing or the lock is held.
+pub async fn run(config: &Config, args: &ExpireArgs) -> Result<ExpireReport, ExpireError> {
+    let policy = policy(config, args)?;
+    if policy.is_empty() && args.keep.is_empty() {
+        return Err(PolicyError::NoPolicy.into());
+    }
+    let storage = config.storage().await?;
+    // Fails early, before the lock, on a missing or foreign repository.
+    crate::repo::RepoIdentity::load(storage.as_ref()).await?;
+    let lock = if args.dry_run {
+        None
+    } else {
+        Some(RepoLock::acquire(storage.clone(), "expire").await?)
+    };
+    let result = run_locked(&storage, &policy, args).await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    result
+}
+
+async fn run_locked(
+    storage: &crate::storage::DynStorage,
+    policy: &RetentionPolicy,
+    args: &ExpireArgs,
+) -> Result<ExpireReport, ExpireError> {
+    let storage = storage.as_ref();
+    let mut state = RepoState::load(storage).await?;
+    let seg_size = state.identity.wal_segment_size;
+    let mut report = ExpireReport {
+        dry_run: args.dry_run,
+        policy: policy.describe(),
+        marked_keep: Vec::new(),
+        backups: Vec::new(),
+        expired_backups: Vec::new(),
+        wal_files: 0,
+        wal_bytes: 0,
+        packs: 0,
+        pack_bytes: 0,
+        young_packs_kept: 0,
+        freed_bytes: 0,
+    };
+
+    // --keep ID: mark first (an overwrite of the whole manifest object).
+    for id in &args.keep {
+        let Some(m) = state.manifests.iter_mut().find(|m| &m.id == id) else {
+            return Err(ExpireError::UnknownBackup(id.clone()));
+        };
+        if !m.keep {
+            m.keep = true;
+            report.marked_keep.push(id.clone());
+            if !args.dry_run {
+                let body = serde_json::to_vec(&*m).expect("serialisable");
+                storage
+                    .put(
+                        &layout::backup_manifest_key(id),
+                        Bytes::from(body),
+                        PutMode::Overwrite,
+                    )
+                    .await?;
+                tracing::info!("backup {id} marked keep");
+            }
+        }
+    }
+    if policy.is_empty() {
+        return Ok(report);
+    }
+
+    // Backups.
+    let summaries: Vec<BackupSummary> = state.manifests.iter().map(BackupSummary::from).collect();
+    let restorable: HashSet<BackupId> =
+        recoverable_windows(&summaries, &state.wal, &state.histories, seg_size)
+            .into_iter()
+            .flat_map(|w| w.restorable)
+            .collect();
+    let facts: Vec<BackupFacts> = state
+        .manifests
+        .iter()
+        .map(|m| BackupFacts {
+            id: m.id.clone(),
+            stop_time: m.stop_time,
+            keep: m.keep,
+            restorable: restorable.contains(&m.id),
+        })
+        .collect();
+    let verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
+    let kept_ids: HashSet<&BackupId> = verdicts.iter().filter(|v| v.keep).map(|v| &v.id).collect();
+    let (kept, expired): (Vec<&BackupManifest>, Vec<&BackupManifest>) = state
+        .manifests
+        .iter()
+        .partition(|m| kept_ids.contains(&m.id));
+    report.expired_backups = expired.iter().map(|m| m.id.clone()).collect();
+    let backup_objects = storage.list(layout::BACKUPS_ROOT).await?;
+    let size_of: HashMap<&str, u64> = backup_objects
+        .iter()
+        .map(|o| (o.key.as_str(), o.size))
+        .collect();
+    for m in &expired {
+        for key in [
+            layout::backup_manifest_key(&m.id),
+            layout::pg_backup_manifest_key(&m.id),
+        ] {
+            report.freed_bytes += size_of.get(key.as_str()).copied().unwrap_or(0);
+        }
+    }
+
+    // WAL.
+    let kept_summaries: Vec<BackupSummary> = kept.iter().map(|m| BackupSummary::from(*m)).collect();
+    let wal = retention::expirable_wal(&kept_summaries, &state.wal, &state.histories, seg_size);
+    report.wal_files = wal.len();
+    report.wal_bytes = wal.iter().map(|w| w.size).sum();
+    report.freed_bytes += report.wal_bytes;
+
+    // Packs: referenced by a kept manifest, or too young, stay.
+    let referenced: HashSet<&str> = kept
+        .iter()
+        .flat_map(|m| m.files.iter())
+        .flat_map(|f| f.chunks.iter())
+        .map(|c| c.pack.as_str())
+        .collect();
+    let newest_start = kept.iter().map(|m| m.start_time).max();
+    let min_age = args.pack_min_age.seconds;
+    let now = jiff::Timestamp::now();
+    let mut by_pack: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+    for o in storage.list(layout::PACKS_ROOT).await? {
+        let id = match layout::parse_pack_key(&o.key) {
+            Some(PackObject::Pack(id)) | Some(PackObject::Index(id)) => id,
+            None => continue,
+        };
+        by_pack.entry(id).or_default().push((o.key, o.size));
+    }
+    let mut packs: Vec<(String, Vec<(String, u64)>)> = Vec::new();
+    if let Some(newest_start) = newest_start {
+        let mut ids: Vec<&String> = by_pack
+            .keys()
+            .filter(|id| !referenced.contains(id.as_str()))
+            .collect();
+        ids.sort();
+        for id in ids {
+            let objects = &by_pack[id];
+            // The youngest of the pack and its index decides.
+            let mut youngest: Option<jiff::Timestamp> = None;
+            let mut unknown = false;
+            for (key, _) in objects {
+                match storage.modified(key).await? {
+                    Some(t) => youngest = Some(youngest.map_or(t, |y| y.max(t))),
+                    None => unknown = true,
+                }
+            }
+            let old_enough = !unknown
+                && youngest.is_some_and(|t| {
+                    t < newest_start && now.duration_since(t).as_secs() >= min_age as i64
+                });
+            if !old_enough {
+                report.young_packs_kept += 1;
+                continue;
+            }
+            let mut objects = objects.clone();
+            // The index before the pack.
+            objects.sort_by_key(|(k, _)| !k.ends_with(".idx"));
+            report.packs += 1;
+            report.pack_bytes += objects.iter().map(|(_, s)| s).sum::<u64>();
+            packs.push((id.clone(), objects));
+        }
+    }
+    report.freed_bytes += report.pack_bytes;
+    report.backups = verdicts;
+    if args.dry_run {
+        return Ok(report);
+    }
+
+    // Delete, in the crash-safe order.
+    let pause = Duration::from_millis(args.delete_delay_ms);
+    let breathe = || async move {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    };
+    let mut expired_sorted = expired.clone();
+    expired_sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    for m in &expired_sorted {
+        storage.delete(&layout::backup_manifest_key(&m.id)).await?;
+        storage
+            .delete(&layout::pg_backup_manifest_key(&m.id))
+            .await?;
+        tracing::info!("expired backup {}", m.id);
+        breathe().await;
+    }
+    let mut wal = wal;
+    wal.sort_by_key(|w| {
+        (
+            w.name.segment().map(|s| s.segno(seg_size)).unwrap_or(0),
+            w.name,
+        )
+    });
+    for w in &wal {
+        storage.delete(&w.key).await?;
+        tracing::debug!("deleted {}", w.key);
+        breathe().await;
+    }
+    if !wal.is_empty() {
+        tracing::info!(
+            "deleted {} WAL file(s), {}",
+            wal.len(),
+            human_bytes(report.wal_bytes)
+        );
+    }
+    for (id, objects) in &packs {
+        for (key, _) in objects {
+            storage.delete(key).await?;
+            breathe().await;
+        }
+        tracing::debug!("deleted pack {id}");
+    }
+    if !packs.is_empty() {
+        tracing::info!(
+            "deleted {} pack(s), {}",
+            packs.len(),
+            human_bytes(report.pack_bytes)
+        );
+    }
+    Ok(report)
+}
+
+/// The report as text.
+pub fn render(r: &ExpireReport) -> String {
+    let mut out = String::new();
+    for id in &r.marked_keep {
+        out.push_str(&format!(
+            "{} backup {id} as keep\n",
+            if r.dry_run { "would mark" } else { "marked" }
+        ));
+    }
+    if r.policy.is_empty() {
+        return out;
+    }
+    out.push_str(&format!("policy: {}\n", r.policy));
+    for v in &r.backups {
+        if v.keep {
+            out.push_str(&format!("keep    {}  ({})\n", v.id, v.reasons.join(", ")));
+        } else {
+            out.push_str(&format!(
+                "{}  {}\n",
+                if r.dry_run { "would expire" } else { "expired" },
+                v.id
+            ));
+        }
+    }
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    out.push_str(&format!(
+        "{verb} {} backup(s), {} WAL file(s) ({}), {} pack(s) ({}); {} {}\n",
+        r.expired_backups.len(),
+        r.wal_files,
+        human_bytes(r.wal_bytes),
+        r.packs,
+        human_bytes(r.pack_bytes),
+        if r.dry_run { "would free" } else { "freed" },
+        human_bytes(r.freed_bytes)
+    ));
+    if r.young_packs_kept > 0 {
+        out.push_str(&format!(
+            "{} unreferenced pack(s) kept for now: younger than the newest backup or --pack-min-age\n",
+            r.young_packs_kept
+        ));
+    }
+    out
+}
