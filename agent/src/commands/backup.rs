@@ -30,7 +30,6 @@ use crate::backup::tar_reader::{self, ArchiveMsg, IngestError};
 use crate::config::{Config, ConfigError};
 use crate::pg::{Lsn, TimelineId, WalFileName, WalSegSize, WalSegmentName};
 use crate::repo::layout;
-use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::manifest::{BackupId, BackupManifest, TablespaceEntry, MANIFEST_VERSION};
 use crate::repo::wal;
 use crate::repo::{RepoError, RepoIdentity};
@@ -80,13 +79,10 @@ pub enum BackupError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error(transparent)]
-    Lock(#[from] LockError),
-    #[error("{source}{}", hint(.source))]
-    Server {
-        #[source]
-        source: WalsenderError,
-    },
+    /// The server's error with its hint (kept out of the `source` chain: its message already
+    /// includes everything, and error reporters would print it twice).
+    #[error("{error}{}", hint(.error))]
+    Server { error: WalsenderError },
     #[error("{location} holds no pgpitr repository yet (no repo.json): archive WAL first (archive_command = 'pgpitr-archive %p %f') — a backup is useless without its WAL")]
     NoWalArchive { location: String },
     #[error("no connection configured: set `conninfo` (or PGPITR_CONNINFO), or the libpq variables PGHOST, PGUSER, …")]
@@ -119,8 +115,8 @@ fn hint(e: &WalsenderError) -> String {
 }
 
 impl From<WalsenderError> for BackupError {
-    fn from(source: WalsenderError) -> Self {
-        BackupError::Server { source }
+    fn from(error: WalsenderError) -> Self {
+        BackupError::Server { error }
     }
 }
 
@@ -131,26 +127,11 @@ impl From<StorageError> for BackupError {
 }
 
 /// Takes a base backup into the repository of `config` and returns its manifest once the
-/// manifest — the commit point — is stored. Holds the repository lock (`repo::lock`) while it
-/// runs, so that `expire` never deletes packs this backup may reference; a repository without
-/// `repo.json` is refused below, before anything is written.
+/// manifest — the commit point — is stored.
 ///
 /// # Errors
 /// See [`BackupError`]; nothing that looks like a complete backup is left on error.
 pub async fn run(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
-    let storage = config.storage().await?;
-    let lock = match storage.head(layout::REPO_JSON).await? {
-        Some(_) => Some(RepoLock::acquire(storage, "backup").await?),
-        None => None,
-    };
-    let result = run_unlocked(config, args).await;
-    if let Some(lock) = lock {
-        lock.release().await;
-    }
-    result
-}
-
-async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
     // 1. The repository.
     let storage = config.storage().await?;
     storage.check_writable().await?;
