@@ -30,6 +30,7 @@ use crate::backup::tar_reader::{self, ArchiveMsg, IngestError};
 use crate::config::{Config, ConfigError};
 use crate::pg::{Lsn, TimelineId, WalFileName, WalSegSize, WalSegmentName};
 use crate::repo::layout;
+use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::manifest::{BackupId, BackupManifest, TablespaceEntry, MANIFEST_VERSION};
 use crate::repo::wal;
 use crate::repo::{RepoError, RepoIdentity};
@@ -79,6 +80,8 @@ pub enum BackupError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// The server's error with its hint (kept out of the `source` chain: its message already
     /// includes everything, and error reporters would print it twice).
     #[error("{error}{}", hint(.error))]
@@ -127,11 +130,26 @@ impl From<StorageError> for BackupError {
 }
 
 /// Takes a base backup into the repository of `config` and returns its manifest once the
-/// manifest — the commit point — is stored.
+/// manifest — the commit point — is stored. Holds the repository lock (`repo::lock`) while it
+/// runs, so that `expire` never deletes packs this backup may reference; a repository without
+/// `repo.json` is refused below, before anything is written.
 ///
 /// # Errors
 /// See [`BackupError`]; nothing that looks like a complete backup is left on error.
 pub async fn run(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
+    let storage = config.storage().await?;
+    let lock = match storage.head(layout::REPO_JSON).await? {
+        Some(_) => Some(RepoLock::acquire(storage, "backup").await?),
+        None => None,
+    };
+    let result = run_unlocked(config, args).await;
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    result
+}
+
+async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
     // 1. The repository.
     let storage = config.storage().await?;
     storage.check_writable().await?;
