@@ -359,6 +359,12 @@ fn killed_backup_leaves_no_manifest_and_its_chunks_are_reused() {
     );
     assert!(!walk_has(repo_dir.path(), "manifest.json"));
 
+    // The killed backup's repository lock stays behind, reported as stale (the lock's rule:
+    // stale locks are broken only by `pgpitr unlock`).
+    backup_fails(&env, &ci, &["stale", "pgpitr unlock"]);
+    let out = pgpitr(&env, &ci, &["unlock"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
     let id = backup_ok(&env, &ci);
     let m = manifests(&store);
     assert_eq!(m.len(), 1);
