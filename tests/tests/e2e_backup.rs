@@ -96,7 +96,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn storage(env: &Env) -> Arc<dyn Storage> {
-    let config = pgpitr::config::Config::from_parts(None, None, env).unwrap();
+    // Credentials (AWS_*) come from the process environment, as in the binaries.
+    for (k, v) in env.iter().filter(|(k, _)| !k.starts_with("PGPITR_")) {
+        std::env::set_var(k, v);
+    }
+    let keys: Env = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PGPITR_"))
+        .cloned()
+        .collect();
+    let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
     runtime().block_on(config.storage()).unwrap()
 }
 
@@ -363,7 +372,11 @@ fn killed_backup_leaves_no_manifest_and_its_chunks_are_reused() {
     // stale locks are broken only by `pgpitr unlock`).
     backup_fails(&env, &ci, &["stale", "pgpitr unlock"]);
     let out = pgpitr(&env, &ci, &["unlock"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let id = backup_ok(&env, &ci);
     let m = manifests(&store);
