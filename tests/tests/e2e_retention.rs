@@ -1,0 +1,466 @@
+//! End to end: `pgpitr expire`, `pgpitr verify`, `pgpitr unlock` and the repository lock, on
+//! real backups of a PostgreSQL 15 cluster archiving through `pgpitr-archive` into a local
+//! repository.
+//!
+//! - expire refuses to run without a policy; `--keep ID`, `--keep-last` (dry run, then for
+//!   real), `--keep-within`; the oldest kept backup and the newest are then restored with
+//!   `--target immediate` and hold the rows they should;
+//! - verify passes on the expired repository and catches, on copies of it, a flipped byte in a
+//!   pack, a missing pack and a missing WAL segment, naming the key, with a non-zero exit;
+//! - `kill -9` of an expire in the middle of its deletions leaves a repository that verify
+//!   passes; its lock is reported stale, `pgpitr unlock` breaks it, the next expire completes;
+//! - a second backup while one runs fails with a message naming the holder.
+//!
+//! GFS (daily/weekly/monthly) buckets are tested in `agent/src/retention/policy.rs`: real
+//! backups cannot span days.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgpitr::repo::layout;
+use pgpitr::repo::manifest::BackupManifest;
+use pgpitr_tests::pg::Cluster;
+use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir, PG_USER};
+
+type Env = Vec<(String, String)>;
+
+fn archiving_cluster(env: Env, extra: &str) -> Cluster {
+    let conf = format!(
+        "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'\n{extra}",
+        bin("pgpitr-archive").display()
+    );
+    let mut c = Cluster::init(15, &conf);
+    c.env = env;
+    c.start();
+    c
+}
+
+fn local_repo() -> (tempfile::TempDir, PathBuf) {
+    let dir = temp_dir("repo");
+    let repo = dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    give_to_pg_user(&repo);
+    (dir, repo)
+}
+
+fn repo_env(repo: &Path) -> Env {
+    vec![("PGPITR_REPO".to_string(), repo.display().to_string())]
+}
+
+fn conninfo(c: &Cluster) -> String {
+    format!(
+        "host={} port={} user=postgres",
+        c.socket_dir.display(),
+        c.port
+    )
+}
+
+fn pgpitr_cmd(env: &Env, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("pgpitr"));
+    cmd.args(args)
+        .env_remove("PGPITR_CONFIG")
+        .env_remove("PGPITR_CONNINFO")
+        .envs(env.iter().cloned());
+    cmd
+}
+
+fn pgpitr(env: &Env, args: &[&str]) -> Output {
+    pgpitr_cmd(env, args).output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn pgpitr_ok(env: &Env, args: &[&str]) -> String {
+    let out = pgpitr(env, args);
+    assert!(
+        out.status.success(),
+        "pgpitr {args:?} failed: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `pgpitr <args>`, expects a failure whose output contains every `expect`.
+fn pgpitr_fails(env: &Env, args: &[&str], expect: &[&str]) -> String {
+    let out = pgpitr(env, args);
+    let all = text(&out);
+    assert!(!out.status.success(), "pgpitr {args:?} should fail: {all}");
+    for e in expect {
+        assert!(all.contains(e), "expected {e:?} in pgpitr {args:?}: {all}");
+    }
+    all
+}
+
+fn backup(env: &Env, c: &Cluster) -> String {
+    let mut env = env.clone();
+    env.push(("PGPITR_CONNINFO".into(), conninfo(c)));
+    pgpitr_ok(
+        &env,
+        &["backup", "--checkpoint", "fast", "--label", "retention"],
+    )
+    .trim()
+    .to_string()
+}
+
+/// The committed backups' manifests, oldest first (read from the directory).
+fn manifests(repo: &Path) -> Vec<BackupManifest> {
+    let mut out: Vec<BackupManifest> = std::fs::read_dir(repo.join("backups"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let p = e.ok()?.path().join("manifest.json");
+                Some(serde_json::from_slice(&std::fs::read(p).ok()?).unwrap())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    out.sort_by(|a: &BackupManifest, b| a.id.cmp(&b.id));
+    out
+}
+
+fn ids(repo: &Path) -> Vec<String> {
+    manifests(repo).iter().map(|m| m.id.0.clone()).collect()
+}
+
+/// Every file under `dir/sub`, as keys relative to `dir`.
+fn keys(dir: &Path, sub: &str) -> Vec<String> {
+    let mut out: Vec<String> = walkdir(dir.join(sub))
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+fn walkdir(dir: PathBuf) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn copy_repo(repo: &Path, tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = temp_dir(tag);
+    let copy = dir.path().join("repo");
+    run_ok(Command::new("cp").arg("-a").arg(repo).arg(&copy));
+    (dir, copy)
+}
+
+fn wait_for_repo_json(c: &Cluster, repo: &Path) {
+    c.psql("SELECT pg_switch_wal()");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !repo.join(layout::REPO_JSON).exists() {
+        assert!(Instant::now() < deadline, "nothing archived:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Restores backup `id` to its consistency point, starts it and returns `count(*)` of `t`.
+fn restore_and_count(env: &Env, id: &str) -> i64 {
+    let root = temp_dir("restore");
+    let data = root.path().join("data");
+    let out = pgpitr_ok(
+        env,
+        &[
+            "restore",
+            "--target",
+            "immediate",
+            "--backup",
+            id,
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--owner",
+            PG_USER,
+        ],
+    );
+    assert!(out.contains(id), "{out}");
+    let mut c = Cluster::adopt(15, root, data);
+    c.start();
+    assert!(
+        c.wait_for("SELECT pg_is_in_recovery()", "f", 300),
+        "the restore of {id} did not finish recovery:\n{}",
+        c.log()
+    );
+    c.psql("SELECT count(*) FROM t").trim().parse().unwrap()
+}
+
+#[test]
+fn expire_policies_restore_verify_and_crash() {
+    let (_repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let c = archiving_cluster(env.clone(), "");
+    run_ok(c.pgbench().args(["-i", "-s", "1", "-q", "postgres"]));
+    c.psql("CREATE TABLE t (i int)");
+    wait_for_repo_json(&c, &repo);
+
+    // Four backups, 100 more rows before each.
+    let mut taken = Vec::new();
+    for k in 1..=4 {
+        c.psql(&format!(
+            "INSERT INTO t SELECT g FROM generate_series({}, {}) g",
+            (k - 1) * 100 + 1,
+            k * 100
+        ));
+        taken.push(backup(&env, &c));
+    }
+    assert_eq!(ids(&repo), taken);
+    let (_crash_dir, crash_repo) = copy_repo(&repo, "crash");
+
+    // No policy: refused, nothing deleted.
+    pgpitr_fails(&env, &["expire"], &["no retention policy given"]);
+    assert_eq!(ids(&repo), taken);
+
+    // --keep on the oldest, then keep-last 2: dry run first.
+    let out = pgpitr_ok(&env, &["expire", "--keep", &taken[0]]);
+    assert!(
+        out.contains(&format!("marked backup {} as keep", taken[0])),
+        "{out}"
+    );
+    assert!(manifests(&repo)[0].keep);
+    let packs_before = keys(&repo, "packs");
+    let wal_before = keys(&repo, "wal");
+    let out = pgpitr_ok(
+        &env,
+        &[
+            "expire",
+            "--keep-last",
+            "2",
+            "--pack-min-age",
+            "0s",
+            "--dry-run",
+        ],
+    );
+    assert!(
+        out.contains(&format!("would expire  {}", taken[1])),
+        "{out}"
+    );
+    assert!(out.contains("would free"), "{out}");
+    assert_eq!(ids(&repo), taken);
+    assert_eq!(keys(&repo, "packs"), packs_before);
+
+    let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &[
+            "expire",
+            "--keep-last",
+            "2",
+            "--pack-min-age",
+            "0s",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(report["expired_backups"], serde_json::json!([taken[1]]));
+    assert_eq!(
+        ids(&repo),
+        vec![taken[0].clone(), taken[2].clone(), taken[3].clone()]
+    );
+    // WAL before the oldest kept backup's start went; from its start on, all stays (one
+    // timeline here, so names order like positions).
+    let oldest = &manifests(&repo)[0];
+    let start = pgpitr::pg::WalSegmentName::containing(
+        oldest.start_timeline,
+        oldest.start_lsn,
+        oldest.wal_segment_size,
+    )
+    .to_string();
+    let file_of = |k: &str| k.rsplit('/').next().unwrap().to_string();
+    let want: Vec<String> = wal_before
+        .iter()
+        .filter(|k| file_of(k) >= start || k.contains("history"))
+        .cloned()
+        .collect();
+    assert!(want.len() < wal_before.len());
+    assert_eq!(keys(&repo, "wal"), want);
+    eprintln!("expired {}: {} pack(s) deleted", taken[1], report["packs"]);
+
+    // keep-within: everything is younger than an hour.
+    let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &["expire", "--keep-within", "1h", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(report["expired_backups"], serde_json::json!([]));
+
+    pgpitr_ok(&env, &["verify"]);
+    // The oldest kept backup and the newest restore, with their rows.
+    assert_eq!(restore_and_count(&env, &taken[0]), 100);
+    assert_eq!(restore_and_count(&env, &taken[3]), 400);
+    drop(c);
+
+    // verify catches damage, naming the key.
+    let newest = manifests(&repo).pop().unwrap();
+    let pack = &newest
+        .files
+        .iter()
+        .find_map(|f| f.chunks.first())
+        .unwrap()
+        .pack;
+    let pack_key = layout::pack_key(pack);
+    {
+        let (_d, copy) = copy_repo(&repo, "flip");
+        let path = copy.join(&pack_key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        pgpitr_fails(&repo_env(&copy), &["verify"], &[&pack_key, "PROBLEM"]);
+        let out = pgpitr(&repo_env(&copy), &["verify", "--json"]);
+        assert!(!out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["key"] == pack_key.as_str()));
+    }
+    {
+        let (_d, copy) = copy_repo(&repo, "nopack");
+        std::fs::remove_file(copy.join(&pack_key)).unwrap();
+        pgpitr_fails(
+            &repo_env(&copy),
+            &["verify", "--backup", &newest.id.0],
+            &[&pack_key, "pack missing"],
+        );
+    }
+    {
+        let (_d, copy) = copy_repo(&repo, "nowal");
+        let seg = pgpitr::pg::WalSegmentName::containing(
+            newest.start_timeline,
+            newest.start_lsn,
+            newest.wal_segment_size,
+        )
+        .to_string();
+        let key = keys(&copy, "wal")
+            .into_iter()
+            .find(|k| k.contains(&format!("/{seg}-")))
+            .unwrap();
+        std::fs::remove_file(copy.join(&key)).unwrap();
+        pgpitr_fails(&repo_env(&copy), &["verify"], &[&seg, "is missing"]);
+    }
+
+    // kill -9 in the middle of an expire (slowed down between deletions).
+    let crash_env = repo_env(&crash_repo);
+    let wal_total = keys(&crash_repo, "wal").len();
+    let mut child = pgpitr_cmd(
+        &crash_env,
+        &[
+            "expire",
+            "--keep-last",
+            "1",
+            "--pack-min-age",
+            "0s",
+            "--delete-delay-ms",
+            "150",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    // Wait until the manifests are gone and WAL deletion has begun.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ids(&crash_repo).len() > 1 || keys(&crash_repo, "wal").len() == wal_total {
+        assert!(Instant::now() < deadline, "expire made no progress");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "expire ended too early"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let wal_left = keys(&crash_repo, "wal").len();
+    eprintln!("killed expire with {wal_left} of {wal_total} WAL files left");
+    assert!(
+        !keys(&crash_repo, "locks").is_empty(),
+        "the lock should remain"
+    );
+    pgpitr_ok(&crash_env, &["verify"]);
+    pgpitr_fails(
+        &crash_env,
+        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+        &["locked by expire", "stale", "not running", "pgpitr unlock"],
+    );
+    let out = pgpitr_ok(&crash_env, &["unlock"]);
+    assert!(out.contains("broke stale lock"), "{out}");
+    pgpitr_ok(
+        &crash_env,
+        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+    );
+    assert_eq!(ids(&crash_repo), vec![taken[3].clone()]);
+    assert!(keys(&crash_repo, "wal").len() < wal_left);
+    assert!(keys(&crash_repo, "locks").is_empty());
+    pgpitr_ok(&crash_env, &["verify"]);
+}
+
+#[test]
+fn a_second_backup_fails_while_one_runs() {
+    let (_repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let c = archiving_cluster(env.clone(), "checkpoint_completion_target = 0.9");
+    c.psql("CREATE TABLE t AS SELECT g AS i FROM generate_series(1, 50000) g");
+    wait_for_repo_json(&c, &repo);
+
+    // A spread checkpoint over dirty buffers with checkpoint_timeout = 1h keeps the first
+    // backup busy (and holding the lock) for as long as we need.
+    c.psql("UPDATE t SET i = i + 1");
+    let mut benv = env.clone();
+    benv.push(("PGPITR_CONNINFO".into(), conninfo(&c)));
+    let mut first = pgpitr_cmd(&benv, &["backup", "--checkpoint", "spread"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while keys(&repo, "locks").is_empty() {
+        assert!(Instant::now() < deadline, "the first backup took no lock");
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first backup ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let msg = pgpitr_fails(
+        &benv,
+        &["backup", "--checkpoint", "fast"],
+        &[
+            "repository is locked by backup",
+            &format!("pid {}", first.id()),
+            "wait for it",
+        ],
+    );
+    eprintln!("refused as expected: {msg}");
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first backup should still run"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let out = pgpitr_ok(&env, &["unlock"]);
+    assert!(
+        out.contains("broke stale lock") && out.contains("backup"),
+        "{out}"
+    );
+    let id = backup(&env, &c);
+    assert_eq!(ids(&repo), vec![id]);
+    assert!(keys(&repo, "locks").is_empty());
+}
