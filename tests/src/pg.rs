@@ -14,6 +14,14 @@ pub fn bin_dir(major: u32) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")))
 }
 
+/// Whether `name` is one of the harness's `PGPITR_PG<major>_BIN` variables, which programs
+/// under test must not see.
+pub fn is_harness_var(name: &str) -> bool {
+    name.strip_prefix("PGPITR_PG")
+        .and_then(|r| r.strip_suffix("_BIN"))
+        .is_some_and(|m| !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The PostgreSQL 15 client tools (psql, pgbench, pg_waldump, …), used with every major.
 pub fn client_bin(tool: &str) -> PathBuf {
     bin_dir(15).join(tool)
@@ -110,6 +118,13 @@ impl Cluster {
             .arg("-t")
             .arg("120");
         cmd.arg(if wait { "-w" } else { "-W" }).arg("start");
+        // The harness's own PGPITR_PG<major>_BIN variables are not pgpitr settings: keep them
+        // from archive_command / restore_command (pgpitr rejects unknown PGPITR_* variables).
+        for (k, _) in std::env::vars() {
+            if is_harness_var(&k) {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
