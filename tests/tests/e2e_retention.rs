@@ -464,3 +464,50 @@ fn a_second_backup_fails_while_one_runs() {
     assert_eq!(ids(&repo), vec![id]);
     assert!(keys(&repo, "locks").is_empty());
 }
+
+/// The lock on S3 (Garage ignores `If-None-Match`): of contenders racing at once, at most one
+/// holds the lock; after its release the next one gets it; `modified` (used by expire's pack
+/// age rule) works there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_races_on_garage() {
+    use pgpitr::repo::lock::RepoLock;
+    use pgpitr_tests::garage::{self, Garage};
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    std::env::set_var("AWS_ACCESS_KEY_ID", garage::KEY_ID);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage::SECRET);
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let env: Env = g
+        .env(&bucket, "locktest")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("PGPITR_"))
+        .collect();
+    let config = pgpitr::config::Config::from_parts(None, None, &env).unwrap();
+    let storage = config.storage().await.unwrap();
+    for round in 0..3 {
+        let tries: Vec<_> = (0..6)
+            .map(|_| tokio::spawn(RepoLock::acquire(storage.clone(), "expire")))
+            .collect();
+        let mut results = Vec::new();
+        for t in tries {
+            results.push(t.await.unwrap());
+        }
+        let (won, lost): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        assert!(won.len() <= 1, "round {round}: {} holders", won.len());
+        for e in lost {
+            let msg = e.unwrap_err().to_string();
+            assert!(msg.contains("locked by expire"), "{msg}");
+        }
+        for w in won {
+            let lock = w.unwrap();
+            assert!(storage.modified(lock.key()).await.unwrap().is_some());
+            lock.release().await;
+        }
+        let lock = RepoLock::acquire(storage.clone(), "backup").await.unwrap();
+        lock.release().await;
+        assert!(pgpitr::repo::lock::list(storage.as_ref())
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
