@@ -406,6 +406,28 @@ mod tests {
         assert!(a < b);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_contenders_never_both_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        for _ in 0..5 {
+            let tries: Vec<_> = (0..8)
+                .map(|_| tokio::spawn(RepoLock::acquire(storage.clone(), "expire")))
+                .collect();
+            let mut won = Vec::new();
+            for t in tries {
+                if let Ok(lock) = t.await.unwrap() {
+                    won.push(lock);
+                }
+            }
+            assert!(won.len() <= 1, "{} holders", won.len());
+            for lock in won {
+                lock.release().await;
+            }
+            assert!(list(storage.as_ref()).await.unwrap().is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn one_holder_at_a_time_and_stale_locks_are_broken() {
         let dir = tempfile::tempdir().unwrap();
