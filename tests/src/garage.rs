@@ -41,7 +41,23 @@ impl Garage {
     /// The process-wide server, started on first use.
     pub fn shared() -> &'static Garage {
         static G: OnceLock<Garage> = OnceLock::new();
-        G.get_or_init(Garage::start)
+        G.get_or_init(|| {
+            // Ports are picked by binding and releasing them, so another process can take one
+            // in between; a loaded machine can also be slow to start it. Try a few times.
+            let mut failures = Vec::new();
+            for _ in 0..3 {
+                match std::panic::catch_unwind(Garage::start) {
+                    Ok(g) => return g,
+                    Err(e) => failures.push(
+                        e.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default(),
+                    ),
+                }
+            }
+            panic!("Garage did not start: {failures:?}")
+        })
     }
 
     fn start() -> Garage {
@@ -87,7 +103,7 @@ impl Garage {
             _root: root,
             child: Mutex::new(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let node = loop {
             let out = g.cli().args(["node", "id", "-q"]).output().unwrap();
             if out.status.success() {
@@ -100,8 +116,9 @@ impl Garage {
             }
             assert!(
                 Instant::now() < deadline,
-                "Garage did not start: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "Garage did not start: {}; log: {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(g._root.path().join("garage.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(200));
         };

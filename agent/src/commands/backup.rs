@@ -86,8 +86,6 @@ pub enum BackupError {
     /// includes everything, and error reporters would print it twice).
     #[error("{error}{}", hint(.error))]
     Server { error: WalsenderError },
-    #[error("{location} holds no pgpitr repository yet (no repo.json): archive WAL first (archive_command = 'pgpitr-archive %p %f') — a backup is useless without its WAL")]
-    NoWalArchive { location: String },
     #[error("no connection configured: set `conninfo` (or PGPITR_CONNINFO), or the libpq variables PGHOST, PGUSER, …")]
     NoConnInfo,
     #[error("server wal_level is '{0}': a backup needs wal_level = replica (or logical); set it and restart the server")]
@@ -153,11 +151,11 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
     // 1. The repository.
     let storage = config.storage().await?;
     storage.check_writable().await?;
+    // A repository without repo.json is created below, once the server's settings are known to
+    // archive into it: on a new cluster the backup may come before the first archived segment.
     let identity = match RepoIdentity::load(storage.as_ref()).await {
-        Ok(id) => id,
-        Err(RepoError::NotInitialized { location }) => {
-            return Err(BackupError::NoWalArchive { location })
-        }
+        Ok(id) => Some(id),
+        Err(RepoError::NotInitialized { .. }) => None,
         Err(e) => return Err(e.into()),
     };
 
@@ -182,7 +180,9 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
         parse_segment_size(&seg_text).ok_or_else(|| BackupError::SegmentSize(seg_text.clone()))?;
     let version_num = conn.server_version_num();
     let observed = RepoIdentity::new(system.system_identifier, version_num / 10000, seg_size);
-    identity.check(storage.as_ref(), &observed)?;
+    if let Some(identity) = &identity {
+        identity.check(storage.as_ref(), &observed)?;
+    }
     let wal_level = conn.show("wal_level").await?;
     if wal_level == "minimal" {
         return Err(BackupError::WalLevel(wal_level));
@@ -198,6 +198,9 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
              appear in the repository anyway"
         ),
         Err(e) => tracing::warn!("cannot read archive_command: {e}"),
+    }
+    if identity.is_none() {
+        RepoIdentity::ensure(storage.as_ref(), &observed).await?;
     }
 
     // 3. The backup.
