@@ -168,19 +168,15 @@ pub struct AutoConf<'a> {
 pub fn auto_conf_settings(c: &AutoConf<'_>) -> Vec<(String, String)> {
     let mut out = vec![("restore_command".to_string(), c.restore_command.clone())];
     let planned = c.plan.recovery_settings();
+    // The unused targets are cleared BEFORE the one set: PostgreSQL's assign hooks fail as soon
+    // as one target kind is assigned (even '') while another kind is set
+    // (`error_multiple_recovery_targets`, xlogrecovery.c), in file order.
     for name in TARGET_SETTINGS {
-        let value = planned
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        out.push((name.to_string(), value));
+        if !planned.iter().any(|(k, _)| k == name) {
+            out.push((name.to_string(), String::new()));
+        }
     }
-    out.extend(
-        planned
-            .into_iter()
-            .filter(|(k, _)| !TARGET_SETTINGS.contains(&k.as_str())),
-    );
+    out.extend(planned);
     out.push(("recovery_target_action".into(), c.action.to_string()));
     if c.archive_mode == ArchiveMode::Off {
         out.push(("archive_mode".into(), "off".into()));
@@ -355,9 +351,11 @@ mod tests {
         })
     }
 
-    /// The settings as PostgreSQL would end up with them: last line wins.
+    /// The settings as PostgreSQL would end up with them: for each name only the last line
+    /// counts, and those are applied in file order, failing like PostgreSQL's assign hooks
+    /// when a target kind is assigned while another kind is set.
     fn effective(text: &str) -> HashMap<String, String> {
-        let mut out = HashMap::new();
+        let mut lines: Vec<(String, String)> = Vec::new();
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -366,12 +364,20 @@ mod tests {
             let (k, v) = line.split_once('=').unwrap();
             let v = v.trim();
             assert!(v.starts_with('\'') && v.ends_with('\''), "{line}");
-            out.insert(
-                k.trim().to_string(),
-                v[1..v.len() - 1].replace("''", "'").replace("\\\\", "\\"),
-            );
+            let v = v[1..v.len() - 1].replace("''", "'").replace("\\\\", "\\");
+            lines.retain(|(name, _)| name != k.trim());
+            lines.push((k.trim().to_string(), v));
         }
-        out
+        let mut set: Option<String> = None;
+        for (k, v) in &lines {
+            if TARGET_SETTINGS.contains(&k.as_str()) {
+                if set.as_ref().is_some_and(|s| s != k) {
+                    panic!("multiple recovery targets specified: {k} after {set:?}\n{text}");
+                }
+                set = (!v.is_empty()).then(|| k.clone());
+            }
+        }
+        lines.into_iter().collect()
     }
 
     #[test]
