@@ -172,12 +172,12 @@ fn verify_with_postgres(storage: &Arc<dyn Storage>, m: &BackupManifest) {
         .unwrap();
     std::fs::write(dest.join("backup_manifest"), &pg_manifest).unwrap();
     // pg_verifybackup of the server's major if it is there, else PostgreSQL 15's, which reads
-    // the manifests of 13 to 17 (18 writes manifest version 2).
+    // the manifests of 13 to 16 (17 and later write manifest version 2).
     let major = m.pg_version_num / 10000;
     let beside = bin_dir(major).join("pg_verifybackup");
     let verifier = if beside.exists() {
         beside
-    } else if major <= 17 {
+    } else if major <= 16 {
         client_bin("pg_verifybackup")
     } else {
         eprintln!("notice: no pg_verifybackup for PostgreSQL {major}: verification skipped");
