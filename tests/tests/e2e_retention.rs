@@ -212,6 +212,8 @@ fn expire_policies_restore_verify_and_crash() {
     wait_for_repo_json(&c, &repo);
 
     // Four backups, 100 more rows before each.
+    let began = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", began.elapsed().as_secs_f64());
     let mut taken = Vec::new();
     for k in 1..=4 {
         c.psql(&format!(
@@ -222,6 +224,7 @@ fn expire_policies_restore_verify_and_crash() {
         taken.push(backup(&env, &c));
     }
     assert_eq!(ids(&repo), taken);
+    phase("four backups taken");
     let (_crash_dir, crash_repo) = copy_repo(&repo, "crash");
 
     // No policy: refused, nothing deleted.
@@ -300,45 +303,54 @@ fn expire_policies_restore_verify_and_crash() {
     .unwrap();
     assert_eq!(report["expired_backups"], serde_json::json!([]));
 
+    phase("expired");
     pgpitr_ok(&env, &["verify"]);
+    phase("verified");
     // The oldest kept backup and the newest restore, with their rows.
     assert_eq!(restore_and_count(&env, &taken[0]), 100);
     assert_eq!(restore_and_count(&env, &taken[3]), 400);
+    phase("restored the oldest kept and the newest backup");
     drop(c);
 
-    // verify catches damage, naming the key.
+    // verify catches damage, naming the key (checking only the newest backup, which reads
+    // fewer objects).
     let newest = manifests(&repo).pop().unwrap();
-    let pack = &newest
+    let newest_id = newest.id.0.clone();
+    let chunk = newest
         .files
         .iter()
-        .find_map(|f| f.chunks.first())
+        .find_map(|f| f.chunks.iter().find(|c| c.length > 100))
         .unwrap()
-        .pack;
-    let pack_key = layout::pack_key(pack);
+        .clone();
+    let pack_key = layout::pack_key(&chunk.pack);
     {
         let (_d, copy) = copy_repo(&repo, "flip");
         let path = copy.join(&pack_key);
         let mut bytes = std::fs::read(&path).unwrap();
-        let at = bytes.len() / 2;
-        bytes[at] ^= 0x40;
+        bytes[(chunk.offset + chunk.length / 2) as usize] ^= 0x40;
         std::fs::write(&path, bytes).unwrap();
-        pgpitr_fails(&repo_env(&copy), &["verify"], &[&pack_key, "PROBLEM"]);
-        let out = pgpitr(&repo_env(&copy), &["verify", "--json"]);
-        assert!(!out.status.success());
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(v["problems"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["key"] == pack_key.as_str()));
+        let all = pgpitr_fails(
+            &repo_env(&copy),
+            &["verify", "--backup", &newest_id],
+            &[&pack_key, "PROBLEM"],
+        );
+        assert!(all.contains(&chunk.sha256), "{all}");
     }
     {
         let (_d, copy) = copy_repo(&repo, "nopack");
         std::fs::remove_file(copy.join(&pack_key)).unwrap();
-        pgpitr_fails(
+        let out = pgpitr(
             &repo_env(&copy),
-            &["verify", "--backup", &newest.id.0],
-            &[&pack_key, "pack missing"],
+            &["verify", "--backup", &newest_id, "--json"],
+        );
+        assert!(!out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["problems"].as_array().unwrap().iter().any(|p| {
+                p["key"] == pack_key.as_str()
+                    && p["message"].as_str().unwrap().contains("pack missing")
+            }),
+            "{v}"
         );
     }
     {
@@ -354,9 +366,13 @@ fn expire_policies_restore_verify_and_crash() {
             .find(|k| k.contains(&format!("/{seg}-")))
             .unwrap();
         std::fs::remove_file(copy.join(&key)).unwrap();
-        pgpitr_fails(&repo_env(&copy), &["verify"], &[&seg, "is missing"]);
+        pgpitr_fails(
+            &repo_env(&copy),
+            &["verify", "--backup", &newest_id],
+            &[&seg, "is missing"],
+        );
     }
-
+    phase("damage found");
     // kill -9 in the middle of an expire (slowed down between deletions).
     let crash_env = repo_env(&crash_repo);
     let wal_total = keys(&crash_repo, "wal").len();
@@ -410,6 +426,7 @@ fn expire_policies_restore_verify_and_crash() {
     assert!(keys(&crash_repo, "wal").len() < wal_left);
     assert!(keys(&crash_repo, "locks").is_empty());
     pgpitr_ok(&crash_env, &["verify"]);
+    phase("crash test done");
 }
 
 #[test]
