@@ -3,16 +3,16 @@
 //! [`crate::recovery::window`], with the planner's rules). `--json` prints one JSON document:
 //! `{"backups": [...], "wal": [...], "windows": [...]}`.
 
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::pg::{Lsn, TimelineHistory, TimelineId, WalFileName};
+use crate::pg::{Lsn, TimelineId};
+use crate::recovery::source::{load_histories, load_manifests};
 use crate::recovery::{archived_wal_ranges, recoverable_windows, BackupSummary};
 use crate::recovery::{RecoverableWindow, TimelineWal};
-use crate::repo::manifest::{BackupId, BackupManifest};
-use crate::repo::{codec, layout, wal, RepoError, RepoIdentity};
-use crate::storage::{Storage, StorageError};
+use crate::repo::manifest::BackupId;
+use crate::repo::{layout, wal, RepoError, RepoIdentity};
+use crate::storage::StorageError;
 
 use super::backup::human_bytes;
 
@@ -65,68 +65,6 @@ pub struct Listing {
     pub windows: Vec<RecoverableWindow>,
 }
 
-/// Every committed backup (those with a `manifest.json`), oldest first.
-///
-/// # Errors
-/// Storage errors; [`RepoError::Corrupt`] for a manifest that cannot be read.
-pub async fn load_backups(storage: &dyn Storage) -> Result<Vec<BackupManifest>, RepoError> {
-    let keys: Vec<String> = storage
-        .list(layout::BACKUPS_ROOT)
-        .await?
-        .into_iter()
-        .filter(|o| layout::parse_backup_manifest_key(&o.key).is_some())
-        .map(|o| o.key)
-        .collect();
-    let mut fetched = futures::stream::iter(keys)
-        .map(|key| async move {
-            let body = storage.get(&key).await;
-            (key, body)
-        })
-        .buffered(16);
-    let mut out = Vec::new();
-    while let Some((key, body)) = fetched.next().await {
-        let body = match body {
-            Ok(b) => b,
-            Err(StorageError::NotFound { .. }) => continue, // expired meanwhile
-            Err(e) => return Err(e.into()),
-        };
-        let m: BackupManifest = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        out.push(m);
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
-}
-
-/// The timeline histories archived in the repository (`.history` files), verified.
-async fn load_histories(
-    storage: &dyn Storage,
-    listing: &[wal::ArchivedWal],
-) -> Result<Vec<TimelineHistory>, RepoError> {
-    let mut out = Vec::new();
-    for w in listing {
-        let WalFileName::History(tli) = w.name else {
-            continue;
-        };
-        let compressed = storage.get(&w.key).await?;
-        let mut plain = Vec::new();
-        codec::decompress_verified(&compressed, &w.sha256_hex, &mut plain).map_err(|e| {
-            RepoError::Corrupt {
-                key: w.key.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        let text = String::from_utf8_lossy(&plain);
-        match TimelineHistory::parse(tli, &text) {
-            Ok(h) => out.push(h),
-            Err(e) => tracing::warn!("ignoring {}: {e}", w.key),
-        }
-    }
-    Ok(out)
-}
-
 /// Reads the listing.
 ///
 /// # Errors
@@ -135,7 +73,7 @@ pub async fn run(config: &Config) -> Result<Listing, ListError> {
     let storage = config.storage().await?;
     let identity = RepoIdentity::load(storage.as_ref()).await?;
     let seg_size = identity.wal_segment_size;
-    let manifests = load_backups(storage.as_ref()).await?;
+    let manifests = load_manifests(storage.as_ref()).await?;
     let listing = wal::list(storage.as_ref(), layout::WAL_ROOT).await?;
     let histories = load_histories(storage.as_ref(), &listing).await?;
     let summaries: Vec<BackupSummary> = manifests.iter().map(BackupSummary::from).collect();
