@@ -480,6 +480,52 @@ fn point_in_time_restore_from_local_repository() {
     assert!(err.contains(&w.first), "{err}");
     assert!(!never.exists(), "nothing may be written");
 
+    // --start with a target the archive does not reach: PostgreSQL stops ("recovery ended
+    // before configured recovery target was reached") and restore exits 3.
+    let root_far = temp_dir("restore-far");
+    let data_far = root_far.path().join("data");
+    let far = Cluster::adopt(15, root_far, data_far.clone());
+    let server_options = format!(
+        "-p {} -c unix_socket_directories='{}' -c listen_addresses=''",
+        far.port,
+        far.socket_dir.display()
+    );
+    let out = pgpitr(
+        &env,
+        &[
+            "restore",
+            "--target-time",
+            "2999-01-01 00:00:00+00",
+            "--target-timeline",
+            "1",
+            "--pgdata",
+            data_far.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--owner",
+            PG_USER,
+            "--start",
+            "--server-options",
+            &server_options,
+            "--start-timeout",
+            "300",
+        ],
+    );
+    let _stop_far = StopOnDrop(data_far.clone());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("recovery ended before the target"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!far.is_running());
+
     // A WAL segment the plan needs is deleted: refused before anything is written.
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(repo.join(format!("backups/{}/manifest.json", w.second))).unwrap(),
