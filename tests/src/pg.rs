@@ -6,20 +6,18 @@ use std::process::Command;
 
 use crate::{as_pg_user, free_port, give_to_pg_user, run_ok, temp_dir};
 
-/// Directory of the server binaries of `major`: `$PGPITR_PG<major>_BIN`, else the Debian
-/// package's `/usr/lib/postgresql/<major>/bin`.
+/// Directory of the server binaries of `major`: `$PG<major>_SERVER_BIN` (set by scripts/test;
+/// deliberately not a `PGPITR_*` name, which pgpitr would reject as an unknown setting), else the
+/// Debian package's `/usr/lib/postgresql/<major>/bin`.
 pub fn bin_dir(major: u32) -> PathBuf {
-    std::env::var_os(format!("PGPITR_PG{major}_BIN"))
+    std::env::var_os(server_bin_var(major))
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")))
 }
 
-/// Whether `name` is one of the harness's `PGPITR_PG<major>_BIN` variables, which programs
-/// under test must not see.
-pub fn is_harness_var(name: &str) -> bool {
-    name.strip_prefix("PGPITR_PG")
-        .and_then(|r| r.strip_suffix("_BIN"))
-        .is_some_and(|m| !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit()))
+/// The environment variable naming the server binaries of `major`.
+pub fn server_bin_var(major: u32) -> String {
+    format!("PG{major}_SERVER_BIN")
 }
 
 /// The PostgreSQL 15 client tools (psql, pgbench, pg_waldump, …), used with every major.
@@ -118,13 +116,6 @@ impl Cluster {
             .arg("-t")
             .arg("120");
         cmd.arg(if wait { "-w" } else { "-W" }).arg("start");
-        // The harness's own PGPITR_PG<major>_BIN variables are not pgpitr settings: keep them
-        // from archive_command / restore_command (pgpitr rejects unknown PGPITR_* variables).
-        for (k, _) in std::env::vars() {
-            if is_harness_var(&k) {
-                cmd.env_remove(k);
-            }
-        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }

@@ -3,7 +3,7 @@
 //! result: a backup materialised from the repository passes `pg_verifybackup` against the
 //! `backup_manifest` the server sent.
 //!
-//! Majors other than 15 run when `PGPITR_PG<major>_BIN` points at their server binaries
+//! Majors other than 15 run when `PG<major>_SERVER_BIN` points at their server binaries
 //! (otherwise the test prints a notice and skips that major).
 
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use pgpitr::repo::layout;
 use pgpitr::repo::manifest::{BackupManifest, FileKind};
 use pgpitr::storage::Storage;
 use pgpitr_tests::garage::Garage;
-use pgpitr_tests::pg::{bin_dir, client_bin, is_harness_var, Cluster};
+use pgpitr_tests::pg::{bin_dir, client_bin, server_bin_var, Cluster};
 use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir};
 
 type Env = Vec<(String, String)>;
@@ -56,9 +56,6 @@ fn pgpitr(env: &Env, conninfo: &str, args: &[&str]) -> Output {
 
 fn pgpitr_cmd(env: &Env, conninfo: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("pgpitr"));
-    for (k, _) in std::env::vars().filter(|(k, _)| is_harness_var(k)) {
-        cmd.env_remove(k);
-    }
     cmd.args(args)
         .env_remove("PGPITR_CONFIG")
         .env("PGPITR_CONNINFO", conninfo)
@@ -331,7 +328,7 @@ fn backup_of_pg15_into_local_repository() {
 #[test]
 fn backup_on_other_majors() {
     for major in [13, 14, 16, 17, 18] {
-        let var = format!("PGPITR_PG{major}_BIN");
+        let var = server_bin_var(major);
         if std::env::var_os(&var).is_none() {
             eprintln!("notice: skipping PostgreSQL {major}: {var} is not set");
             continue;
