@@ -237,6 +237,7 @@ async fn wait(opts: &StartOptions) -> Result<StartOutcome, StartError> {
     let mut last_report = Instant::now();
     let mut seen: Option<PidFile> = None;
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut connect_error: Option<String> = None;
     loop {
         tokio::time::sleep(POLL).await;
         if let Some(t) = opts.timeout.filter(|t| began.elapsed() > *t) {
@@ -262,12 +263,21 @@ async fn wait(opts: &StartOptions) -> Result<StartOutcome, StartError> {
             .as_ref()
             .is_some_and(|p| p.status == "standby" || p.status == "ready");
         if client.is_none() && accepting {
-            client = connect(p, &opts.db_user).await;
+            match connect(p, &opts.db_user).await {
+                Ok(c) => client = Some(c),
+                Err(e) => connect_error = Some(e),
+            }
         }
         let Some(c) = &client else {
             if last_report.elapsed() >= REPORT_EVERY {
                 last_report = Instant::now();
-                tracing::info!("recovery: the server is starting (not yet consistent)");
+                match &connect_error {
+                    Some(e) => tracing::warn!(
+                        "recovery: cannot connect as database user {} to check progress: {e} (set PGUSER to another role)",
+                        opts.db_user
+                    ),
+                    None => tracing::info!("recovery: the server is starting (not yet consistent)"),
+                }
             }
             continue;
         };
@@ -312,7 +322,7 @@ async fn wait(opts: &StartOptions) -> Result<StartOutcome, StartError> {
     }
 }
 
-async fn connect(p: &PidFile, user: &str) -> Option<tokio_postgres::Client> {
+async fn connect(p: &PidFile, user: &str) -> Result<tokio_postgres::Client, String> {
     let mut cfg = tokio_postgres::Config::new();
     if !p.socket_dir.is_empty() && !p.socket_dir.starts_with('@') {
         cfg.host_path(&p.socket_dir);
@@ -335,11 +345,11 @@ async fn connect(p: &PidFile, user: &str) -> Option<tokio_postgres::Client> {
                 let _ = conn.await;
             });
             let _ = client.batch_execute("SET TimeZone = 'UTC'").await;
-            Some(client)
+            Ok(client)
         }
         Err(e) => {
             tracing::debug!("connecting to the restored server: {e}");
-            None
+            Err(e.to_string())
         }
     }
 }
