@@ -100,14 +100,15 @@ fn pgpitr_fails(env: &Env, args: &[&str], expect: &[&str]) -> String {
 }
 
 fn backup(env: &Env, c: &Cluster) -> String {
+    backup_with(env, c, &[])
+}
+
+fn backup_with(env: &Env, c: &Cluster, extra: &[&str]) -> String {
     let mut env = env.clone();
     env.push(("PGPITR_CONNINFO".into(), conninfo(c)));
-    pgpitr_ok(
-        &env,
-        &["backup", "--checkpoint", "fast", "--label", "retention"],
-    )
-    .trim()
-    .to_string()
+    let mut args = vec!["backup", "--checkpoint", "fast", "--label", "retention"];
+    args.extend_from_slice(extra);
+    pgpitr_ok(&env, &args).trim().to_string()
 }
 
 /// The committed backups' manifests, oldest first (read from the directory).
@@ -221,9 +222,16 @@ fn expire_policies_restore_verify_and_crash() {
             (k - 1) * 100 + 1,
             k * 100
         ));
-        taken.push(backup(&env, &c));
+        // The newest with `backup --keep`: never expired (it is the newest anyway here).
+        taken.push(backup_with(
+            &env,
+            &c,
+            if k == 4 { &["--keep"] } else { &[] },
+        ));
     }
     assert_eq!(ids(&repo), taken);
+    let keep_flags: Vec<bool> = manifests(&repo).iter().map(|m| m.keep).collect();
+    assert_eq!(keep_flags, [false, false, false, true]);
     phase("four backups taken");
     let (_crash_dir, crash_repo) = copy_repo(&repo, "crash");
 
