@@ -60,13 +60,14 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("pgpitr: error: {e:#}");
             let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some()
-                || e.downcast_ref::<commands::expire::ExpireError>().is_some_and(|e| {
-                    matches!(
-                        e,
-                        commands::expire::ExpireError::Policy(_)
-                            | commands::expire::ExpireError::Config(_)
-                    )
-                })
+                || e.downcast_ref::<commands::expire::ExpireError>()
+                    .is_some_and(|e| {
+                        matches!(
+                            e,
+                            commands::expire::ExpireError::Policy(_)
+                                | commands::expire::ExpireError::Config(_)
+                        )
+                    })
                 || e.downcast_ref::<commands::restore::RestoreCommandError>()
                     .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })

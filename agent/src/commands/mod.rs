@@ -3,9 +3,9 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod backup;
 pub mod check;
 pub mod expire;
-pub mod backup;
 pub mod init;
 pub mod list;
 pub mod plan;

@@ -195,8 +195,14 @@ mod tests {
             backup_manifest_key(&id),
             "backups/20261123T101459Z/manifest.json"
         );
-        assert_eq!(parse_backup_manifest_key(&backup_manifest_key(&id)), Some(id.clone()));
-        assert_eq!(parse_backup_manifest_key(&pg_backup_manifest_key(&id)), None);
+        assert_eq!(
+            parse_backup_manifest_key(&backup_manifest_key(&id)),
+            Some(id.clone())
+        );
+        assert_eq!(
+            parse_backup_manifest_key(&pg_backup_manifest_key(&id)),
+            None
+        );
         assert_eq!(parse_backup_manifest_key("backups/../manifest.json"), None);
         let pack = "0123456789abcdef0123456789abcdef";
         assert_eq!(pack_key(pack), format!("packs/01/{pack}.pack"));
