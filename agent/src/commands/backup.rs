@@ -498,35 +498,13 @@ fn parse_segment_size(s: &str) -> Option<WalSegSize> {
     WalSegSize::new(u32::try_from(n.checked_mul(unit)?).ok()?).ok()
 }
 
-/// An ordinary SQL connection with the same parameters (no TLS: used only for optional
-/// information; `None` when it cannot be opened). The database is `dbname` when the conninfo
-/// names one, else `postgres` (a replication conninfo defaults to `replication`, which is no
-/// database).
+/// An ordinary SQL connection with the same parameters, for optional information only: `None`
+/// (logged at debug level) when it cannot be opened.
 async fn sql_connect(params: &ConnectParams) -> Option<tokio_postgres::Client> {
-    let dbname = match params.dbname.as_str() {
-        "replication" => "postgres",
-        other => other,
-    };
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(&params.host)
-        .port(params.port)
-        .user(&params.user)
-        .dbname(dbname)
-        .application_name("pgpitr backup")
-        .connect_timeout(Duration::from_secs(10));
-    if let Some(p) = &params.password {
-        cfg.password(p);
-    }
-    let connect = cfg.connect(tokio_postgres::NoTls);
-    let (client, connection) = tokio::time::timeout(Duration::from_secs(15), connect)
+    crate::pgsql::connect(params, "pgpitr backup")
         .await
-        .ok()?
         .map_err(|e| tracing::debug!("SQL connection failed: {e}"))
-        .ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Some(client)
+        .ok()
 }
 
 async fn sql_show(params: &ConnectParams, name: &str) -> Option<String> {
