@@ -210,6 +210,23 @@ impl Cluster {
         false
     }
 
+    /// Waits up to 120 s until PostgreSQL reports `segment` (or a later file name) archived.
+    pub fn wait_archived(&self, segment: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let last = self.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            if last.as_str() >= segment {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segment {segment} not archived (last {last}):\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     pub fn pg_wal(&self) -> PathBuf {
         self.data.join("pg_wal")
     }

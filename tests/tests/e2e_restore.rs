@@ -79,28 +79,11 @@ fn backup(env: &Env, c: &Cluster) -> String {
         .to_string()
 }
 
-/// Waits until `c` reports `segment` (or a later file name) archived.
-fn wait_archived(c: &Cluster, segment: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let last = c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        if last.as_str() >= segment {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "segment {segment} not archived (last {last}):\n{}",
-            c.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Switches to a new segment and waits until everything written so far is archived.
 fn archive_everything(c: &Cluster) {
     let seg = c.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
     c.psql("SELECT pg_switch_wal()");
-    wait_archived(c, &seg);
+    c.wait_archived(&seg);
 }
 
 /// A time halfway between marker `id` and the next one, as PostgreSQL prints timestamptz in

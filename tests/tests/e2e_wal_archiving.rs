@@ -23,23 +23,6 @@ fn archiving_cluster(env: Vec<(String, String)>) -> Cluster {
     c
 }
 
-/// Waits until PostgreSQL reports `segment` (or a later one) archived, failing on timeout.
-fn wait_archived(c: &Cluster, segment: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let last = c.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-        if last.as_str() >= segment {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "segment {segment} not archived (last {last}):\n{}",
-            c.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn scenario(repo_env: Vec<(String, String)>, list_repo: impl Fn() -> Vec<String>) {
     let primary = archiving_cluster(repo_env.clone());
     // A base backup without WAL: everything the standby replays must come from the archive.
@@ -74,7 +57,7 @@ fn scenario(repo_env: Vec<(String, String)>, list_repo: impl Fn() -> Vec<String>
         .unwrap();
     let last_segment = primary.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
     primary.psql("SELECT pg_switch_wal()");
-    wait_archived(&primary, &last_segment);
+    primary.wait_archived(&last_segment);
     let expected = primary.psql("SELECT sum(abalance) || '/' || count(*) FROM pgbench_accounts");
 
     // Every archived segment comes back byte for byte.
