@@ -57,9 +57,11 @@ pub fn set_mode(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// The directory holding copies of the workspace binaries (`pgpitr`, `pgpitr-archive`,
-/// `pgpitr-restore`), readable and executable by everyone, so that a cluster running as
-/// [`PG_USER`] can call them whatever the checkout's permissions.
+/// The directory holding the workspace binaries (`pgpitr`, `pgpitr-archive`, `pgpitr-restore`)
+/// where every user can run them, so that a cluster running as [`PG_USER`] can call them
+/// whatever the checkout's permissions. One directory per target directory, shared by every test
+/// process (nextest runs one process per test), holding hard links — never copies, which would
+/// cost the size of three debug binaries per test process.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -70,7 +72,13 @@ pub fn bin_dir() -> &'static Path {
             .parent()
             .unwrap()
             .to_path_buf();
-        let dir = std::env::temp_dir().join(format!("pgpitr-bin-{}", std::process::id()));
+        let tag = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            target.hash(&mut h);
+            h.finish()
+        };
+        let dir = std::env::temp_dir().join(format!("pgpitr-bin-{tag:016x}"));
         std::fs::create_dir_all(&dir).unwrap();
         set_mode(&dir, 0o755);
         for name in ["pgpitr", "pgpitr-archive", "pgpitr-restore"] {
@@ -80,9 +88,16 @@ pub fn bin_dir() -> &'static Path {
                 "{} is missing: run `cargo build --workspace` before the tests",
                 src.display()
             );
-            let dst = dir.join(name);
-            std::fs::copy(&src, &dst).unwrap();
-            set_mode(&dst, 0o755);
+            set_mode(&src, 0o755);
+            // Link under a name of our own, then rename over the shared name: atomic for the
+            // other test processes doing the same. A copy only across file systems.
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(&src, &tmp).is_err() {
+                std::fs::copy(&src, &tmp).unwrap();
+                set_mode(&tmp, 0o755);
+            }
+            std::fs::rename(&tmp, dir.join(name)).unwrap();
         }
         dir
     })
