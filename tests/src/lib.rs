@@ -90,14 +90,26 @@ pub fn bin_dir() -> &'static Path {
             );
             set_mode(&src, 0o755);
             // Link under a name of our own, then rename over the shared name: atomic for the
-            // other test processes doing the same. A copy only across file systems.
+            // other test processes doing the same. Across file systems a copy, made only when
+            // the shared one is missing or older, so that it happens once per build.
+            let dst = dir.join(name);
             let tmp = dir.join(format!(".{name}.{}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             if std::fs::hard_link(&src, &tmp).is_err() {
+                let (s, d) = (
+                    std::fs::metadata(&src).unwrap(),
+                    std::fs::metadata(&dst).ok(),
+                );
+                let fresh = d.is_some_and(|d| {
+                    d.len() == s.len() && d.modified().unwrap() >= s.modified().unwrap()
+                });
+                if fresh {
+                    continue;
+                }
                 std::fs::copy(&src, &tmp).unwrap();
                 set_mode(&tmp, 0o755);
             }
-            std::fs::rename(&tmp, dir.join(name)).unwrap();
+            std::fs::rename(&tmp, &dst).unwrap();
         }
         dir
     })
