@@ -189,6 +189,28 @@ impl S3Storage {
         }
         completed
     }
+
+    /// HEAD of `key`: `None` when it does not exist.
+    async fn head_object(
+        &self,
+        key: &str,
+    ) -> StorageResult<Option<aws_sdk_s3::operation::head_object::HeadObjectOutput>> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            Err(e) => match map_err(key, e) {
+                StorageError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
 }
 
 /// Maps an SDK error (after the SDK's own retries) to what the caller can act on. The message
@@ -302,44 +324,17 @@ impl Storage for S3Storage {
     }
 
     async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
-        let full = self.full_key(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.location.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(Some(ObjectMeta {
-                key: key.to_string(),
-                size: out.content_length().unwrap_or(0) as u64,
-            })),
-            Err(e) => match map_err(key, e) {
-                StorageError::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
-        }
+        Ok(self.head_object(key).await?.map(|out| ObjectMeta {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0) as u64,
+        }))
     }
 
     async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
-        let full = self.full_key(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.location.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(out) => Ok(out
-                .last_modified()
-                .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())),
-            Err(e) => match map_err(key, e) {
-                StorageError::NotFound { .. } => Ok(None),
-                other => Err(other),
-            },
-        }
+        Ok(self.head_object(key).await?.and_then(|out| {
+            out.last_modified()
+                .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())
+        }))
     }
 
     async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
