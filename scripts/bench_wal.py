@@ -34,20 +34,32 @@ def timed(cmd, env=None, cwd=None):
 
 def make_wal(root):
     """A PG 15 cluster, pgbench -s 20, CHECKPOINT, then pgbench until SEGMENTS segments are archived
-    (by cp) into root/wal. Returns (pgdata, socket dir, port, wal dir)."""
+    (by cp) into root/wal. Returns (pgdata, socket dir, port, wal dir, segment names, conn args).
+    With BENCH_CACHE=DIR the cluster and its segments are kept in DIR and reused by later runs
+    (generating them takes minutes on these machines)."""
+    cache = os.environ.get("BENCH_CACHE")
+    if cache:
+        root = cache
     data, sock, wal = f"{root}/data", f"{root}/sock", f"{root}/wal"
+    port = "5499"
+    conn = ["-h", sock, "-p", port, "-U", "postgres"]
+    if cache and os.path.exists(f"{root}/names"):
+        names = open(f"{root}/names").read().split()
+        if len(names) >= SEGMENTS:
+            run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
+            return data, sock, port, wal, names[:SEGMENTS], conn
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
     for d in (sock, wal):
         os.makedirs(d)
     shutil.chown(root, "postgres") if os.geteuid() == 0 else None
     run(["chown", "-R", "postgres", root]) if os.geteuid() == 0 else None
     run(as_pg([f"{PG}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"]))
-    port = "5499"
     with open(f"{data}/postgresql.conf", "a") as f:
         f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
                 f"archive_mode = on\narchive_command = 'cp %p {wal}/%f'\nmax_wal_size = '4GB'\n"
                 f"checkpoint_timeout = '1h'\nshared_buffers = '256MB'\nsynchronous_commit = off\n")
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
-    conn = ["-h", sock, "-p", port, "-U", "postgres"]
     run([f"{PG}/pgbench", "-i", "-s", "20", "-q"] + conn + ["postgres"])
     run([f"{PG}/psql", "-X"] + conn + ["-c", "CHECKPOINT", "postgres"])
     start = run([f"{PG}/psql", "-XAt"] + conn + ["-c", "SELECT pg_walfile_name(pg_current_wal_lsn())", "postgres"]).strip()
@@ -56,7 +68,10 @@ def make_wal(root):
         done = sorted(n for n in os.listdir(wal) if len(n) == 24 and n > start)
         if len(done) >= SEGMENTS:
             break
-    return data, sock, port, wal, sorted(done)[:SEGMENTS], conn
+    names = sorted(done)[:SEGMENTS]
+    if cache:
+        open(f"{root}/names", "w").write("\n".join(names))
+    return data, sock, port, wal, names, conn
 
 
 def fake_pgdata(root, wal, names, ready):
