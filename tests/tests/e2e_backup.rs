@@ -136,6 +136,14 @@ fn count_keys(storage: &Arc<dyn Storage>, suffix: &str) -> usize {
     })
 }
 
+/// The keys under `prefix`.
+fn keys_with(storage: &Arc<dyn Storage>, prefix: &str) -> Vec<String> {
+    runtime().block_on(async {
+        let list = storage.list(prefix).await.unwrap();
+        list.into_iter().map(|o| o.key).collect()
+    })
+}
+
 /// Waits until the repository has a `repo.json` (the first segment was archived).
 fn switch_and_wait_for_archive(c: &Cluster, storage: &Arc<dyn Storage>) {
     c.psql("SELECT pg_switch_wal()");
@@ -382,17 +390,27 @@ fn killed_backup_leaves_no_manifest_and_its_chunks_are_reused() {
     );
     assert!(!walk_has(repo_dir.path(), "manifest.json"));
 
-    // The killed backup's repository lock stays behind, reported as stale (the lock's rule:
-    // stale locks are broken only by `pgpitr unlock`).
-    backup_fails(&env, &ci, &["stale", "pgpitr unlock"]);
-    let out = pgpitr(&env, &ci, &["unlock"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The killed backup's repository lock stays behind; its holder ran on this host and is
+    // gone, so the next backup breaks it by itself (with a warning naming it), no `pgpitr
+    // unlock` needed.
+    let locks = keys_with(&store, layout::LOCKS_ROOT);
+    assert_eq!(locks.len(), 1, "the killed backup's lock: {locks:?}");
+    let out = pgpitr(
+        &env,
+        &ci,
+        &["backup", "--checkpoint", "fast", "--label", "test"],
     );
-
-    let id = backup_ok(&env, &ci);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgpitr backup failed:\n{stderr}");
+    assert!(
+        stderr.contains("broke the stale repository lock")
+            && stderr.contains(&locks[0])
+            && stderr.contains(&format!("pid {}", child.id()))
+            && stderr.contains("not running"),
+        "{stderr}"
+    );
+    assert!(keys_with(&store, layout::LOCKS_ROOT).is_empty());
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let m = manifests(&store);
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].id.0, id);

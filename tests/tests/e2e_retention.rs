@@ -8,7 +8,8 @@
 //! - verify passes on the expired repository and catches, on copies of it, a flipped byte in a
 //!   pack, a missing pack and a missing WAL segment, naming the key, with a non-zero exit;
 //! - `kill -9` of an expire in the middle of its deletions leaves a repository that verify
-//!   passes; its lock is reported stale, `pgpitr unlock` breaks it, the next expire completes;
+//!   passes; the next expire breaks the dead holder's lock by itself; locks from another host
+//!   are waited for (fresh heartbeat) or broken only by `pgpitr unlock` (stale heartbeat);
 //! - a second backup while one runs fails with a message naming the holder.
 //!
 //! GFS (daily/weekly/monthly) buckets are tested in `agent/src/retention/policy.rs`: real
@@ -419,22 +420,91 @@ fn expire_policies_restore_verify_and_crash() {
         "the lock should remain"
     );
     pgpitr_ok(&crash_env, &["verify"]);
-    pgpitr_fails(
+    // Its holder ran on this host and is gone: the next expire breaks the lock by itself,
+    // naming it, and completes — no `pgpitr unlock` needed.
+    let lock_key = keys(&crash_repo, "locks").pop().unwrap();
+    let out = pgpitr(
         &crash_env,
         &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
-        &["locked by expire", "stale", "not running", "pgpitr unlock"],
     );
-    let out = pgpitr_ok(&crash_env, &["unlock"]);
-    assert!(out.contains("broke stale lock"), "{out}");
-    pgpitr_ok(
-        &crash_env,
-        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(
+        all.contains("broke the stale repository lock")
+            && all.contains(&lock_key)
+            && all.contains(&format!("pid {}", child.id()))
+            && all.contains("not running"),
+        "{all}"
     );
     assert_eq!(ids(&crash_repo), vec![taken[3].clone()]);
     assert!(keys(&crash_repo, "wal").len() < wal_left);
     assert!(keys(&crash_repo, "locks").is_empty());
     pgpitr_ok(&crash_env, &["verify"]);
     phase("crash test done");
+
+    // Locks from another host are never broken automatically (it may only be partitioned
+    // away): one with a fresh heartbeat is waited for, and `pgpitr unlock` leaves it alone;
+    // one whose heartbeat stopped is reported stale, and `pgpitr unlock` breaks it.
+    let expire = ["expire", "--keep-last", "1", "--pack-min-age", "0s"];
+    let fresh = forge_lock(&crash_repo, "db-elsewhere", Duration::ZERO);
+    pgpitr_fails(
+        &crash_env,
+        &expire,
+        &["locked by expire", "on host db-elsewhere", "wait for it"],
+    );
+    pgpitr_fails(
+        &crash_env,
+        &["unlock"],
+        &["db-elsewhere", "looks alive", "--force"],
+    );
+    assert_eq!(keys(&crash_repo, "locks"), vec![fresh.clone()]);
+    let out = pgpitr_ok(&crash_env, &["unlock", "--force"]);
+    assert!(
+        out.contains("broke live lock") && out.contains(&fresh),
+        "{out}"
+    );
+    let stale = forge_lock(&crash_repo, "db-elsewhere", Duration::from_secs(3600));
+    pgpitr_fails(
+        &crash_env,
+        &expire,
+        &[
+            "on host db-elsewhere",
+            "stale",
+            "no heartbeat",
+            "pgpitr unlock",
+        ],
+    );
+    assert_eq!(keys(&crash_repo, "locks"), vec![stale.clone()]);
+    let out = pgpitr_ok(&crash_env, &["unlock"]);
+    assert!(
+        out.contains("broke stale lock") && out.contains(&stale),
+        "{out}"
+    );
+    pgpitr_ok(&crash_env, &expire);
+    assert!(keys(&crash_repo, "locks").is_empty());
+}
+
+/// Writes a lock object as a `pgpitr expire` on `host` would, with a heartbeat `age` old;
+/// returns its key.
+fn forge_lock(repo: &Path, host: &str, age: Duration) -> String {
+    use pgpitr::repo::lock::LockInfo;
+    let now = jiff::Timestamp::now();
+    let heartbeat = now - jiff::SignedDuration::try_from(age).unwrap();
+    let token = format!("{:020}-4242-f0f0f0f0", now.as_nanosecond());
+    let info = LockInfo {
+        token: token.clone(),
+        command: "expire".into(),
+        host: host.into(),
+        pid: 4242,
+        started: heartbeat,
+        heartbeat,
+        process: None,
+    };
+    let key = layout::lock_key(&token);
+    let path = repo.join(&key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_vec(&info).unwrap()).unwrap();
+    key
 }
 
 #[test]

@@ -24,10 +24,21 @@
 //! # Stale locks
 //!
 //! The holder rewrites its object every [`HEARTBEAT`] with a fresh `heartbeat` time. A lock is
-//! stale when its holder ran on this host and its pid is no longer alive, or when its heartbeat
-//! is older than [`STALE_AFTER`] (the holder is on another host, or its pid was reused). Stale
-//! locks are reported, never broken silently: `pgpitr unlock` breaks them and prints what it
-//! broke (`--force` also breaks a live one).
+//! stale when its holder ran on this host and is no longer alive, or when its heartbeat is older
+//! than [`STALE_AFTER`] (the holder is on another host, or its pid was reused).
+//!
+//! A lock whose holder is **certainly dead** — same host name, and (when the lock records them)
+//! the same boot and pid namespace as ours, and its pid no longer exists or now belongs to a
+//! process started at another time — is broken by [`RepoLock::acquire`] itself, with a warning
+//! naming it: a `backup` killed with `kill -9` must not block the next one. This is safe with the
+//! protocol above because a lock key is unique to the process that wrote it: only that process
+//! ever writes the object, so once it is dead nobody rewrites it, and deleting exactly that key
+//! cannot remove anyone else's lock; several contenders breaking it at once all delete the same
+//! key (deleting a missing key succeeds) and then contend through the normal path.
+//!
+//! Every other stale lock — another host whose heartbeat stopped (it may only be partitioned
+//! away), an unreadable object, a holder we cannot judge — is reported, never broken silently:
+//! `pgpitr unlock` breaks stale locks and prints what it broke (`--force` also breaks a live one).
 
 use std::time::Duration;
 
@@ -55,6 +66,35 @@ pub struct LockInfo {
     pub pid: u32,
     pub started: jiff::Timestamp,
     pub heartbeat: jiff::Timestamp,
+    /// Who the holder process is beyond its pid, so that a reused pid is not taken for the
+    /// holder. Absent when `/proc` could not be read, and in locks written by pgpitr before it
+    /// was added (then the pid alone is judged; readers ignore fields they do not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessStamp>,
+}
+
+/// Identifies a process on a Linux host more tightly than its pid (see [`LockInfo::process`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStamp {
+    /// `/proc/sys/kernel/random/boot_id`: start times only compare within one boot.
+    pub boot_id: String,
+    /// The `/proc/self/ns/pid` link (`pid:[4026531836]`): a pid means something only within its
+    /// pid namespace (containers may share a host name).
+    pub pid_namespace: String,
+    /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks after boot.
+    pub start_ticks: u64,
+}
+
+impl ProcessStamp {
+    /// This process's stamp, or `None` without a readable `/proc`.
+    pub fn current() -> Option<ProcessStamp> {
+        let (boot_id, pid_namespace) = host_context()?;
+        Some(ProcessStamp {
+            boot_id,
+            pid_namespace,
+            start_ticks: start_ticks(std::process::id())?,
+        })
+    }
 }
 
 impl LockInfo {
@@ -74,10 +114,56 @@ impl LockInfo {
         )
     }
 
-    /// Why this lock is stale, or `None` while its holder may be alive.
-    pub fn stale_reason(&self, now: jiff::Timestamp, this_host: &str) -> Option<String> {
-        if self.host == this_host && !pid_alive(self.pid) {
+    /// Why this lock's holder is certainly dead, or `None` unless it is: the lock was taken on
+    /// this host (same host name and, when recorded, the same boot and pid namespace as this
+    /// process) by a pid that no longer exists, or that now belongs to a process started at
+    /// another time. Such a lock is broken by [`RepoLock::acquire`] without asking.
+    pub fn dead_holder(&self, this_host: &str) -> Option<String> {
+        if self.host != this_host {
+            return None;
+        }
+        let Some(stamp) = &self.process else {
+            // A lock from a pgpitr that did not record its process: the pid alone.
+            return (!pid_exists(self.pid))
+                .then(|| format!("process {} is not running on this host", self.pid));
+        };
+        let (boot_id, pid_namespace) = host_context()?;
+        if stamp.boot_id != boot_id || stamp.pid_namespace != pid_namespace {
+            // Another boot, another container or another machine of the same name: our view of
+            // its pids says nothing.
+            return None;
+        }
+        if !pid_exists(self.pid) {
             return Some(format!("process {} is not running on this host", self.pid));
+        }
+        match start_ticks(self.pid) {
+            Some(t) if t != stamp.start_ticks => Some(format!(
+                "process {} is not running on this host (the pid now belongs to another process)",
+                self.pid
+            )),
+            // The same process, or it cannot be told (it exited meanwhile, or /proc hides it):
+            // alive, to be safe.
+            _ => None,
+        }
+    }
+
+    /// Why this lock is stale, or `None` while its holder may be alive. Wider than
+    /// [`LockInfo::dead_holder`]: also a heartbeat older than [`STALE_AFTER`], and a lock taken
+    /// under this host name in another boot; these are broken only by `pgpitr unlock`.
+    pub fn stale_reason(&self, now: jiff::Timestamp, this_host: &str) -> Option<String> {
+        if let Some(why) = self.dead_holder(this_host) {
+            return Some(why);
+        }
+        if let (true, Some(stamp), Some((boot_id, _))) =
+            (self.host == this_host, &self.process, host_context())
+        {
+            if stamp.boot_id != boot_id {
+                return Some(
+                    "it was taken before this host restarted (its boot id differs; unless \
+                     another machine has the same host name)"
+                        .into(),
+                );
+            }
         }
         let age = now.duration_since(self.heartbeat);
         if age.as_secs() > STALE_AFTER.as_secs() as i64 {
@@ -144,16 +230,17 @@ impl RepoLock {
     /// # Errors
     /// [`LockError::Held`] naming the holder (and whether its lock looks stale); storage errors.
     pub async fn acquire(storage: DynStorage, command: &str) -> Result<RepoLock, LockError> {
-        let now = jiff::Timestamp::now();
         let host = hostname();
         let held = |other: &FoundLock| LockError::Held {
             holder: other.describe(),
             key: other.key.clone(),
             stale: other.stale_reason(jiff::Timestamp::now(), &host),
         };
-        if let Some(other) = list(storage.as_ref()).await?.first() {
+        let found = list(storage.as_ref()).await?;
+        if let Some(other) = break_dead(storage.as_ref(), found, &host).await?.first() {
             return Err(held(other));
         }
+        let now = jiff::Timestamp::now();
         let info = LockInfo {
             token: new_token(now),
             command: command.to_string(),
@@ -161,20 +248,28 @@ impl RepoLock {
             pid: std::process::id(),
             started: now,
             heartbeat: now,
+            process: ProcessStamp::current(),
         };
         let key = layout::lock_key(&info.token);
         write(storage.as_ref(), &key, &info).await?;
         let mut tries = 0;
         loop {
-            let all = list(storage.as_ref()).await;
-            let all = match all {
-                Ok(a) => a,
+            // Another contender may have died since the first listing: its object is broken
+            // here too (it can never win).
+            let others = match list(storage.as_ref()).await {
+                Ok(all) => {
+                    let all = all.into_iter().filter(|l| l.key != key).collect();
+                    break_dead(storage.as_ref(), all, &host).await
+                }
+                Err(e) => Err(e),
+            };
+            let others = match others {
+                Ok(o) => o,
                 Err(e) => {
                     let _ = storage.delete(&key).await;
                     return Err(e.into());
                 }
             };
-            let others: Vec<&FoundLock> = all.iter().filter(|l| l.key != key).collect();
             let Some(first) = others.first() else {
                 break;
             };
@@ -234,6 +329,40 @@ impl RepoLock {
             );
         }
     }
+}
+
+/// Deletes the locks of `found` whose holder is certainly dead ([`LockInfo::dead_holder`]),
+/// each with a warning, and returns the others. Only the examined key is deleted: it was written
+/// by its dead holder alone, so nothing else can be lost.
+async fn break_dead(
+    storage: &dyn Storage,
+    found: Vec<FoundLock>,
+    host: &str,
+) -> Result<Vec<FoundLock>, StorageError> {
+    let mut left = Vec::new();
+    for l in found {
+        let why = match &l.info {
+            Ok(info) => info.dead_holder(host).map(|why| (info, why)),
+            Err(_) => None,
+        };
+        let Some((info, why)) = why else {
+            left.push(l);
+            continue;
+        };
+        storage.delete(&l.key).await?;
+        let now = jiff::Timestamp::now();
+        tracing::warn!(
+            "broke the stale repository lock {} of {} (pid {} on host {}, taken {} s ago, last \
+             heartbeat {} s ago): {why}",
+            l.key,
+            info.command,
+            info.pid,
+            info.host,
+            now.duration_since(info.started).as_secs(),
+            now.duration_since(info.heartbeat).as_secs(),
+        );
+    }
+    Ok(left)
 }
 
 async fn write(storage: &dyn Storage, key: &str, info: &LockInfo) -> Result<(), StorageError> {
@@ -342,17 +471,43 @@ pub fn hostname() -> String {
     "unknown".into()
 }
 
-/// Whether process `pid` exists on this host (`kill(pid, 0)`; EPERM means it exists).
-fn pid_alive(pid: u32) -> bool {
+/// Whether process `pid` may exist on this host: `/proc/<pid>` exists (a zombie counts), or
+/// `kill(pid, 0)` says anything but ESRCH (EPERM: another user's process, which `/proc` may hide
+/// when mounted with `hidepid`). Only when both say it is gone is it gone.
+fn pid_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
     if pid <= 0 {
         return false;
     }
+    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return true;
+    }
     // SAFETY: signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// This host's boot id and this process's pid namespace, or `None` without a readable `/proc`.
+fn host_context() -> Option<(String, String)> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let (boot_id, ns) = (boot_id.trim(), ns.to_string_lossy());
+    (!boot_id.is_empty() && !ns.is_empty()).then(|| (boot_id.to_string(), ns.into_owned()))
+}
+
+/// When process `pid` started (field 22 of `/proc/<pid>/stat`, in clock ticks after boot).
+fn start_ticks(pid: u32) -> Option<u64> {
+    parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses and may
+/// itself hold spaces and parentheses, so fields are counted after the last `)`.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields 3 (state) onwards; 22 is the 20th of them.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -370,7 +525,24 @@ mod tests {
             pid,
             started: t,
             heartbeat: t,
+            process: None,
         }
+    }
+
+    /// The pid and stamp of a process that has exited (and been reaped).
+    fn dead_process() -> (u32, ProcessStamp) {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let stamp = ProcessStamp {
+            start_ticks: start_ticks(pid).unwrap(),
+            ..ProcessStamp::current().unwrap()
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+        (pid, stamp)
     }
 
     #[test]
@@ -392,10 +564,102 @@ mod tests {
             info("other", 0, "2026-11-23T09:59:00Z").stale_reason(now, "h"),
             None
         );
+        assert_eq!(
+            info("other", 0, "2026-11-23T09:00:00Z").dead_holder("h"),
+            None
+        );
         assert!(info("other", 0, "2026-11-23T09:00:00Z")
             .stale_reason(now, "h")
             .unwrap()
             .contains("no heartbeat"));
+    }
+
+    #[test]
+    fn the_process_stamp_tells_a_reused_pid_from_the_holder() {
+        let now: jiff::Timestamp = "2026-11-23T10:00:00Z".parse().unwrap();
+        let fresh = "2026-11-23T09:59:00Z";
+        let me = std::process::id();
+        let stamp = ProcessStamp::current().expect("/proc is readable");
+        let stamped = |pid: u32, stamp: ProcessStamp| LockInfo {
+            process: Some(stamp),
+            ..info("h", pid, fresh)
+        };
+        // This very process: alive.
+        assert_eq!(stamped(me, stamp.clone()).dead_holder("h"), None);
+        assert_eq!(stamped(me, stamp.clone()).stale_reason(now, "h"), None);
+        // Our pid, but started at another time: the holder is gone, the pid was reused.
+        let reused = stamped(
+            me,
+            ProcessStamp {
+                start_ticks: stamp.start_ticks + 1,
+                ..stamp.clone()
+            },
+        );
+        assert!(
+            reused.dead_holder("h").unwrap().contains("another process"),
+            "{reused:?}"
+        );
+        // A process that has exited.
+        let (pid, dead) = dead_process();
+        assert!(stamped(pid, dead.clone())
+            .dead_holder("h")
+            .unwrap()
+            .contains("not running"));
+        // Another pid namespace (a container with our host name): cannot judge, not stale while
+        // the heartbeat is fresh.
+        let other_ns = stamped(
+            pid,
+            ProcessStamp {
+                pid_namespace: "pid:[1]".into(),
+                ..dead.clone()
+            },
+        );
+        assert_eq!(other_ns.dead_holder("h"), None);
+        assert_eq!(other_ns.stale_reason(now, "h"), None);
+        // Another boot: not broken automatically, but `pgpitr unlock` may break it.
+        let other_boot = stamped(
+            pid,
+            ProcessStamp {
+                boot_id: "00000000-0000-0000-0000-000000000000".into(),
+                ..dead
+            },
+        );
+        assert_eq!(other_boot.dead_holder("h"), None);
+        assert!(other_boot
+            .stale_reason(now, "h")
+            .unwrap()
+            .contains("restarted"));
+    }
+
+    #[test]
+    fn lock_objects_stay_readable_across_versions() {
+        // Written by a pgpitr without the process stamp.
+        let old = r#"{"token":"1","command":"backup","host":"h","pid":7,
+            "started":"2026-11-23T09:59:00Z","heartbeat":"2026-11-23T09:59:00Z"}"#;
+        let i: LockInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(i.process, None);
+        // Written with it; unknown fields (from later versions) are ignored.
+        let mut v = serde_json::to_value(LockInfo {
+            process: ProcessStamp::current(),
+            ..i.clone()
+        })
+        .unwrap();
+        assert!(v["process"]["start_ticks"].is_u64(), "{v}");
+        v["later"] = serde_json::json!(1);
+        let back: LockInfo = serde_json::from_value(v).unwrap();
+        assert_eq!(back.process, ProcessStamp::current());
+        // And without a stamp the field is left out.
+        assert!(serde_json::to_value(&i).unwrap().get("process").is_none());
+    }
+
+    #[test]
+    fn start_ticks_are_counted_after_the_command_name() {
+        let fields: Vec<String> = (3..=25).map(|f| f.to_string()).collect();
+        let line = format!("42 (a) b (c)) {}\n", fields.join(" "));
+        assert_eq!(parse_start_ticks(&line), Some(22));
+        assert_eq!(parse_start_ticks("42 (x) S 1 2"), None);
+        assert_eq!(parse_start_ticks("garbage"), None);
+        assert!(start_ticks(std::process::id()).is_some());
     }
 
     #[test]
@@ -406,11 +670,32 @@ mod tests {
         assert!(a < b);
     }
 
+    async fn plant(storage: &dyn Storage, info: &LockInfo) -> String {
+        let key = layout::lock_key(&info.token);
+        write(storage, &key, info).await.unwrap();
+        key
+    }
+
+    /// A lock left by a `kill -9`'d process of this host.
+    fn dead_lock(token: &str) -> LockInfo {
+        let (pid, stamp) = dead_process();
+        LockInfo {
+            token: token.into(),
+            process: Some(stamp),
+            ..info(&hostname(), pid, "2026-11-23T09:59:00Z")
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn racing_contenders_never_both_win() {
         let dir = tempfile::tempdir().unwrap();
         let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
-        for _ in 0..5 {
+        for round in 0..5 {
+            // Every other round, a dead holder's lock that every contender wants to break.
+            let dead = (round % 2 == 1).then(|| dead_lock("00000000000000000001-1-0000dead"));
+            if let Some(d) = &dead {
+                plant(storage.as_ref(), d).await;
+            }
             let tries: Vec<_> = (0..8)
                 .map(|_| tokio::spawn(RepoLock::acquire(storage.clone(), "expire")))
                 .collect();
@@ -420,7 +705,16 @@ mod tests {
                     won.push(lock);
                 }
             }
-            assert!(won.len() <= 1, "{} holders", won.len());
+            assert!(won.len() <= 1, "round {round}: {} holders", won.len());
+            let left = list(storage.as_ref()).await.unwrap();
+            assert!(
+                left.iter().all(|l| !l.key.contains("dead")),
+                "round {round}: the dead lock is still there"
+            );
+            assert_eq!(
+                left.iter().map(|l| l.key.as_str()).collect::<Vec<_>>(),
+                won.iter().map(|l| l.key()).collect::<Vec<_>>()
+            );
             for lock in won {
                 lock.release().await;
             }
@@ -447,24 +741,60 @@ mod tests {
         lock.release().await;
         assert!(list(storage.as_ref()).await.unwrap().is_empty());
 
-        // A lock left by a dead process on this host.
-        let dead = LockInfo {
-            token: "00000000000000000001-0-dead".into(),
+        // Locks left by dead processes on this host, with and without the process stamp, are
+        // broken by the next acquire.
+        let stamped = plant(storage.as_ref(), &dead_lock("00000000000000000001-1-dead")).await;
+        let legacy = LockInfo {
+            token: "00000000000000000002-0-dead".into(),
             host: hostname(),
-            pid: 0,
             ..info("x", 0, "2026-11-23T09:59:00Z")
         };
-        write(storage.as_ref(), &layout::lock_key(&dead.token), &dead)
+        let legacy = plant(storage.as_ref(), &legacy).await;
+        let lock = RepoLock::acquire(storage.clone(), "expire").await.unwrap();
+        let left: Vec<String> = list(storage.as_ref())
             .await
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(left, vec![lock.key().to_string()]);
+        assert!(!left.contains(&stamped) && !left.contains(&legacy));
+        lock.release().await;
+
+        // Another host with a fresh heartbeat: refused, to wait.
+        let fresh = LockInfo {
+            token: "00000000000000000003-7-other".into(),
+            heartbeat: jiff::Timestamp::now(),
+            ..info("another-host", 0, "2026-11-23T09:59:00Z")
+        };
+        let fresh_key = plant(storage.as_ref(), &fresh).await;
         let msg = RepoLock::acquire(storage.clone(), "expire")
             .await
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains("stale") && msg.contains("pgpitr unlock"),
+            msg.contains("another-host") && msg.contains("wait") && !msg.contains("stale"),
             "{msg}"
         );
+        let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
+        assert!(broken.is_empty() && live.len() == 1);
+        storage.delete(&fresh_key).await.unwrap();
+
+        // Another host whose heartbeat stopped: reported stale, broken only by `unlock`.
+        let old = LockInfo {
+            token: "00000000000000000004-7-other".into(),
+            ..info("another-host", 0, "2026-11-23T09:00:00Z")
+        };
+        plant(storage.as_ref(), &old).await;
+        let msg = RepoLock::acquire(storage.clone(), "expire")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("stale") && msg.contains("no heartbeat") && msg.contains("pgpitr unlock"),
+            "{msg}"
+        );
+        assert_eq!(list(storage.as_ref()).await.unwrap().len(), 1);
         let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
         assert_eq!(broken.len(), 1);
         assert!(live.is_empty());
