@@ -5,22 +5,23 @@
 //! - expire refuses to run without a policy; `--keep ID`, `--keep-last` (dry run, then for
 //!   real), `--keep-within`; the oldest kept backup and the newest are then restored with
 //!   `--target immediate` and hold the rows they should;
+//! - grandfather-father-son (`--keep-daily/--keep-weekly/--keep-monthly`, and the same keys in
+//!   the configuration file) on real backups whose manifests are moved to chosen days, weeks
+//!   and months of the past;
 //! - verify passes on the expired repository and catches, on copies of it, a flipped byte in a
 //!   pack, a missing pack and a missing WAL segment, naming the key, with a non-zero exit;
 //! - `kill -9` of an expire in the middle of its deletions leaves a repository that verify
 //!   passes; the next expire breaks the dead holder's lock by itself; locks from another host
 //!   are waited for (fresh heartbeat) or broken only by `pgpitr unlock` (stale heartbeat);
 //! - a second backup while one runs fails with a message naming the holder.
-//!
-//! GFS (daily/weekly/monthly) buckets are tested in `agent/src/retention/policy.rs`: real
-//! backups cannot span days.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pgpitr::repo::layout;
-use pgpitr::repo::manifest::BackupManifest;
+use pgpitr::repo::manifest::{BackupId, BackupManifest};
+use pgpitr::storage::{DynStorage, PutMode};
 use pgpitr_tests::pg::Cluster;
 use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir, PG_USER};
 
@@ -605,4 +606,271 @@ async fn lock_races_on_garage() {
             .unwrap()
             .is_empty());
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The repository of `env` through pgpitr's own storage layer. Credentials (`AWS_*`) come from
+/// the process environment, as in the binaries.
+fn storage_of(env: &Env) -> DynStorage {
+    for (k, v) in env.iter().filter(|(k, _)| !k.starts_with("PGPITR_")) {
+        std::env::set_var(k, v);
+    }
+    let keys: Env = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PGPITR_"))
+        .cloned()
+        .collect();
+    let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
+    runtime().block_on(config.storage()).unwrap()
+}
+
+/// Moves backup `id` in time: its manifest's stop time becomes `stop` and its start time keeps
+/// its distance to it. The manifest is rewritten whole through the library's type and storage,
+/// as `pgpitr expire --keep` does (manifests carry no checksum of their own).
+fn move_backup(store: &DynStorage, id: &str, stop: jiff::Timestamp) {
+    runtime().block_on(async {
+        let key = layout::backup_manifest_key(&BackupId::parse(id).unwrap());
+        let mut m: BackupManifest =
+            serde_json::from_slice(&store.get(&key).await.unwrap()).unwrap();
+        let took = m.stop_time.duration_since(m.start_time);
+        m.stop_time = stop;
+        m.start_time = stop - took;
+        let body = bytes::Bytes::from(serde_json::to_vec(&m).unwrap());
+        store.put(&key, body, PutMode::Overwrite).await.unwrap();
+    });
+}
+
+/// The WAL keys that expiry must leave when `oldest` is the oldest kept backup: every file from
+/// the segment holding its start on, and the history files (one timeline here, so file names
+/// order like positions).
+fn wal_kept_from(wal: &[String], oldest: &BackupManifest) -> Vec<String> {
+    let start = pgpitr::pg::WalSegmentName::containing(
+        oldest.start_timeline,
+        oldest.start_lsn,
+        oldest.wal_segment_size,
+    )
+    .to_string();
+    wal.iter()
+        .filter(|k| k.rsplit('/').next().unwrap() >= start.as_str() || k.contains("history"))
+        .cloned()
+        .collect()
+}
+
+fn expired_of(report: &serde_json::Value) -> Vec<String> {
+    let mut ids: Vec<String> = report["expired_backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The reasons the report gives for keeping `id` (empty when it expires).
+fn reasons_of(report: &serde_json::Value, id: &str) -> Vec<String> {
+    let v = report["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("{id} is not in the report: {report}"));
+    v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Grandfather-father-son retention on real backups: seven backups, the six older ones moved
+/// (in their manifests) to fixed days of 2024 so that days, ISO weeks and months differ, the
+/// newest left at its real time; `--keep-daily 3 --keep-weekly 3 --keep-monthly 3` from the
+/// command line and from the configuration file, dry run then for real; exactly the backups the
+/// rule does not pick go; verify passes; the oldest kept and the newest restore with their rows.
+#[test]
+fn expire_grandfather_father_son_on_real_backups() {
+    let began = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", began.elapsed().as_secs_f64());
+    let (repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let store = storage_of(&env);
+    let c = archiving_cluster(env.clone(), "");
+    run_ok(c.pgbench().args(["-i", "-s", "1", "-q", "postgres"]));
+    c.psql("CREATE TABLE t (i int)");
+    wait_for_repo_json(&c, &repo);
+    let mut taken = Vec::new();
+    for k in 1..=7 {
+        c.psql(&format!(
+            "INSERT INTO t SELECT g FROM generate_series({}, {}) g",
+            (k - 1) * 100 + 1,
+            k * 100
+        ));
+        taken.push(backup(&env, &c));
+    }
+    assert_eq!(ids(&repo), taken);
+    phase("seven backups taken");
+
+    // 2024-01-01 is a Monday: ISO week N of 2024 starts on day 7(N-1)+1 of the year. Far
+    // enough from today's day, week and month, whatever today is.
+    let when = [
+        "2024-01-10T10:00:00Z", // b0: Wed, W02, January
+        "2024-02-05T10:00:00Z", // b1: Mon, W06, February
+        "2024-02-20T10:00:00Z", // b2: Tue, W08, February (its newest)
+        "2024-03-04T10:00:00Z", // b3: Mon, W10, March
+        "2024-03-06T09:00:00Z", // b4: Wed, W10, March
+        "2024-03-06T15:00:00Z", // b5: the same day, later: newest of its day, week and month
+    ];
+    for (id, stop) in taken.iter().zip(when) {
+        move_backup(&store, id, stop.parse().unwrap());
+    }
+    let moved: Vec<String> = manifests(&repo)
+        .iter()
+        .map(|m| m.stop_time.to_string())
+        .collect();
+    assert_eq!(&moved[..6], when);
+    let b = |i: usize| taken[i].clone();
+    // Newest first: days b6, b5 (03-06), b3 (03-04) | weeks b6, b5 (W10), b2 (W08) | months b6,
+    // b5 (2024-03), b2 (2024-02). Going: b4 (not the newest of its day), b1 (a fourth week, not
+    // the newest of February), b0 (a fourth month).
+    let want_expired = vec![b(0), b(1), b(4)];
+    let gfs = [
+        "--keep-daily",
+        "3",
+        "--keep-weekly",
+        "3",
+        "--keep-monthly",
+        "3",
+        "--pack-min-age",
+        "0s",
+    ];
+
+    // Dry run, text and JSON: nothing changes.
+    let wal_before = keys(&repo, "wal");
+    let packs_before = keys(&repo, "packs");
+    let mut args = vec!["expire", "--dry-run"];
+    args.extend(gfs);
+    let out = pgpitr_ok(&env, &args);
+    for i in 0..7 {
+        let expires = want_expired.contains(&b(i));
+        assert_eq!(
+            out.contains(&format!("would expire  {}", b(i))),
+            expires,
+            "backup {i}: {out}"
+        );
+        assert_eq!(
+            out.contains(&format!("keep    {}", b(i))),
+            !expires,
+            "{out}"
+        );
+    }
+    assert!(out.contains("would free"), "{out}");
+    args.push("--json");
+    let dry: serde_json::Value = serde_json::from_str(&pgpitr_ok(&env, &args)).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(expired_of(&dry), want_expired);
+    assert_eq!(ids(&repo), taken);
+    assert_eq!(keys(&repo, "wal"), wal_before);
+    assert_eq!(keys(&repo, "packs"), packs_before);
+
+    // Why each one stays: every rule contributes.
+    let now = manifests(&repo)[6]
+        .stop_time
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    let iso = now.date().iso_week_date();
+    let today = [
+        "newest".to_string(),
+        format!("daily {}", now.date()),
+        format!("weekly {}-W{:02}", iso.year(), iso.week()),
+        format!("monthly {}-{:02}", now.year(), now.month()),
+    ];
+    for r in &today {
+        assert!(reasons_of(&dry, &b(6)).contains(r), "{r}: {dry}");
+    }
+    assert_eq!(
+        reasons_of(&dry, &b(5)),
+        ["daily 2024-03-06", "weekly 2024-W10", "monthly 2024-03"]
+    );
+    assert_eq!(reasons_of(&dry, &b(3)), ["daily 2024-03-04"]);
+    assert_eq!(
+        reasons_of(&dry, &b(2)),
+        ["weekly 2024-W08", "monthly 2024-02"]
+    );
+    for i in [0, 1, 4] {
+        assert!(reasons_of(&dry, &b(i)).is_empty(), "{dry}");
+    }
+
+    // The same policy from the configuration file; a command-line option overrides its key.
+    let config = repo_dir.path().join("pgpitr.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repo = \"{}\"\nkeep_daily = 3\nkeep_weekly = 3\nkeep_monthly = 3\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let conf_args = ["--config", config, "expire", "--dry-run", "--json"];
+    let from_file: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&Env::new(), &conf_args)).unwrap();
+    assert_eq!(
+        from_file["policy"], "keep-daily 3, keep-weekly 3, keep-monthly 3",
+        "{from_file}"
+    );
+    assert_eq!(expired_of(&from_file), want_expired);
+    let mut args = conf_args.to_vec();
+    args.extend(["--keep-monthly", "4"]);
+    let overridden: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&Env::new(), &args)).unwrap();
+    assert_eq!(expired_of(&overridden), vec![b(1), b(4)]);
+    assert_eq!(reasons_of(&overridden, &b(0)), ["monthly 2024-01"]);
+    assert_eq!(ids(&repo), taken);
+    phase("dry runs");
+
+    // For real.
+    let mut args = vec!["expire", "--json"];
+    args.extend(gfs);
+    let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(&env, &args)).unwrap();
+    assert_eq!(expired_of(&report), want_expired);
+    assert_eq!(ids(&repo), vec![b(2), b(3), b(5), b(6)]);
+    for id in &want_expired {
+        assert!(!repo
+            .join("backups")
+            .join(id)
+            .join("backup_manifest")
+            .exists());
+    }
+    let kept = manifests(&repo);
+    let wal_want = wal_kept_from(&wal_before, &kept[0]);
+    assert!(wal_want.len() < wal_before.len());
+    assert_eq!(keys(&repo, "wal"), wal_want);
+    // Every pack left is referenced by a kept backup, and none of those went.
+    let referenced: std::collections::BTreeSet<String> = kept
+        .iter()
+        .flat_map(|m| m.files.iter().flat_map(|f| f.chunks.iter()))
+        .flat_map(|c| [layout::pack_key(&c.pack), layout::pack_index_key(&c.pack)])
+        .collect();
+    assert_eq!(
+        keys(&repo, "packs"),
+        referenced.into_iter().collect::<Vec<_>>()
+    );
+    // Run again: the policy is stable, nothing more goes.
+    let again: serde_json::Value = serde_json::from_str(&pgpitr_ok(&env, &args)).unwrap();
+    assert!(expired_of(&again).is_empty(), "{again}");
+    phase("expired");
+
+    pgpitr_ok(&env, &["verify"]);
+    phase("verified");
+    // The oldest kept backup (b2) and the newest restore with their rows.
+    assert_eq!(restore_and_count(&env, &b(2)), 300);
+    assert_eq!(restore_and_count(&env, &b(6)), 700);
+    phase("restored the oldest kept and the newest backup");
 }
