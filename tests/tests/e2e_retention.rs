@@ -1,6 +1,6 @@
 //! End to end: `pgpitr expire`, `pgpitr verify`, `pgpitr unlock` and the repository lock, on
 //! real backups of a PostgreSQL 15 cluster archiving through `pgpitr-archive` into a local
-//! repository.
+//! repository, and on Garage (S3).
 //!
 //! - expire refuses to run without a policy; `--keep ID`, `--keep-last` (dry run, then for
 //!   real), `--keep-within`; the oldest kept backup and the newest are then restored with
@@ -13,7 +13,9 @@
 //! - `kill -9` of an expire in the middle of its deletions leaves a repository that verify
 //!   passes; the next expire breaks the dead holder's lock by itself; locks from another host
 //!   are waited for (fresh heartbeat) or broken only by `pgpitr unlock` (stale heartbeat);
-//! - a second backup while one runs fails with a message naming the holder.
+//! - a second backup while one runs fails with a message naming the holder;
+//! - on S3: expire shrinks the manifests, packs and WAL as it should, verify passes and then
+//!   catches a deleted pack.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -631,6 +633,18 @@ fn storage_of(env: &Env) -> DynStorage {
     runtime().block_on(config.storage()).unwrap()
 }
 
+/// The keys under `prefix`, sorted.
+fn listing(store: &DynStorage, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = runtime()
+        .block_on(store.list(prefix))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// Moves backup `id` in time: its manifest's stop time becomes `stop` and its start time keeps
 /// its distance to it. The manifest is rewritten whole through the library's type and storage,
 /// as `pgpitr expire --keep` does (manifests carry no checksum of their own).
@@ -873,4 +887,150 @@ fn expire_grandfather_father_son_on_real_backups() {
     assert_eq!(restore_and_count(&env, &b(2)), 300);
     assert_eq!(restore_and_count(&env, &b(6)), 700);
     phase("restored the oldest kept and the newest backup");
+}
+
+/// `expire` and `verify` on S3 (Garage): three backups, the first holding ~88 MiB that does not
+/// compress and is dropped before the second, so that some of its packs hold nothing the later
+/// backups use; `--keep-last 2` removes its manifests, the WAL before the second backup and
+/// exactly the packs no kept backup references; verify passes, then catches a pack deleted
+/// behind its back, naming its key.
+#[test]
+fn expire_and_verify_on_s3() {
+    use pgpitr_tests::garage::Garage;
+    let began = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", began.elapsed().as_secs_f64());
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    let env: Env = g.env(&bucket, "retention");
+    let store = storage_of(&env);
+    let c = archiving_cluster(env.clone(), "");
+    c.psql("CREATE TABLE t (i int)");
+    c.psql("CREATE TABLE big (i int, b bytea); ALTER TABLE big ALTER b SET STORAGE EXTERNAL");
+    // 88 rows of 1 MiB of SHA-256 output, stored out of line and uncompressed.
+    c.psql(
+        "INSERT INTO big SELECT i, (SELECT string_agg(sha256(int4send(i * 100000 + j)), ''::bytea) \
+         FROM generate_series(1, 32768) j) FROM generate_series(1, 88) i",
+    );
+    c.psql("SELECT pg_switch_wal()");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while runtime()
+        .block_on(store.head(layout::REPO_JSON))
+        .unwrap()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "nothing archived:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    phase("cluster ready");
+
+    let mut taken = Vec::new();
+    for k in 1..=3 {
+        c.psql(&format!(
+            "INSERT INTO t SELECT g FROM generate_series({}, {}) g",
+            (k - 1) * 100 + 1,
+            k * 100
+        ));
+        taken.push(backup(&env, &c));
+        if k == 1 {
+            c.psql("DROP TABLE big");
+        }
+    }
+    phase("three backups taken");
+    let manifests_of = |ids: &[String]| -> Vec<BackupManifest> {
+        ids.iter()
+            .map(|id| {
+                let key = layout::backup_manifest_key(&BackupId::parse(id).unwrap());
+                serde_json::from_slice(&runtime().block_on(store.get(&key)).unwrap()).unwrap()
+            })
+            .collect()
+    };
+    let all = manifests_of(&taken);
+    let backups_before = listing(&store, layout::BACKUPS_ROOT);
+    let packs_before = listing(&store, layout::PACKS_ROOT);
+    let wal_before = listing(&store, "wal/");
+    assert_eq!(backups_before.len(), 6, "{backups_before:?}");
+
+    let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &[
+            "expire",
+            "--keep-last",
+            "2",
+            "--pack-min-age",
+            "0s",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    phase("expired");
+    assert_eq!(expired_of(&report), vec![taken[0].clone()]);
+
+    // Manifests: the first backup's two objects went.
+    let first = format!("{}{}/", layout::BACKUPS_ROOT, taken[0]);
+    let want: Vec<String> = backups_before
+        .iter()
+        .filter(|k| !k.starts_with(&first))
+        .cloned()
+        .collect();
+    assert_eq!(want.len(), 4);
+    assert_eq!(listing(&store, layout::BACKUPS_ROOT), want);
+    // Packs: exactly those a kept backup references stay (pack and index).
+    let referenced: std::collections::BTreeSet<String> = all[1..]
+        .iter()
+        .flat_map(|m| m.files.iter().flat_map(|f| f.chunks.iter()))
+        .flat_map(|c| [layout::pack_key(&c.pack), layout::pack_index_key(&c.pack)])
+        .collect();
+    let packs_after = listing(&store, layout::PACKS_ROOT);
+    assert_eq!(packs_after, referenced.into_iter().collect::<Vec<_>>());
+    assert!(
+        packs_after.len() < packs_before.len(),
+        "no pack went: {packs_before:?}"
+    );
+    assert_eq!(
+        report["packs"].as_u64().unwrap() as usize * 2,
+        packs_before.len() - packs_after.len(),
+        "{report}"
+    );
+    // WAL: what precedes the second backup's start went, the rest stays.
+    let wal_want = wal_kept_from(&wal_before, &all[1]);
+    assert!(wal_want.len() < wal_before.len());
+    assert_eq!(listing(&store, "wal/"), wal_want);
+    eprintln!(
+        "S3 objects: backups {} -> {}, packs {} -> {}, WAL {} -> {}",
+        backups_before.len(),
+        want.len(),
+        packs_before.len(),
+        packs_after.len(),
+        wal_before.len(),
+        wal_want.len()
+    );
+
+    pgpitr_ok(&env, &["verify"]);
+    phase("verified");
+
+    // A pack of the newest backup deleted behind pgpitr's back: verify names it and fails.
+    let pack_key = layout::pack_key(
+        &all[2]
+            .files
+            .iter()
+            .find_map(|f| f.chunks.first())
+            .unwrap()
+            .pack,
+    );
+    runtime().block_on(store.delete(&pack_key)).unwrap();
+    let out = pgpitr(&env, &["verify", "--json"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["problems"].as_array().unwrap().iter().any(|p| {
+            p["key"] == pack_key.as_str() && p["message"].as_str().unwrap().contains("pack missing")
+        }),
+        "{v}"
+    );
+    pgpitr_fails(
+        &env,
+        &["verify", "--backup", &taken[2]],
+        &[&pack_key, "PROBLEM"],
+    );
+    phase("missing pack found");
 }
