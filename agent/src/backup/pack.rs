@@ -11,7 +11,6 @@
 //! through a bounded channel, so at most a couple of packs are in memory at once.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
@@ -21,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::PACK_TARGET_SIZE;
+use crate::repo::codec;
 use crate::repo::layout::{self, PackObject};
 use crate::repo::manifest::ChunkRef;
 use crate::repo::RepoError;
@@ -241,6 +241,8 @@ pub struct Packer {
     known: ChunkSet,
     id: String,
     buf: Vec<u8>,
+    /// Reused buffer for one compressed chunk.
+    scratch: Vec<u8>,
     entries: Vec<PackIndexEntry>,
     tx: mpsc::Sender<SealedPack>,
     target: usize,
@@ -258,6 +260,7 @@ impl Packer {
             known,
             id: new_pack_id(),
             buf: Vec::new(),
+            scratch: Vec::new(),
             entries: Vec::new(),
             tx,
             target,
@@ -280,7 +283,7 @@ impl Packer {
                 .reserve_exact(self.target + plain.len() + plain.len() / 64 + 1024);
         }
         let offset = self.buf.len() as u64;
-        compress_into(plain, &mut self.buf);
+        codec::append_frame(plain, &mut self.scratch, &mut self.buf);
         let length = self.buf.len() as u64 - offset;
         let r = ChunkRef {
             sha256: hex::encode(sha256),
@@ -336,17 +339,6 @@ impl Packer {
     }
 }
 
-/// Appends `plain` to `out` as one lz4 frame (the format `repo::codec` reads: 4 MiB blocks,
-/// content checksum).
-fn compress_into(plain: &[u8], out: &mut Vec<u8>) {
-    let info = lz4_flex::frame::FrameInfo::new()
-        .block_size(lz4_flex::frame::BlockSize::Max4MB)
-        .content_checksum(true);
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
-    enc.write_all(plain).expect("writing to a Vec");
-    enc.finish().expect("writing to a Vec");
-}
-
 /// Uploads sealed packs as they arrive: the pack, then its index. Returns the number of packs
 /// uploaded once the channel is closed.
 ///
@@ -378,7 +370,6 @@ pub async fn upload(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::codec;
 
     #[test]
     fn pack_ids_are_unique_and_valid() {

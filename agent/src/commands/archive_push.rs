@@ -101,25 +101,29 @@ pub async fn run(
             other => other?,
         },
     };
-    let outcome = match wal::push(storage.as_ref(), name, wal_path).await? {
+    // The waiting segments are pushed while this one is: its compression overlaps theirs.
+    let batch = matches!(name, WalFileName::Segment(_)) && config.archive_batch > 0;
+    let (pushed, pushed_ahead) = tokio::join!(wal::push(storage.as_ref(), name, wal_path), async {
+        if batch {
+            push_ahead(
+                config,
+                storage.as_ref(),
+                &identity,
+                wal_path,
+                name,
+                &spool_dir,
+            )
+            .await
+        } else {
+            Vec::new()
+        }
+    });
+    let outcome = match pushed? {
         PushOutcome::Stored => Outcome::Stored,
         PushOutcome::AlreadyArchived => {
             tracing::warn!("WAL file {name} was already archived with the same content");
             Outcome::AlreadyArchived
         }
-    };
-    let pushed_ahead = if matches!(name, WalFileName::Segment(_)) && config.archive_batch > 0 {
-        push_ahead(
-            config,
-            storage.as_ref(),
-            &identity,
-            wal_path,
-            name,
-            &spool_dir,
-        )
-        .await
-    } else {
-        Vec::new()
     };
     Ok(ArchiveReport {
         name,

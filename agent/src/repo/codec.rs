@@ -2,7 +2,7 @@
 //! it) with the SHA-256 of the plain bytes kept beside it. Large inputs are cut into parts that are
 //! compressed in parallel, each as its own frame; concatenated frames are valid lz4.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 /// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
 /// the parts in flight stay a few MiB, large enough that the frame overhead is negligible.
 const PART_SIZE: usize = 1024 * 1024;
-/// Streaming buffer for decompression.
-const READ_BUF: usize = 256 * 1024;
+/// Compressed inputs from this size on are decoded and hashed on two threads.
+const PIPELINE_MIN: usize = 256 * 1024;
 
 /// The compressed form of some plain bytes: the frames in order (their concatenation is the
 /// stored object) and the SHA-256 of the plain bytes.
@@ -52,8 +52,11 @@ pub fn compress(plain: &[u8]) -> Compressed {
 }
 
 /// Reads `input` to its end in parts of 1 MiB, hashing each part on this thread while worker
-/// threads (one per core, at most 4) compress earlier parts. Memory stays bounded: at most two
-/// parts per worker are in flight, plus the compressed output.
+/// threads (one per core, at most 4) compress earlier parts.
+///
+/// Memory is bounded per call whatever the input size: the part buffers are a pool of
+/// `workers + 1` MiB, reused (so their pages are faulted in once), and each worker keeps one
+/// scratch buffer for its compressed block; beyond that only the compressed output is held.
 ///
 /// # Errors
 /// A failing read.
@@ -65,20 +68,33 @@ pub fn compress_reader(mut input: impl Read) -> std::io::Result<Compressed> {
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(workers);
     let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Bytes)>();
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..=workers {
+        free_tx
+            .send(Vec::with_capacity(PART_SIZE))
+            .expect("receiver alive");
+    }
     let mut hasher = Sha256::new();
     let mut plain_len = 0u64;
     let mut parts = 0usize;
     std::thread::scope(|s| -> std::io::Result<()> {
         for _ in 0..workers {
-            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
-            s.spawn(move || loop {
-                let job = job_rx.lock().expect("job queue").recv();
-                let Ok((index, part)) = job else { break };
-                let _ = done_tx.send((index, Bytes::from(compress_frame(&part))));
+            let (job_rx, done_tx, free_tx) = (&job_rx, done_tx.clone(), free_tx.clone());
+            s.spawn(move || {
+                let mut scratch = Vec::new();
+                loop {
+                    let job = job_rx.lock().expect("job queue").recv();
+                    let Ok((index, part)) = job else { break };
+                    let frame = compress_frame(&part, &mut scratch);
+                    let _ = done_tx.send((index, Bytes::from(frame)));
+                    let _ = free_tx.send(part);
+                }
             });
         }
         let result = (|| loop {
-            let part = read_part(&mut input)?;
+            let mut part = free_rx.recv().expect("workers alive");
+            part.clear();
+            (&mut input).take(PART_SIZE as u64).read_to_end(&mut part)?;
             if part.is_empty() && parts > 0 {
                 return Ok(());
             }
@@ -110,23 +126,65 @@ pub fn compress_reader(mut input: impl Read) -> std::io::Result<Compressed> {
     })
 }
 
-/// Reads up to one part, fewer bytes only at the end of the input.
-fn read_part(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut part = Vec::with_capacity(PART_SIZE);
-    input.take(PART_SIZE as u64).read_to_end(&mut part)?;
-    Ok(part)
+/// The largest plain input of one frame: one block of the lz4 frame format's largest size.
+pub const MAX_FRAME_PLAIN: usize = 4 * 1024 * 1024;
+
+/// The seven header bytes of the frames we write: magic number, FLG (version 1, independent
+/// blocks, no block or content checksum, no content size), BD (the largest block size) and the
+/// header checksum. Taken from lz4_flex's own encoder, so they follow the lz4 frame format
+/// (lz4/doc/lz4_Frame_format.md) by construction.
+fn frame_header(block_size: lz4_flex::frame::BlockSize) -> [u8; 7] {
+    let info = lz4_flex::frame::FrameInfo::new()
+        .block_size(block_size)
+        .block_mode(lz4_flex::frame::BlockMode::Independent);
+    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+    enc.write_all(b"x").expect("writing to a Vec");
+    let frame = enc.finish().expect("writing to a Vec");
+    frame[..7].try_into().expect("a frame header is 7 bytes")
 }
 
-fn compress_frame(part: &[u8]) -> Vec<u8> {
-    let info = lz4_flex::frame::FrameInfo::new()
-        .block_size(lz4_flex::frame::BlockSize::Max4MB)
-        .content_checksum(true);
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(
-        info,
-        Vec::with_capacity(part.len() / 2 + 64),
-    );
-    enc.write_all(part).expect("writing to a Vec");
-    enc.finish().expect("writing to a Vec")
+/// Frame headers for blocks of at most 1 MiB and at most 4 MiB.
+static FRAME_HEADERS: std::sync::LazyLock<[[u8; 7]; 2]> = std::sync::LazyLock::new(|| {
+    [
+        frame_header(lz4_flex::frame::BlockSize::Max1MB),
+        frame_header(lz4_flex::frame::BlockSize::Max4MB),
+    ]
+});
+/// Marks a block stored uncompressed (its size word's high bit).
+const UNCOMPRESSED_BLOCK: u32 = 0x8000_0000;
+
+/// Appends `plain` (at most [`MAX_FRAME_PLAIN`] bytes) to `out` as one lz4 frame holding one
+/// block: the header, the block's size word, the block (stored plain when lz4 does not make it
+/// smaller), the end mark. No lz4 content checksum: the SHA-256 of the plain bytes, checked on
+/// every read, covers the content. `scratch` is the caller's reusable buffer for the compressed
+/// block, so that repeated calls fault no new pages in.
+pub fn append_frame(plain: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
+    assert!(plain.len() <= MAX_FRAME_PLAIN, "one frame holds one block");
+    let max = lz4_flex::block::get_maximum_output_size(plain.len());
+    if scratch.len() < max {
+        scratch.resize(max, 0);
+    }
+    let compressed = lz4_flex::block::compress_into(plain, scratch)
+        .expect("the output buffer has the maximum compressed size");
+    let (size_word, block) = if compressed < plain.len() {
+        (compressed as u32, &scratch[..compressed])
+    } else {
+        (plain.len() as u32 | UNCOMPRESSED_BLOCK, plain)
+    };
+    let header = &FRAME_HEADERS[usize::from(plain.len() > PART_SIZE)];
+    out.reserve(header.len() + 4 + block.len() + 4);
+    out.extend_from_slice(header);
+    if !block.is_empty() {
+        out.extend_from_slice(&size_word.to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+}
+
+fn compress_frame(part: &[u8], scratch: &mut Vec<u8>) -> Vec<u8> {
+    let mut frame = Vec::new();
+    append_frame(part, scratch, &mut frame);
+    frame
 }
 
 /// Why a stored object could not be turned back into its plain bytes.
@@ -141,7 +199,10 @@ pub enum DecodeError {
 }
 
 /// Decompresses `compressed` into `out`, streaming, and checks the SHA-256 of what was written
-/// against `expected_sha256_hex`. On error `out` may hold a prefix: write to a temporary file.
+/// against `expected_sha256_hex`. Decoding and writing run on this thread while another hashes
+/// the blocks already written, through a pool of three block buffers (inputs under 256 KiB are
+/// done on this thread alone). On error `out` may hold a
+/// prefix: write to a temporary file.
 ///
 /// # Errors
 /// Corrupt lz4 data, a checksum mismatch, or a failing writer.
@@ -150,29 +211,83 @@ pub fn decompress_verified(
     expected_sha256_hex: &str,
     out: &mut impl Write,
 ) -> Result<u64, DecodeError> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; READ_BUF];
-    let mut total = 0u64;
-    // FrameDecoder ends at the end of one frame; start a new one on the bytes that follow.
-    let mut rest: &[u8] = compressed;
-    while !rest.is_empty() {
-        let mut dec = lz4_flex::frame::FrameDecoder::new(&mut rest);
-        loop {
-            let n = dec.read(&mut buf).map_err(DecodeError::Lz4)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(DecodeError::Write)?;
-            total += n as u64;
-        }
+    if compressed.len() < PIPELINE_MIN {
+        let mut hasher = Sha256::new();
+        let written = decode_frames(compressed, |block| {
+            hasher.update(block);
+            out.write_all(block).map_err(DecodeError::Write)
+        })?;
+        return check(hasher, expected_sha256_hex).map(|()| written);
     }
+    let (block_tx, block_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..3 {
+        free_tx.send(Vec::new()).expect("receiver alive");
+    }
+    let (written, actual) = std::thread::scope(|s| {
+        let hashing = s.spawn(move || {
+            let mut hasher = Sha256::new();
+            for block in block_rx {
+                hasher.update(&block);
+                let _ = free_tx.send(block);
+            }
+            hasher
+        });
+        let written = decode_frames(compressed, |block| {
+            out.write_all(block).map_err(DecodeError::Write)?;
+            let mut buf = free_rx.recv().expect("the hashing thread returns buffers");
+            buf.clear();
+            buf.extend_from_slice(block);
+            block_tx.send(buf).expect("the hashing thread runs");
+            Ok(())
+        });
+        drop(block_tx);
+        let actual = hashing.join().expect("hashing thread");
+        (written, actual)
+    });
+    let written = written?;
+    check(actual, expected_sha256_hex).map(|()| written)
+}
+
+fn check(hasher: Sha256, expected_sha256_hex: &str) -> Result<(), DecodeError> {
     let actual = hex::encode(hasher.finalize());
     if actual != expected_sha256_hex {
         return Err(DecodeError::Checksum {
             expected: expected_sha256_hex.to_string(),
             actual,
         });
+    }
+    Ok(())
+}
+
+/// Hands every decoded block of the concatenated frames in `compressed` to `each`, in order;
+/// returns the plain length. One decoder serves all the frames, so that its buffers are
+/// allocated once: it reads the next frame's header when the previous frame has ended.
+fn decode_frames(
+    compressed: &[u8],
+    mut each: impl FnMut(&[u8]) -> Result<(), DecodeError>,
+) -> Result<u64, DecodeError> {
+    let mut total = 0u64;
+    let mut dec = lz4_flex::frame::FrameDecoder::new(compressed);
+    while !dec.get_ref().is_empty() {
+        let unread = dec.get_ref().len();
+        loop {
+            let block = dec.fill_buf().map_err(DecodeError::Lz4)?;
+            if block.is_empty() {
+                break;
+            }
+            each(block)?;
+            let n = block.len();
+            total += n as u64;
+            dec.consume(n);
+        }
+        if dec.get_ref().len() == unread {
+            // A frame that ends without reading anything: trailing garbage.
+            return Err(DecodeError::Lz4(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "trailing bytes that are not an lz4 frame",
+            )));
+        }
     }
     Ok(total)
 }
@@ -213,6 +328,38 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_standard_lz4_with_stored_blocks_for_incompressible_parts() {
+        for (header, bd) in FRAME_HEADERS.iter().zip([6 << 4, 7 << 4]) {
+            // FLG: version 01, independent blocks, no checksums, no content size, no dictionary.
+            assert_eq!(header[4], 0b0110_0000);
+            // BD: blocks of at most 1 MiB, 4 MiB.
+            assert_eq!(header[5], bd);
+        }
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let noise: Vec<u8> = (0..PART_SIZE + 5)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let c = compress(&noise);
+        assert_eq!(c.frames.len(), 2);
+        let size_word = u32::from_le_bytes(c.frames[0][7..11].try_into().unwrap());
+        assert_eq!(size_word, PART_SIZE as u32 | UNCOMPRESSED_BLOCK);
+        // lz4_flex's own frame decoder reads the frames back, one after the other.
+        let (stored, mut plain) = (c.to_bytes(), Vec::new());
+        let mut rest = &stored[..];
+        while !rest.is_empty() {
+            lz4_flex::frame::FrameDecoder::new(&mut rest)
+                .read_to_end(&mut plain)
+                .unwrap();
+        }
+        assert!(plain == noise);
+    }
+
+    #[test]
     fn detects_corruption_and_wrong_checksum() {
         let plain = pseudo_random(PART_SIZE + 1000);
         let c = compress(&plain);
@@ -224,7 +371,8 @@ mod tests {
         flipped[mid] ^= 0x40;
         assert!(decompress_verified(&flipped, &c.sha256_hex(), &mut Vec::new()).is_err());
         assert!(decompress_verified(
-            &c.to_bytes()[..c.len() - 3],
+            // Into the last block (a lost end mark alone loses no data: the SHA-256 matches).
+            &c.to_bytes()[..c.len() - 5],
             &c.sha256_hex(),
             &mut Vec::new()
         )
