@@ -2,7 +2,7 @@
 //! The binary comes from `$GARAGE_BIN`, else `~/.cache/pgpitr/garage/bin/garage` (where
 //! `scripts/test` installs it), else `garage` on the PATH.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -61,10 +61,12 @@ impl Garage {
     }
 
     fn start() -> Garage {
+        remove_dead_roots();
         let root = tempfile::Builder::new()
-            .prefix("pgpitr-garage-")
+            .prefix(ROOT_PREFIX)
             .tempdir()
             .unwrap();
+        std::fs::write(root.path().join(OWNER_FILE), std::process::id().to_string()).unwrap();
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let config = root.path().join("garage.toml");
         std::fs::write(
@@ -170,6 +172,39 @@ impl Garage {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+}
+
+const ROOT_PREFIX: &str = "pgpitr-garage-";
+/// Holds the pid of the test process that owns a Garage directory.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Deletes the Garage directories of test processes that have exited. The shared server is a
+/// static, never dropped, so its directory outlives its process; the next start cleans up.
+fn remove_dead_roots() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(ROOT_PREFIX) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(entry.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let dead = match owner {
+            Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+            // From before owners were recorded: dead if untouched for an hour.
+            None => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 3600),
+        };
+        if dead {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
