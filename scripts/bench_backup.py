@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Base backup and restore benchmark, one run on this machine: `pgpitr backup` vs
 `pg_basebackup -Ft --compress=client-lz4 --checkpoint=fast` and pgBackRest full (lz4, process-max 2);
-`pgpitr restore` vs pgBackRest restore (process-max 2). Prints Markdown. Run through scripts/bench."""
+`pgpitr restore` vs pgBackRest restore (process-max 2); then recovery replay of about 1 GB of WAL
+through `pgpitr-restore` vs the same WAL pre-staged in pg_wal. Prints Markdown. Run through
+scripts/bench."""
 import os, shutil, subprocess, sys, tempfile, time
 
 PG = "/usr/lib/postgresql/15/bin"
@@ -92,6 +94,10 @@ def main():
     t, rss = timed(as_pg(base + ["restore", f"--pg1-path={dst2}", "--type=immediate", "--process-max=2"]))
     rows.append(("pgBackRest restore (process-max 2)", t, rss, du(dst2)))
 
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.rmtree(dst2, ignore_errors=True)
+    replay = bench_replay(root, data, conn, repo)
+
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-m", "immediate", "stop"]))
     cpu = run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip()
     print(f"### Base backup and restore ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu})\n")
@@ -102,7 +108,94 @@ def main():
     for label, t, rss, disk in rows:
         mbps = (restored if "restore" in label else size) / 1e6 / t
         print(f"| {label} | {t:.1f} | {mbps:.0f} | {rss:.0f} | {disk / 1e6:.0f} |")
+    print_replay(replay)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def psql(conn, sql):
+    return run([f"{PG}/psql", "-XAt"] + conn + ["-c", sql, "postgres"]).strip()
+
+
+def next_segment(name):
+    """The WAL segment after `name` (16 MiB segments: 256 per "log")."""
+    tli, log, seg = int(name[:8], 16), int(name[8:16], 16), int(name[16:], 16)
+    seg += 1
+    if seg == 0x100:
+        log, seg = log + 1, 0
+    return f"{tli:08X}{log:08X}{seg:08X}"
+
+
+def bench_replay(root, data, conn, repo):
+    """Recovery replay of REPLAY_GB of WAL: fetched through pgpitr-restore (restore_command, with
+    its prefetch) vs the same WAL already in pg_wal (restore_command = 'false'), both from the
+    same base backup restored by pgpitr. Returns a dict for print_replay."""
+    gb = float(os.environ.get("BENCH_REPLAY_GB", "1.1"))
+    start_lsn = psql(conn, "SELECT pg_current_wal_lsn()")
+    # OLTP-like WAL quickly: updates of row ranges spread over the table (full-page images after
+    # the backup's checkpoint, heap and index records), until enough WAL is written.
+    n, step = 0, 200_000
+    while int(psql(conn, f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start_lsn}')")) < gb * 1e9:
+        lo = (n * 7_919_993) % (SCALE * 100_000 - step)
+        psql(conn, f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {lo} AND aid <= {lo + step}")
+        n += 1
+    end_lsn = psql(conn, "SELECT pg_current_wal_lsn()")
+    last = psql(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    psql(conn, "SELECT pg_switch_wal()")
+    deadline = time.time() + 1800
+    while psql(conn, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last:
+        if time.time() > deadline:
+            raise SystemExit("WAL archiving did not catch up")
+        time.sleep(0.5)
+    wal_bytes = int(psql(conn, f"SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')"))
+    results = {"wal_bytes": wal_bytes}
+    for mode in ("restore_command", "pg_wal"):
+        dst = f"{root}/replay-{mode}"
+        run(as_pg(["env", f"PGPITR_REPO={repo}", f"{root}/bin/pgpitr", "restore", "--pgdata", dst]))
+        if mode == "pg_wal":
+            # The same WAL, fetched beforehand into pg_wal; the archive is then never asked.
+            name = psql(conn, f"SELECT pg_walfile_name('{start_lsn}')")
+            backup_seg = sorted(f for f in os.listdir(f"{dst}/pg_wal") if len(f) == 24) or [None]
+            name = min(x for x in (name, backup_seg[0]) if x)
+            while True:
+                p = subprocess.run(as_pg(["env", f"PGPITR_REPO={repo}", "PGPITR_RESTORE_PREFETCH=0",
+                                          f"{root}/bin/pgpitr-restore", name, f"{dst}/pg_wal/{name}"]))
+                if p.returncode != 0:
+                    break
+                name = next_segment(name)
+            extra = "restore_command = 'false'\n"
+        else:
+            extra = ""
+        with open(f"{dst}/postgresql.auto.conf", "a") as f:
+            f.write(f"{extra}port = 5497\n")
+        t0 = time.perf_counter()
+        run(as_pg([f"{PG}/pg_ctl", "-D", dst, "-l", f"{root}/replay-{mode}.log", "-w", "-t", "3600", "start"]))
+        rconn = ["-h", conn[1], "-p", "5497", "-U", "postgres"]
+        while True:
+            r = subprocess.run([f"{PG}/psql", "-XAt"] + rconn + ["-c", "SELECT pg_is_in_recovery()", "postgres"],
+                               capture_output=True, text=True)
+            if r.stdout.strip() == "f":
+                break
+            time.sleep(0.05)
+        results[mode] = time.perf_counter() - t0
+        replayed = psql(rconn, "SELECT pg_current_wal_lsn()")
+        run(as_pg([f"{PG}/pg_ctl", "-D", dst, "-m", "fast", "stop"]))
+        results[f"{mode}_reached"] = replayed
+        shutil.rmtree(dst, ignore_errors=True)
+    results["end_lsn"] = end_lsn
+    return results
+
+
+def print_replay(r):
+    gb = r["wal_bytes"] / 1e9
+    print(f"\n### Recovery replay ({gb:.2f} GB of WAL from range updates of pgbench_accounts)\n")
+    print("The same base backup restored by pgpitr, then started with `pg_ctl start`; time from start "
+          "until the server has left recovery (end of archive, promotion). Reached end LSN "
+          f"{r['end_lsn']}.\n")
+    print("| WAL source | seconds | MB/s replayed | × pre-staged |")
+    print("|---|---:|---:|---:|")
+    for mode, label in (("restore_command", "`pgpitr-restore` as restore_command (prefetch 8, 3 parallel)"),
+                        ("pg_wal", "already in pg_wal (restore_command = 'false'): the limit")):
+        print(f"| {label} | {r[mode]:.1f} | {r['wal_bytes'] / 1e6 / r[mode]:.0f} | {r[mode] / r['pg_wal']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,11 @@ def main():
     root = tempfile.mkdtemp(prefix="pgpitr-bench-", dir="/tmp")
     os.chmod(root, 0o755)
     data, sock, port, wal, names, conn = make_wal(root)
+    # Quiet the cluster (pgBackRest needs it running): autovacuum after pgbench would otherwise
+    # compete with every measured call for the two cores and the disk.
+    for sql in ("ALTER SYSTEM SET autovacuum = off", "SELECT pg_reload_conf()", "VACUUM", "CHECKPOINT"):
+        run([f"{PG}/psql", "-X"] + conn + ["-c", sql, "postgres"])
+    run(["sync"])
     raw = sum(os.path.getsize(f"{wal}/{n}") for n in names)
     results = {}
 

@@ -28,6 +28,10 @@ struct Cli {
     wal_name: String,
     /// %p: where to write it, relative to the data directory.
     dest: PathBuf,
+    /// Internal: fetch the segments after %f into the spool of %p, then exit (the background
+    /// refill a call starts when the spool runs low).
+    #[arg(long, hide = true)]
+    refill: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,13 +47,26 @@ fn main() -> ExitCode {
         }
     };
     pgpitr::logging::init("warn");
+    if cli.refill {
+        let result = pgpitr::logging::runtime().block_on(async {
+            let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
+            archive_get::refill(&config, &cli.wal_name, &cli.dest).await
+        });
+        if let Err(e) = result {
+            tracing::debug!("refill after {} failed: {e}", cli.wal_name);
+        }
+        return ExitCode::SUCCESS;
+    }
     let result = pgpitr::logging::runtime().block_on(async {
         let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
         archive_get::run(&config, &cli.wal_name, &cli.dest).await
     });
     match result {
-        Ok(source) => {
-            tracing::info!(name = %cli.wal_name, ?source, "restored");
+        Ok(restored) => {
+            tracing::info!(name = %cli.wal_name, source = ?restored.source, "restored");
+            if let Some(after) = restored.refill_after {
+                spawn_refill(&cli, &after.to_string());
+            }
             ExitCode::SUCCESS
         }
         Err(FetchError::NotFound(_)) => ExitCode::from(exit::NOT_FOUND as u8),
@@ -57,5 +74,30 @@ fn main() -> ExitCode {
             eprintln!("pgpitr-restore: error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// Starts `pgpitr-restore --refill` in the background, detached: its own process group, no
+/// stdio (PostgreSQL's log is not its log), not waited for. A failure to start only means the
+/// next calls fetch from the repository themselves.
+fn spawn_refill(cli: &Cli, after: &str) {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = Command::new(exe);
+    if let Some(config) = &cli.config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.arg("--refill")
+        .arg(after)
+        .arg(&cli.dest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    if let Err(e) = cmd.spawn() {
+        tracing::debug!("could not start the background refill: {e}");
     }
 }

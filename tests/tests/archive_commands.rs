@@ -240,11 +240,37 @@ fn batching_pushes_ready_segments_ahead_and_prefetch_serves_from_spool() {
         stderr(&out)
     );
 
-    // Restore: the first call fetches ahead into the spool, the next is a rename from it.
+    // Restore: the first call starts a background refill of the spool, which fetches the
+    // following segments while the call has already returned; the next call is a rename.
     let out = f.restore(&names[0], "pg_wal/RECOVERYXLOG");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let spool = f.pgdata.join("pg_wal/pgpitr_spool/restore");
-    assert!(spool.join(&names[1]).exists(), "segment 2 not prefetched");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !names[1..].iter().all(|n| spool.join(n).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments 2-6 not prefetched: {:?}",
+            std::fs::read_dir(&spool)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The refill has ended: its lock is free (a second refill would run).
+    let lock = f.pgdata.join("pg_wal/pgpitr_spool/restore.lock");
+    while std::fs::File::open(&lock).unwrap().try_lock().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refill never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Prefetched files are whole and verified: byte for byte what was archived.
+    for n in &names[3..] {
+        assert_eq!(
+            std::fs::read(spool.join(n)).unwrap(),
+            std::fs::read(f.pgdata.join("pg_wal").join(n)).unwrap()
+        );
+    }
     // Break the repository: a spooled segment must still be served.
     std::fs::rename(f.repo(), f.repo().with_extension("moved")).unwrap();
     let out = f.restore(&names[1], "pg_wal/RECOVERYXLOG");

@@ -1,6 +1,8 @@
 //! `pgpitr-restore %f %p`: PostgreSQL's `restore_command`. Fetches one WAL file, verifies its
-//! SHA-256 and renames it into `%p`; for a segment it also keeps the next `restore_prefetch`
-//! segments fetched ahead in the spool, so that most calls are a rename.
+//! SHA-256 and renames it into `%p`. For segments, a background refill (`pgpitr-restore
+//! --refill`, started by the call and outliving it) keeps the next `restore_prefetch` segments
+//! fetched ahead in the spool, so that most calls are a rename and recovery replays while the
+//! next segments download.
 //!
 //! The exit-code contract (PostgreSQL docs, "Recovering Using a Continuous Archive Backup", and
 //! src/backend/access/transam/xlogarchive.c): 1–125 means "not found", which during archive
@@ -14,7 +16,7 @@ use futures::StreamExt;
 
 use super::spool;
 use crate::config::{Config, ConfigError};
-use crate::pg::{WalFileName, WalSegSize, WalSegmentName};
+use crate::pg::{WalFileName, WalSegmentName};
 use crate::repo::wal::{self, ArchivedWal};
 use crate::repo::{layout, RepoError, RepoIdentity};
 use crate::storage::Storage;
@@ -63,62 +65,152 @@ impl FetchError {
     }
 }
 
-/// Restores WAL file `wal_name` (`%f`) to `dest` (`%p`).
+/// What a successful call did, and what it leaves to a background refill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub source: Source,
+    /// When set, the spool runs low: the caller should start [`refill`] after this segment in
+    /// the background (`pgpitr-restore --refill`), so that recovery replays while the next
+    /// segments download.
+    pub refill_after: Option<WalSegmentName>,
+}
+
+/// How long a call whose segment is being prefetched by a running refill waits for it before
+/// fetching it itself.
+const REFILL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Restores WAL file `wal_name` (`%f`) to `dest` (`%p`): from the spool when an earlier refill
+/// fetched it ahead (a rename), else from the repository. Never fetches ahead itself: that is
+/// [`refill`]'s work, started by the caller when [`Restored::refill_after`] says so.
 ///
 /// # Errors
 /// [`FetchError::NotFound`] only when the archive has no such file; anything else means the
 /// file may exist but could not be delivered intact.
-pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Source, FetchError> {
+pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restored, FetchError> {
     let name: WalFileName = wal_name
         .parse()
         .map_err(|e| FetchError::Usage(format!("%f: {e}")))?;
     let spool_dir = spool::spool_dir(config, dest, "restore");
-    let spooled = spool_dir.join(name.to_string());
     let WalFileName::Segment(segment) = name else {
-        return fetch_direct(config, name, dest)
-            .await
-            .map(|()| Source::Repository);
+        fetch_direct(config, name, dest).await?;
+        return Ok(Restored {
+            source: Source::Repository,
+            refill_after: None,
+        });
     };
-    if std::fs::rename(&spooled, dest).is_ok() {
+    let spooled = spool_dir.join(name.to_string());
+    if std::fs::rename(&spooled, dest).is_ok() || wait_for_refill(&spool_dir, segment, dest).await {
         let ahead = spooled_ahead(&spool_dir, segment);
-        if ahead.len() * 2 >= config.restore_prefetch as usize {
-            return Ok(Source::Spool);
-        }
-        // Refill in the background of nothing: this call pays for the next batch, and a failure
-        // here is not this file's failure.
-        if let Ok((storage, identity)) = open(config).await {
-            let _ = prefetch(
-                config,
-                storage.as_ref(),
-                identity.wal_segment_size,
-                segment,
-                &spool_dir,
-                &ahead,
-            )
-            .await;
-        }
-        return Ok(Source::Spool);
+        let low = ahead.len() * 2 < config.restore_prefetch as usize;
+        return Ok(Restored {
+            source: Source::Spool,
+            refill_after: low.then_some(segment),
+        });
     }
-    let (storage, identity) = open(config).await?;
-    let seg_size = identity.wal_segment_size;
+    let (storage, _) = open(config).await?;
     let listing = wal::list(storage.as_ref(), &layout::wal_dir(name)).await?;
-    let Some(found) = wal::pick(&listing, name)?.cloned() else {
+    let Some(found) = wal::pick(&listing, name)? else {
         return Err(FetchError::NotFound(name));
     };
-    let ahead = spooled_ahead(&spool_dir, segment);
-    let (this, _) = tokio::join!(
-        wal::fetch_to(storage.as_ref(), &found, dest),
-        prefetch(
-            config,
-            storage.as_ref(),
-            seg_size,
-            segment,
-            &spool_dir,
-            &ahead
-        )
-    );
-    this?;
-    Ok(Source::Repository)
+    wal::fetch_to(storage.as_ref(), found, dest).await?;
+    Ok(Restored {
+        source: Source::Repository,
+        refill_after: (config.restore_prefetch > 0).then_some(segment),
+    })
+}
+
+/// Fetches the `restore_prefetch` segments after `after` (`%f` of the call that asked for the
+/// refill) into the spool of `dest` (`%p`), `restore_parallel` at a time, and removes spooled
+/// files outside that window. One refill runs at a time per spool (an flock on
+/// `<spool>.lock`, which also records the window for [`run`] to wait on); a second one
+/// returns at once. Best effort: a segment that fails here is fetched, and its error reported,
+/// by PostgreSQL's own call.
+///
+/// # Errors
+/// A malformed `after`, a missing `pg_wal`, configuration and repository errors.
+pub async fn refill(config: &Config, after: &str, dest: &Path) -> Result<(), FetchError> {
+    let segment: WalSegmentName = after
+        .parse()
+        .map_err(|e| FetchError::Usage(format!("--refill {after}: {e}")))?;
+    let wal_dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !wal_dir.is_dir() {
+        // The data directory went away (recovery ended and it was removed): nothing to do,
+        // and nothing to recreate.
+        return Ok(());
+    }
+    let spool_dir = spool::spool_dir(config, dest, "restore");
+    let io = |e| FetchError::Repo(RepoError::io(&spool_dir, e));
+    spool::create_private_dir(&spool_dir).map_err(io)?;
+    let mut lock = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(refill_lock(&spool_dir))
+            .map_err(io)?
+    };
+    if lock.try_lock().is_err() {
+        return Ok(());
+    }
+    let (storage, identity) = open(config).await?;
+    let window: Vec<WalSegmentName> =
+        std::iter::successors(Some(segment.next(identity.wal_segment_size)), |s| {
+            Some(s.next(identity.wal_segment_size))
+        })
+        .take(config.restore_prefetch as usize)
+        .collect();
+    if let (Some(first), Some(last)) = (window.first(), window.last()) {
+        use std::io::Write;
+        lock.set_len(0).map_err(io)?;
+        writeln!(lock, "{first} {last}").map_err(io)?;
+    }
+    prefetch(config, storage.as_ref(), &window, &spool_dir).await
+}
+
+/// The refill lock beside the spool directory (not in it: the spool holds only segments).
+fn refill_lock(spool_dir: &Path) -> PathBuf {
+    spool_dir.with_extension("lock")
+}
+
+/// When a running refill's window holds `segment`, waits for it to land in the spool and moves
+/// it to `dest`. False when no refill is fetching it, when the refill ends without it, or after
+/// [`REFILL_WAIT`]: the caller then fetches it itself.
+async fn wait_for_refill(spool_dir: &Path, segment: WalSegmentName, dest: &Path) -> bool {
+    let spooled = spool_dir.join(segment.to_string());
+    let deadline = std::time::Instant::now() + REFILL_WAIT;
+    loop {
+        match running_refill(&refill_lock(spool_dir)) {
+            Some((first, last)) if first <= segment && segment <= last => {}
+            _ => return std::fs::rename(&spooled, dest).is_ok(),
+        }
+        if std::fs::rename(&spooled, dest).is_ok() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The window of the refill holding the lock at `lock`, if one runs.
+fn running_refill(lock: &Path) -> Option<(WalSegmentName, WalSegmentName)> {
+    let file = std::fs::File::open(lock).ok()?;
+    match file.try_lock() {
+        // Nobody holds it; dropping the file releases it.
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let text = std::fs::read_to_string(lock).ok()?;
+            let (first, last) = text.trim().split_once(' ')?;
+            Some((first.parse().ok()?, last.parse().ok()?))
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
 }
 
 async fn open(config: &Config) -> Result<(std::sync::Arc<dyn Storage>, RepoIdentity), FetchError> {
@@ -147,28 +239,21 @@ fn spooled_ahead(spool_dir: &Path, current: WalSegmentName) -> Vec<WalSegmentNam
         .collect()
 }
 
-/// Fetches the next `restore_prefetch` segments after `current` that are archived and not yet
-/// spooled, and removes spooled files outside that window. Best effort: a segment that fails here
-/// is fetched (and its error reported) by PostgreSQL's own call.
+/// Fetches the segments of `window` that are archived and not yet spooled, and removes
+/// spooled files outside it.
 async fn prefetch(
     config: &Config,
     storage: &dyn Storage,
-    seg_size: WalSegSize,
-    current: WalSegmentName,
+    window: &[WalSegmentName],
     spool_dir: &Path,
-    already: &[WalSegmentName],
 ) -> Result<(), FetchError> {
-    let window: Vec<WalSegmentName> =
-        std::iter::successors(Some(current.next(seg_size)), |s| Some(s.next(seg_size)))
-            .take(config.restore_prefetch as usize)
-            .collect();
-    remove_outside(spool_dir, &window);
+    remove_outside(spool_dir, window);
     let wanted: Vec<WalSegmentName> = window
         .iter()
         .copied()
-        .filter(|s| !already.contains(s))
+        .filter(|s| !spool_dir.join(s.to_string()).exists())
         .collect();
-    if wanted.is_empty() || spool::create_private_dir(spool_dir).is_err() {
+    if wanted.is_empty() {
         return Ok(());
     }
     let mut listing: Vec<ArchivedWal> = Vec::new();
