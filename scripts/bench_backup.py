@@ -153,9 +153,9 @@ def bench_replay(root, data, conn, repo):
         run(as_pg(["env", f"PGPITR_REPO={repo}", f"{root}/bin/pgpitr", "restore", "--pgdata", dst]))
         if mode == "pg_wal":
             # The same WAL, fetched beforehand into pg_wal; the archive is then never asked.
-            name = psql(conn, f"SELECT pg_walfile_name('{start_lsn}')")
-            backup_seg = sorted(f for f in os.listdir(f"{dst}/pg_wal") if len(f) == 24) or [None]
-            name = min(x for x in (name, backup_seg[0]) if x)
+            # From the backup's own start segment (backup_label: "START WAL LOCATION: … (file X)").
+            label = open(f"{dst}/backup_label").read()
+            name = label.split("(file ", 1)[1].split(")", 1)[0]
             while True:
                 p = subprocess.run(as_pg(["env", f"PGPITR_REPO={repo}", "PGPITR_RESTORE_PREFETCH=0",
                                           f"{root}/bin/pgpitr-restore", name, f"{dst}/pg_wal/{name}"]))
