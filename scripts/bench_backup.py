@@ -148,7 +148,7 @@ def bench_replay(root, data, conn, repo):
         time.sleep(0.5)
     wal_bytes = int(psql(conn, f"SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')"))
     results = {"wal_bytes": wal_bytes}
-    for mode in ("restore_command", "pg_wal"):
+    for mode in ("restore_command", "restore_command_p1", "pg_wal"):
         dst = f"{root}/replay-{mode}"
         run(as_pg(["env", f"PGPITR_REPO={repo}", f"{root}/bin/pgpitr", "restore", "--pgdata", dst]))
         if mode == "pg_wal":
@@ -168,7 +168,9 @@ def bench_replay(root, data, conn, repo):
         with open(f"{dst}/postgresql.auto.conf", "a") as f:
             f.write(f"{extra}port = 5497\n")
         t0 = time.perf_counter()
-        run(as_pg([f"{PG}/pg_ctl", "-D", dst, "-l", f"{root}/replay-{mode}.log", "-w", "-t", "3600", "start"]))
+        # restore_command_p1: the refill downloads one segment at a time, leaving a core to replay.
+        par = ["env", "PGPITR_RESTORE_PARALLEL=1"] if mode == "restore_command_p1" else []
+        run(as_pg(par + [f"{PG}/pg_ctl", "-D", dst, "-l", f"{root}/replay-{mode}.log", "-w", "-t", "3600", "start"]))
         rconn = ["-h", conn[1], "-p", "5497", "-U", "postgres"]
         while True:
             r = subprocess.run([f"{PG}/psql", "-XAt"] + rconn + ["-c", "SELECT pg_is_in_recovery()", "postgres"],
@@ -194,6 +196,7 @@ def print_replay(r):
     print("| WAL source | seconds | MB/s replayed | × pre-staged |")
     print("|---|---:|---:|---:|")
     for mode, label in (("restore_command", "`pgpitr-restore` as restore_command (prefetch 8, 3 parallel)"),
+                        ("restore_command_p1", "`pgpitr-restore` as restore_command (prefetch 8, 1 at a time)"),
                         ("pg_wal", "already in pg_wal (restore_command = 'false'): the limit")):
         print(f"| {label} | {r[mode]:.1f} | {r['wal_bytes'] / 1e6 / r[mode]:.0f} | {r[mode] / r['pg_wal']:.2f} |")
 
