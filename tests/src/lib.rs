@@ -142,3 +142,28 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A two-worker tokio runtime, for driving pgpitr's async library from synchronous tests.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The repository named by `env` (its `PGPITR_*` variables), through pgpitr's own storage layer.
+/// The other variables (`AWS_*` credentials) are set in this process's environment, where the
+/// binaries read them too.
+pub fn storage_of(env: &[(String, String)]) -> pgpitr::storage::DynStorage {
+    for (k, v) in env.iter().filter(|(k, _)| !k.starts_with("PGPITR_")) {
+        std::env::set_var(k, v);
+    }
+    let keys: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("PGPITR_"))
+        .cloned()
+        .collect();
+    let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
+    runtime().block_on(config.storage()).unwrap()
+}

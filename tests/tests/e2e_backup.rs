@@ -17,7 +17,7 @@ use pgpitr::repo::manifest::{BackupManifest, FileKind};
 use pgpitr::storage::Storage;
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::{bin_dir, client_bin, server_bin_var, Cluster};
-use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir};
+use pgpitr_tests::{bin, give_to_pg_user, run_ok, runtime, storage_of, temp_dir};
 
 type Env = Vec<(String, String)>;
 
@@ -86,27 +86,6 @@ fn backup_fails(env: &Env, conninfo: &str, expect: &[&str]) -> String {
     }
     eprintln!("refused as expected: {}", stderr.trim());
     stderr
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn storage(env: &Env) -> Arc<dyn Storage> {
-    // Credentials (AWS_*) come from the process environment, as in the binaries.
-    for (k, v) in env.iter().filter(|(k, _)| !k.starts_with("PGPITR_")) {
-        std::env::set_var(k, v);
-    }
-    let keys: Env = env
-        .iter()
-        .filter(|(k, _)| k.starts_with("PGPITR_"))
-        .cloned()
-        .collect();
-    let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
-    runtime().block_on(config.storage()).unwrap()
 }
 
 /// Every committed backup in the repository, oldest first.
@@ -214,7 +193,7 @@ fn relation_path(c: &Cluster, table: &str) -> String {
 fn full_scenario(major: u32) {
     let (_repo_dir, env) = local_repo();
     let c = archiving_cluster(major, env.clone());
-    let store = storage(&env);
+    let store = storage_of(&env);
     let ci = conninfo(&c, "postgres");
 
     // No WAL is archived yet (no segment was switched): the first backup below creates
@@ -350,7 +329,7 @@ fn backup_on_other_majors() {
 fn killed_backup_leaves_no_manifest_and_its_chunks_are_reused() {
     let (repo_dir, env) = local_repo();
     let c = archiving_cluster(15, env.clone());
-    let store = storage(&env);
+    let store = storage_of(&env);
     let ci = conninfo(&c, "postgres");
     // Poorly compressible rows (hex text), so that packs fill early in the backup.
     // Frozen and without autovacuum, so that its pages do not change between the backups.
@@ -450,7 +429,7 @@ fn walk_has(dir: &Path, name: &str) -> bool {
 fn bad_input_is_refused_before_the_checkpoint_and_writes_no_manifest() {
     let (_repo_dir, env) = local_repo();
     let c = archiving_cluster(15, env.clone());
-    let store = storage(&env);
+    let store = storage_of(&env);
     switch_and_wait_for_archive(&c, &store);
     let checkpoints = || c.psql("SELECT checkpoints_req FROM pg_stat_bgwriter");
     let before = checkpoints();
@@ -540,7 +519,7 @@ fn backup_and_list_on_s3() {
     let bucket = g.bucket();
     let env = g.env(&bucket, "pg15");
     let c = archiving_cluster(15, env.clone());
-    let store = storage(&env);
+    let store = storage_of(&env);
     let ci = conninfo(&c, "postgres");
     run_ok(c.pgbench().args(["-i", "-s", "5", "-q", "postgres"]));
     switch_and_wait_for_archive(&c, &store);

@@ -25,7 +25,7 @@ use pgpitr::repo::layout;
 use pgpitr::repo::manifest::{BackupId, BackupManifest};
 use pgpitr::storage::{DynStorage, PutMode};
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir, PG_USER};
+use pgpitr_tests::{bin, give_to_pg_user, run_ok, runtime, storage_of, temp_dir, PG_USER};
 
 type Env = Vec<(String, String)>;
 
@@ -608,29 +608,6 @@ async fn lock_races_on_garage() {
             .unwrap()
             .is_empty());
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The repository of `env` through pgpitr's own storage layer. Credentials (`AWS_*`) come from
-/// the process environment, as in the binaries.
-fn storage_of(env: &Env) -> DynStorage {
-    for (k, v) in env.iter().filter(|(k, _)| !k.starts_with("PGPITR_")) {
-        std::env::set_var(k, v);
-    }
-    let keys: Env = env
-        .iter()
-        .filter(|(k, _)| k.starts_with("PGPITR_"))
-        .cloned()
-        .collect();
-    let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
-    runtime().block_on(config.storage()).unwrap()
 }
 
 /// The keys under `prefix`, sorted.
