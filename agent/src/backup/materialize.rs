@@ -6,7 +6,10 @@
 //! 0600 (what PostgreSQL itself uses without group access), and each tablespace becomes a
 //! symlink `pg_tblspc/<oid>` to its location — the original one unless remapped, which must
 //! not exist or be empty. Every chunk is verified against its SHA-256 while it is written, and
-//! every file against its own SHA-256 and size. The destination must not exist or be empty.
+//! every file against its size and its CRC-32C (format 2; format 1 manifests give a whole-file
+//! SHA-256 instead). The destination must not exist or be empty. Once every file is written,
+//! the file systems holding the data directory and its tablespaces are synced (`syncfs`), so
+//! that a restore that returned survives a crash of the machine.
 //!
 //! `backup_label` and `tablespace_map` are written like any other file; a restore that
 //! remaps tablespaces must rewrite `tablespace_map` itself (PostgreSQL recreates the
@@ -114,8 +117,8 @@ pub async fn materialize(
                 }
             }
             FileKind::File => {
-                if entry.sha256.is_none() {
-                    return Err(corrupt(format!("file '{}' has no SHA-256", entry.path)));
+                if entry.crc32c.is_none() && entry.sha256.is_none() {
+                    return Err(corrupt(format!("file '{}' has no checksum", entry.path)));
                 }
                 files.push((path, entry.clone()));
             }
@@ -133,7 +136,25 @@ pub async fn materialize(
         stats.files += 1;
         stats.bytes += n?;
     }
+    drop(writes);
+    let mut roots = vec![dest.to_path_buf()];
+    roots.extend(links.into_values());
+    tokio::task::spawn_blocking(move || roots.iter().try_for_each(|root| sync_filesystem(root)))
+        .await
+        .expect("sync task")?;
     Ok(stats)
+}
+
+/// Flushes everything written to the file system holding `dir` to stable storage
+/// (`syncfs(2)`).
+fn sync_filesystem(dir: &Path) -> Result<(), RepoError> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir).map_err(|e| RepoError::io(dir, e))?;
+    // SAFETY: syncfs only reads the descriptor, which `d` keeps open for the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(RepoError::io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// `path` as a relative path of normal components only.
@@ -174,17 +195,21 @@ fn mkdir_all(dir: &Path) -> Result<(), RepoError> {
         .map_err(|e| RepoError::io(dir, e))
 }
 
-/// A writer that hashes what it writes.
-struct HashingWriter<W> {
+/// A writer that checksums what it writes: CRC-32C, and SHA-256 for format 1 manifests.
+struct CheckingWriter<W> {
     inner: W,
-    hash: Sha256,
+    crc: u32,
+    sha: Option<Sha256>,
     len: u64,
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write> Write for CheckingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        if let Some(sha) = &mut self.sha {
+            sha.update(&buf[..n]);
+        }
         self.len += n as u64;
         Ok(n)
     }
@@ -209,9 +234,13 @@ async fn write_file(
         .mode(0o600)
         .open(path)
         .map_err(|e| RepoError::io(path, e))?;
-    let mut out = HashingWriter {
+    // A file of one chunk is covered by the chunk's SHA-256; format 1 gives longer files a
+    // whole-file SHA-256 and no CRC-32C.
+    let whole_sha = entry.crc32c.is_none() && entry.chunks.len() > 1;
+    let mut out = CheckingWriter {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        hash: Sha256::new(),
+        crc: 0,
+        sha: whole_sha.then(Sha256::new),
         len: 0,
     };
     for chunk in &entry.chunks {
@@ -248,16 +277,27 @@ async fn write_file(
         }
     }
     out.flush().map_err(|e| RepoError::io(path, e))?;
-    let actual = hex::encode(out.hash.finalize());
-    if out.len != entry.size || Some(&actual) != entry.sha256.as_ref() {
+    let (actual, expected) = match (&entry.crc32c, out.sha.take()) {
+        (Some(crc), _) => (format!("{:08x}", out.crc), crc.clone()),
+        (None, Some(sha)) => (
+            hex::encode(sha.finalize()),
+            entry.sha256.clone().unwrap_or_default(),
+        ),
+        // One chunk or none, format 1: the chunk's SHA-256 is the file's.
+        (None, None) => match entry.chunks.first() {
+            Some(c) => (c.sha256.clone(), entry.sha256.clone().unwrap_or_default()),
+            None => (
+                hex::encode(Sha256::digest(b"")),
+                entry.sha256.clone().unwrap_or_default(),
+            ),
+        },
+    };
+    if out.len != entry.size || actual != expected {
         return Err(RepoError::Corrupt {
             key: layout::pack_key(entry.chunks.first().map_or("", |c| c.pack.as_str())),
             message: format!(
-                "'{}' came back as {} bytes with SHA-256 {actual}, expected {} bytes with {}",
-                entry.path,
-                out.len,
-                entry.size,
-                entry.sha256.as_deref().unwrap_or("-")
+                "'{}' came back as {} bytes with checksum {actual}, expected {} bytes with {expected}",
+                entry.path, out.len, entry.size,
             ),
         });
     }

@@ -3,6 +3,7 @@
 //! - [`tar_reader`] turns the tar archives of BASE_BACKUP (fed as a stream of byte buffers)
 //!   into [`FileEntry`](crate::repo::manifest::FileEntry)s, cutting every regular file into
 //!   fixed [`CHUNK_SIZE`] chunks;
+//! - [`chunk_workers`] hashes and compresses the chunks on worker threads;
 //! - [`pack`] stores chunks: each chunk is addressed by the SHA-256 of its plain bytes,
 //!   lz4-compressed, and appended to a pack object (`packs/<xx>/<id>.pack`, about
 //!   [`PACK_TARGET_SIZE`]) followed by the pack's index (`.idx`). A chunk already listed in any
@@ -14,6 +15,7 @@
 //! manifest never references a chunk that is not stored. An interrupted backup leaves packs
 //! (and indexes) but no manifest; the next backup reuses their chunks.
 
+pub mod chunk_workers;
 pub mod materialize;
 pub mod pack;
 pub mod tar_reader;

@@ -7,11 +7,12 @@
 //! without index (an interrupted upload) is ignored and left for `expire`.
 //!
 //! [`ChunkSet`] is the set of chunks known from all indexes, loaded once when a backup starts;
-//! [`Packer`] appends new chunks to the current pack and hands sealed packs to [`upload`]
+//! [`Packer`] appends new chunks (compressed by [`super::chunk_workers`]) to the current pack and hands sealed packs to [`upload`]
 //! through a bounded channel, so at most a couple of packs are in memory at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -20,7 +21,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::PACK_TARGET_SIZE;
-use crate::repo::codec;
 use crate::repo::layout::{self, PackObject};
 use crate::repo::manifest::ChunkRef;
 use crate::repo::RepoError;
@@ -160,6 +160,11 @@ impl ChunkSet {
         );
     }
 
+    /// Whether a chunk with this SHA-256 is stored.
+    pub fn contains(&self, sha256: &[u8; 32]) -> bool {
+        self.chunks.contains_key(sha256)
+    }
+
     /// Number of known chunks.
     pub fn len(&self) -> usize {
         self.chunks.len()
@@ -218,9 +223,16 @@ pub struct SealedPack {
     pub index: PackIndex,
 }
 
-/// The upload pipeline was closed because the uploader failed; its error says why.
-#[derive(Debug, Clone, Copy)]
-pub struct UploaderGone;
+/// Why a chunk could not be packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// The upload pipeline was closed because the uploader failed; its error says why.
+    #[error("the pack uploader stopped")]
+    UploaderGone,
+    /// A chunk the repository does not hold came without its compressed frame.
+    #[error("a new chunk came without its compressed frame")]
+    MissingFrame,
+}
 
 /// What the packer stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -235,14 +247,15 @@ pub struct PackStats {
     pub packs: u64,
 }
 
-/// Deduplicates, compresses and packs chunks (synchronous: runs on the tar reader's thread).
+/// Deduplicates and packs compressed chunks (synchronous: runs on the tar reader's thread).
 #[derive(Debug)]
 pub struct Packer {
-    known: ChunkSet,
+    /// The chunks stored before this backup.
+    existing: Arc<ChunkSet>,
+    /// The chunks this backup stored.
+    added: ChunkSet,
     id: String,
     buf: Vec<u8>,
-    /// Reused buffer for one compressed chunk.
-    scratch: Vec<u8>,
     entries: Vec<PackIndexEntry>,
     tx: mpsc::Sender<SealedPack>,
     target: usize,
@@ -250,17 +263,21 @@ pub struct Packer {
 }
 
 impl Packer {
-    pub fn new(known: ChunkSet, tx: mpsc::Sender<SealedPack>) -> Packer {
-        Self::with_target(known, tx, PACK_TARGET_SIZE)
+    pub fn new(existing: Arc<ChunkSet>, tx: mpsc::Sender<SealedPack>) -> Packer {
+        Self::with_target(existing, tx, PACK_TARGET_SIZE)
     }
 
     /// A packer sealing packs at `target` compressed bytes.
-    pub fn with_target(known: ChunkSet, tx: mpsc::Sender<SealedPack>, target: usize) -> Packer {
+    pub fn with_target(
+        existing: Arc<ChunkSet>,
+        tx: mpsc::Sender<SealedPack>,
+        target: usize,
+    ) -> Packer {
         Packer {
-            known,
+            existing,
+            added: ChunkSet::default(),
             id: new_pack_id(),
             buf: Vec::new(),
-            scratch: Vec::new(),
             entries: Vec::new(),
             tx,
             target,
@@ -268,37 +285,54 @@ impl Packer {
         }
     }
 
-    /// Stores `plain` (whose SHA-256 is `sha256`) unless an equal chunk is known, and returns
-    /// where it lives. Blocks while the upload channel is full.
+    /// The chunks stored before this backup.
+    pub fn existing(&self) -> Arc<ChunkSet> {
+        self.existing.clone()
+    }
+
+    /// Stores the chunk whose plain bytes (`plain_length` of them) have SHA-256 `sha256`, and
+    /// returns where it lives: a chunk already stored, before or by this backup, is
+    /// referenced; otherwise `frame` (its lz4 frame, see [`crate::repo::codec::append_frame`]) is appended
+    /// to the current pack. Blocks while the upload channel is full.
     ///
     /// # Errors
-    /// [`UploaderGone`] when the uploader stopped (its own error is the real cause).
-    pub fn add(&mut self, sha256: [u8; 32], plain: &[u8]) -> Result<ChunkRef, UploaderGone> {
-        if let Some(r) = self.known.get(&sha256) {
+    /// [`PackError::UploaderGone`] when the uploader stopped (its own error is the real
+    /// cause); [`PackError::MissingFrame`] for a new chunk given without its frame.
+    pub fn add(
+        &mut self,
+        sha256: [u8; 32],
+        plain_length: u64,
+        frame: Option<&[u8]>,
+    ) -> Result<ChunkRef, PackError> {
+        if let Some(r) = self
+            .existing
+            .get(&sha256)
+            .or_else(|| self.added.get(&sha256))
+        {
             self.stats.reused_chunks += 1;
             return Ok(r);
         }
+        let frame = frame.ok_or(PackError::MissingFrame)?;
         if self.buf.capacity() == 0 {
-            self.buf
-                .reserve_exact(self.target + plain.len() + plain.len() / 64 + 1024);
+            self.buf.reserve_exact(self.target + frame.len());
         }
         let offset = self.buf.len() as u64;
-        codec::append_frame(plain, &mut self.scratch, &mut self.buf);
-        let length = self.buf.len() as u64 - offset;
+        self.buf.extend_from_slice(frame);
+        let length = frame.len() as u64;
         let r = ChunkRef {
             sha256: hex::encode(sha256),
             pack: self.id.clone(),
             offset,
             length,
-            plain_length: plain.len() as u64,
+            plain_length,
         };
         self.entries.push(PackIndexEntry {
             sha256: r.sha256.clone(),
             offset,
             length,
-            plain_length: r.plain_length,
+            plain_length,
         });
-        self.known.insert(sha256, &r);
+        self.added.insert(sha256, &r);
         self.stats.new_chunks += 1;
         self.stats.new_bytes += length;
         if self.buf.len() >= self.target {
@@ -308,7 +342,7 @@ impl Packer {
     }
 
     /// Sends the current pack (if it holds anything) to the uploader and starts a new one.
-    fn seal(&mut self) -> Result<(), UploaderGone> {
+    fn seal(&mut self) -> Result<(), PackError> {
         if self.entries.is_empty() {
             return Ok(());
         }
@@ -326,14 +360,14 @@ impl Packer {
                 id,
                 data,
             })
-            .map_err(|_| UploaderGone)
+            .map_err(|_| PackError::UploaderGone)
     }
 
     /// Seals the last pack and closes the pipeline.
     ///
     /// # Errors
-    /// [`UploaderGone`] as for [`Packer::add`].
-    pub fn finish(mut self) -> Result<PackStats, UploaderGone> {
+    /// [`PackError::UploaderGone`] as for [`Packer::add`].
+    pub fn finish(mut self) -> Result<PackStats, PackError> {
         self.seal()?;
         Ok(self.stats)
     }
@@ -370,6 +404,7 @@ pub async fn upload(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::codec;
 
     #[test]
     fn pack_ids_are_unique_and_valid() {
@@ -382,13 +417,22 @@ mod tests {
     #[test]
     fn packer_dedupes_and_seals_readable_packs() {
         let (tx, mut rx) = mpsc::channel(16);
-        let mut p = Packer::with_target(ChunkSet::default(), tx, 1000);
+        let mut p = Packer::with_target(Arc::new(ChunkSet::default()), tx, 1000);
         let chunk = |n: u8| vec![n; 700];
         let sha = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
-        let a = p.add(sha(&chunk(1)), &chunk(1)).unwrap();
-        let b = p.add(sha(&chunk(2)), &chunk(2)).unwrap();
-        let a2 = p.add(sha(&chunk(1)), &chunk(1)).unwrap();
+        let frame = |b: &[u8]| {
+            let mut f = Vec::new();
+            codec::append_frame(b, &mut Vec::new(), &mut f);
+            f
+        };
+        let a = p.add(sha(&chunk(1)), 700, Some(&frame(&chunk(1)))).unwrap();
+        let b = p.add(sha(&chunk(2)), 700, Some(&frame(&chunk(2)))).unwrap();
+        let a2 = p.add(sha(&chunk(1)), 700, None).unwrap();
         assert_eq!(a, a2);
+        assert_eq!(
+            p.add(sha(&chunk(3)), 700, None),
+            Err(PackError::MissingFrame)
+        );
         let stats = p.finish().unwrap();
         assert_eq!(stats.new_chunks, 2);
         assert_eq!(stats.reused_chunks, 1);

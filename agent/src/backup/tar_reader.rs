@@ -14,9 +14,10 @@ use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::pack::{PackStats, Packer, UploaderGone};
+use super::chunk_workers::{ChunkWorkers, Hashed, Tag};
+use super::pack::{PackError, PackStats, Packer};
 use super::CHUNK_SIZE;
-use crate::repo::manifest::{FileEntry, FileKind};
+use crate::repo::manifest::{ChunkRef, FileEntry, FileKind};
 
 /// One message of the archive stream, in server order.
 #[derive(Debug)]
@@ -42,15 +43,9 @@ pub enum IngestError {
     Truncated,
     #[error("archive stream out of order: {0}")]
     Order(&'static str),
-    /// The uploader stopped; its error is the cause.
-    #[error("the pack uploader stopped")]
-    UploaderGone,
-}
-
-impl From<UploaderGone> for IngestError {
-    fn from(_: UploaderGone) -> Self {
-        IngestError::UploaderGone
-    }
+    /// The uploader stopped (its error is the cause), or a chunk could not be packed.
+    #[error(transparent)]
+    Pack(#[from] PackError),
 }
 
 /// What [`ingest`] produced.
@@ -148,17 +143,18 @@ pub fn member_path(path: &Path, tablespace: Option<u32>) -> Result<Option<String
     }))
 }
 
-/// Reads archives from `rx` until the channel closes, storing file contents through a
-/// [`Packer`] (which hands full packs to the uploader). Blocking: run it on its own thread.
+/// Reads archives from `rx` until the channel closes, storing file contents through
+/// `workers` hashing and compressing threads and a [`Packer`] (which hands full packs to the
+/// uploader). Blocking: run it on its own thread.
 ///
 /// # Errors
 /// Malformed tar data, unsafe paths, a stream that ends inside an archive, a stopped uploader.
 pub fn ingest(
     mut rx: mpsc::Receiver<ArchiveMsg>,
-    mut packer: Packer,
+    packer: Packer,
+    workers: usize,
 ) -> Result<Ingested, IngestError> {
-    let mut files = Vec::new();
-    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut store = Store::new(packer, workers);
     while let Some(msg) = rx.blocking_recv() {
         let tablespace = match msg {
             ArchiveMsg::Start { tablespace } => tablespace,
@@ -166,22 +162,19 @@ pub fn ingest(
             ArchiveMsg::End => return Err(IngestError::Order("end before an archive")),
         };
         let mut reader = ChannelReader::new(&mut rx);
-        read_archive(&mut reader, tablespace, &mut packer, &mut buf, &mut files)?;
+        read_archive(&mut reader, tablespace, &mut store)?;
         reader.drain().map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => IngestError::Truncated,
             _ => IngestError::Tar(e),
         })?;
     }
-    let stats = packer.finish()?;
-    Ok(Ingested { files, stats })
+    store.finish()
 }
 
 fn read_archive(
     reader: &mut ChannelReader<'_>,
     tablespace: Option<u32>,
-    packer: &mut Packer,
-    buf: &mut [u8],
-    files: &mut Vec<FileEntry>,
+    store: &mut Store,
 ) -> Result<(), IngestError> {
     let tar_err = |e: io::Error| match e.kind() {
         io::ErrorKind::UnexpectedEof => IngestError::Truncated,
@@ -205,12 +198,14 @@ fn read_archive(
             mode,
             mtime,
             sha256: None,
+            crc32c: None,
             kind: FileKind::File,
             link_target: None,
             chunks: Vec::new(),
         };
         if kind.is_dir() {
             file.kind = FileKind::Directory;
+            store.files.push(file);
         } else if kind.is_symlink() {
             let target = entry
                 .link_name()
@@ -221,70 +216,165 @@ fn read_archive(
                 .ok_or_else(|| IngestError::UnsafePath(file.path.clone()))?;
             file.kind = FileKind::Symlink;
             file.link_target = Some(target.to_string());
+            store.files.push(file);
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
-            store_file(&mut entry, declared, &mut file, packer, buf).map_err(|e| match e {
-                StoreError::Read(e) => tar_err(e),
-                StoreError::Uploader => IngestError::UploaderGone,
-            })?;
+            store.files.push(file);
+            store
+                .store_file(&mut entry, declared)
+                .map_err(|e| match e {
+                    StoreError::Read(e) => tar_err(e),
+                    StoreError::Pack(e) => e.into(),
+                })?;
         } else {
             return Err(IngestError::MemberType {
                 kind: format!("{kind:?}"),
                 path: file.path,
             });
         }
-        files.push(file);
     }
     Ok(())
 }
 
 enum StoreError {
     Read(io::Error),
-    Uploader,
+    Pack(PackError),
 }
 
-/// Cuts one file (`declared` bytes long, from its tar header) into chunks, hashing every
-/// chunk and the whole file, and packs the chunks. A file of at most one chunk has its
-/// chunk's hash; longer files are hashed a second time as a whole.
-fn store_file(
-    entry: &mut impl Read,
-    declared: u64,
-    file: &mut FileEntry,
-    packer: &mut Packer,
-    buf: &mut [u8],
-) -> Result<(), StoreError> {
-    let multi = declared > buf.len() as u64;
-    let mut file_hash = Sha256::new();
-    let mut only_chunk: Option<[u8; 32]> = None;
-    loop {
-        let n = read_full(entry, buf).map_err(StoreError::Read)?;
-        if n == 0 {
-            break;
-        }
-        let plain = &buf[..n];
-        let sha: [u8; 32] = Sha256::digest(plain).into();
-        if multi {
-            file_hash.update(plain);
-        } else {
-            only_chunk = Some(sha);
-        }
-        let r = packer.add(sha, plain).map_err(|_| StoreError::Uploader)?;
-        file.size += n as u64;
-        file.chunks.push(r);
-        if n < buf.len() {
-            break;
+impl From<PackError> for StoreError {
+    fn from(e: PackError) -> Self {
+        StoreError::Pack(e)
+    }
+}
+
+/// The files read so far, and the chunks of theirs that are still with the workers.
+struct Store {
+    files: Vec<FileEntry>,
+    packer: Packer,
+    workers: ChunkWorkers,
+    /// Chunk buffers not in flight, each `CHUNK_SIZE` bytes long.
+    free: Vec<Vec<u8>>,
+    /// Buffers allocated so far, at most `max_buffers`.
+    buffers: usize,
+    max_buffers: usize,
+}
+
+/// Stands for a chunk ref until the workers are done with the chunk.
+fn pending_chunk() -> ChunkRef {
+    ChunkRef {
+        sha256: String::new(),
+        pack: String::new(),
+        offset: 0,
+        length: 0,
+        plain_length: 0,
+    }
+}
+
+impl Store {
+    fn new(packer: Packer, workers: usize) -> Store {
+        let workers = workers.max(1);
+        Store {
+            files: Vec::new(),
+            workers: ChunkWorkers::start(workers, packer.existing()),
+            packer,
+            free: Vec::new(),
+            buffers: 0,
+            // Every worker busy with one chunk and another queued, and one being read.
+            max_buffers: 2 * workers + 1,
         }
     }
-    if file.size != declared {
-        return Err(StoreError::Read(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("'{}' is shorter than its header says", file.path),
-        )));
+
+    /// Cuts the last file of `files` (`declared` bytes long, from its tar header) into chunks
+    /// for the workers, computing its CRC-32C on the way.
+    fn store_file(&mut self, entry: &mut impl Read, declared: u64) -> Result<(), StoreError> {
+        let index = self.files.len() - 1;
+        let mut crc = 0u32;
+        let mut size = 0u64;
+        loop {
+            let mut buf = self.buffer()?;
+            let n = read_full(entry, &mut buf).map_err(StoreError::Read)?;
+            if n == 0 {
+                self.free.push(buf);
+                break;
+            }
+            buf.truncate(n);
+            crc = crc32c::crc32c_append(crc, &buf);
+            size += n as u64;
+            let file = &mut self.files[index];
+            let tag = Tag {
+                file: index,
+                chunk: file.chunks.len(),
+            };
+            file.chunks.push(pending_chunk());
+            self.workers.submit(tag, buf);
+            if n < CHUNK_SIZE {
+                break;
+            }
+        }
+        let file = &mut self.files[index];
+        if size != declared {
+            return Err(StoreError::Read(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("'{}' is shorter than its header says", file.path),
+            )));
+        }
+        file.size = size;
+        file.crc32c = Some(format!("{crc:08x}"));
+        if size == 0 {
+            file.sha256 = Some(hex::encode(Sha256::digest(b"")));
+        }
+        Ok(())
     }
-    file.sha256 = Some(match only_chunk {
-        Some(sha) if !multi => hex::encode(sha),
-        _ => hex::encode(file_hash.finalize()),
-    });
-    Ok(())
+
+    /// A chunk buffer, `CHUNK_SIZE` bytes long: a free one, a new one while fewer than
+    /// `max_buffers` exist, or the next one the workers give back.
+    fn buffer(&mut self) -> Result<Vec<u8>, PackError> {
+        while let Some(h) = self.workers.try_next() {
+            self.apply(h)?;
+        }
+        if self.free.is_empty() {
+            if self.buffers < self.max_buffers {
+                self.buffers += 1;
+                return Ok(vec![0; CHUNK_SIZE]);
+            }
+            let h = self.workers.wait_next().expect("all buffers are in flight");
+            self.apply(h)?;
+        }
+        Ok(self.free.pop().expect("a buffer came back"))
+    }
+
+    /// Packs a finished chunk and puts its ref in place.
+    fn apply(&mut self, h: Hashed) -> Result<(), PackError> {
+        let r = self
+            .packer
+            .add(h.sha256, h.plain.len() as u64, h.frame.as_deref())?;
+        if let Some(frame) = h.frame {
+            self.workers.recycle_frame(frame);
+        }
+        self.files[h.tag.file].chunks[h.tag.chunk] = r;
+        let mut buf = h.plain;
+        buf.resize(CHUNK_SIZE, 0);
+        self.free.push(buf);
+        Ok(())
+    }
+
+    /// Waits for the workers, seals the last pack, and gives every file of one chunk its
+    /// chunk's SHA-256 as its own.
+    fn finish(mut self) -> Result<Ingested, IngestError> {
+        while let Some(h) = self.workers.wait_next() {
+            self.apply(h)?;
+        }
+        let stats = self.packer.finish()?;
+        for f in &mut self.files {
+            debug_assert!(f.chunks.iter().all(|c| !c.sha256.is_empty()));
+            if let [only] = f.chunks.as_slice() {
+                f.sha256 = Some(only.sha256.clone());
+            }
+        }
+        Ok(Ingested {
+            files: self.files,
+            stats,
+        })
+    }
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -305,6 +395,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 mod tests {
     use super::super::pack::ChunkSet;
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn member_paths_are_sanitised() {
@@ -352,9 +443,9 @@ mod tests {
             ("base/small2", b"hello".to_vec()),
         ]);
         let (pack_tx, mut pack_rx) = mpsc::channel(64);
-        let packer = Packer::new(ChunkSet::default(), pack_tx);
+        let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
         let (tx, rx) = mpsc::channel(4);
-        let worker = std::thread::spawn(move || ingest(rx, packer));
+        let worker = std::thread::spawn(move || ingest(rx, packer, 2));
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
         for piece in tar.chunks(10_000) {
@@ -381,10 +472,16 @@ mod tests {
             Some(hex::encode(Sha256::digest(b"")).as_str())
         );
         assert_eq!(by("base/big").chunks.len(), 3);
+        assert_eq!(by("base/big").sha256, None);
         assert_eq!(
-            by("base/big").sha256.as_deref(),
-            Some(hex::encode(Sha256::digest(&big)).as_str())
+            by("base/big").crc32c.as_deref(),
+            Some(format!("{:08x}", crc32c::crc32c(&big)).as_str())
         );
+        assert_eq!(
+            by("base/small").sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(b"hello")).as_str())
+        );
+        assert_eq!(by("base/small").crc32c.as_deref(), Some("9a71bb4c"));
         assert_eq!(by("base/small").chunks, by("base/small2").chunks);
         assert_eq!(out.stats.new_chunks, 4);
         assert_eq!(out.stats.reused_chunks, 1);
@@ -395,9 +492,9 @@ mod tests {
     fn truncated_archives_fail() {
         let tar = tar_of(&[("base/x", vec![1; 5000])]);
         let (pack_tx, _pack_rx) = mpsc::channel(64);
-        let packer = Packer::new(ChunkSet::default(), pack_tx);
+        let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
         let (tx, rx) = mpsc::channel(4);
-        let worker = std::thread::spawn(move || ingest(rx, packer));
+        let worker = std::thread::spawn(move || ingest(rx, packer, 2));
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
         tx.blocking_send(ArchiveMsg::Data(Bytes::copy_from_slice(&tar[..2000])))

@@ -20,6 +20,7 @@
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -44,6 +45,8 @@ use crate::walsender::{
 const ARCHIVE_CHANNEL: usize = 256;
 /// Sealed packs waiting for the uploader (each up to [`crate::backup::PACK_TARGET_SIZE`]).
 const PACK_CHANNEL: usize = 1;
+/// Threads hashing and compressing chunks: one per core, up to this many.
+const MAX_CHUNK_WORKERS: usize = 8;
 /// Plain progress lines are logged this often when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -224,8 +227,11 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
         tokio::spawn(async move { pack::upload(storage.as_ref(), pack_rx).await })
     };
     let (archive_tx, archive_rx) = mpsc::channel(ARCHIVE_CHANNEL);
-    let packer = Packer::new(known, pack_tx);
-    let reader = tokio::task::spawn_blocking(move || tar_reader::ingest(archive_rx, packer));
+    let packer = Packer::new(Arc::new(known), pack_tx);
+    let workers =
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_CHUNK_WORKERS));
+    let reader =
+        tokio::task::spawn_blocking(move || tar_reader::ingest(archive_rx, packer, workers));
 
     let opts = BaseBackupOptions {
         fast_checkpoint: args.checkpoint == Checkpoint::Fast,
@@ -410,7 +416,8 @@ fn parse_lsn(s: &str) -> Result<Lsn, BackupError> {
 }
 
 /// Checks every file of PostgreSQL's `backup_manifest` against what was stored: same size,
-/// same SHA-256. An independent check that the tar stream was read correctly.
+/// same CRC-32C (the checksum we ask for). An independent check that the tar stream was read
+/// correctly.
 fn cross_check(
     pg_manifest: &[u8],
     files: &[crate::repo::manifest::FileEntry],
@@ -453,15 +460,31 @@ fn cross_check(
                 ours.size, f.size
             )));
         }
-        if f.algorithm.as_deref() == Some("SHA256")
-            && f.checksum.as_deref() != ours.sha256.as_deref()
+        if f.algorithm.as_deref() == Some("CRC32C")
+            && !same_crc32c(f.checksum.as_deref(), ours.crc32c.as_deref())
         {
             return Err(BackupError::ManifestMismatch(format!(
-                "'{path}' has a different SHA-256"
+                "'{path}' has a different CRC-32C"
             )));
         }
     }
     Ok(())
+}
+
+/// Whether `manifest`, a CRC-32C as PostgreSQL's `backup_manifest` writes it (the bytes of the
+/// server's `uint32` in its own byte order, hex; src/common/checksum_helper.c), is `ours` (the
+/// value as 8 hex digits).
+fn same_crc32c(manifest: Option<&str>, ours: Option<&str>) -> bool {
+    let (Some(theirs), Some(ours)) = (manifest, ours) else {
+        return false;
+    };
+    let (Ok(theirs), Ok(ours)) = (
+        u32::from_str_radix(theirs, 16),
+        u32::from_str_radix(ours, 16),
+    ) else {
+        return false;
+    };
+    theirs.swap_bytes() == ours || theirs == ours
 }
 
 /// A backup id for now, unique in the repository: waits a second while the id is taken.
@@ -701,30 +724,21 @@ mod tests {
             mode: 0o600,
             mtime: 0,
             sha256: Some("ab".repeat(32)),
+            crc32c: Some("0a0b0c0d".into()),
             kind: Default::default(),
             link_target: None,
             chunks: Vec::new(),
         };
         let m = |size: u64, sum: &str| {
             format!(
-                r#"{{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [{{"Path": "PG_VERSION", "Size": {size}, "Last-Modified": "x", "Checksum-Algorithm": "SHA256", "Checksum": "{sum}"}}]}}"#
+                r#"{{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [{{"Path": "PG_VERSION", "Size": {size}, "Last-Modified": "x", "Checksum-Algorithm": "CRC32C", "Checksum": "{sum}"}}]}}"#
             )
         };
-        cross_check(
-            m(3, &"ab".repeat(32)).as_bytes(),
-            std::slice::from_ref(&file),
-        )
-        .unwrap();
-        assert!(cross_check(
-            m(4, &"ab".repeat(32)).as_bytes(),
-            std::slice::from_ref(&file)
-        )
-        .is_err());
-        assert!(cross_check(
-            m(3, &"cd".repeat(32)).as_bytes(),
-            std::slice::from_ref(&file)
-        )
-        .is_err());
+        // Little-endian servers write the bytes of the value in reverse.
+        cross_check(m(3, "0d0c0b0a").as_bytes(), std::slice::from_ref(&file)).unwrap();
+        cross_check(m(3, "0a0b0c0d").as_bytes(), std::slice::from_ref(&file)).unwrap();
+        assert!(cross_check(m(4, "0d0c0b0a").as_bytes(), std::slice::from_ref(&file)).is_err());
+        assert!(cross_check(m(3, "0d0c0b0b").as_bytes(), std::slice::from_ref(&file)).is_err());
         assert!(cross_check(m(3, "x").as_bytes(), &[]).is_err());
     }
 }

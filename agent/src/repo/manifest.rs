@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::pg::{Lsn, TimelineId, WalSegSize};
 
-/// The manifest format this build writes.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format this build writes. Format 2 added [`FileEntry::crc32c`] and dropped
+/// the whole-file SHA-256 of files longer than one chunk; this build reads both.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// A backup id: the UTC start time, `YYYYMMDDTHHMMSSZ`, unique per repository (a backup
 /// started in the same second waits a second). Sorts chronologically.
@@ -99,9 +100,17 @@ pub struct FileEntry {
     pub mode: u32,
     /// Seconds since the Unix epoch.
     pub mtime: i64,
-    /// `None` for directories and symlinks; regular files have one.
+    /// SHA-256 of the file's plain bytes, 64 hex digits: in format 1 for every regular
+    /// file; from format 2 only for files of at most one chunk (it is then the chunk's own).
+    /// `None` for directories and symlinks.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// CRC-32C (Castagnoli) of the file's plain bytes, 8 hex digits of its value; every
+    /// regular file from format 2 on. The per-chunk SHA-256 protects the content; this
+    /// checks that the chunks make up the file, cheaply, and is what PostgreSQL's
+    /// `backup_manifest` is cross-checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<String>,
     #[serde(default)]
     pub kind: FileKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
