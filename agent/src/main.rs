@@ -53,6 +53,7 @@ mod exit {
 }
 
 fn main() -> ExitCode {
+    pgpitr::heap::return_large_buffers();
     let cli = Cli::parse();
     pgpitr::logging::init("info");
     match run(cli) {
@@ -101,7 +102,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backup(args) => {
             let (config, rt) = load(config_path)?;
-            let manifest = rt.block_on(commands::backup::run(&config, &args))?;
+            // On a worker thread, beside the I/O driver: the backup stream then needs no thread
+            // hop per socket read.
+            let backup = rt.spawn(async move { commands::backup::run(&config, &args).await });
+            let manifest = rt.block_on(backup).expect("backup task")?;
             println!("{}", manifest.id);
             Ok(ExitCode::SUCCESS)
         }

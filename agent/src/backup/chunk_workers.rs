@@ -31,8 +31,9 @@ pub struct Tag {
 pub struct Hashed {
     pub tag: Tag,
     pub sha256: [u8; 32],
-    /// The plain bytes, handed back: the buffer is the caller's to reuse.
+    /// The buffer handed back, the caller's to reuse; the chunk is its first `len` bytes.
     pub plain: Vec<u8>,
+    pub len: usize,
     /// `None` when the chunk is in the repository's [`ChunkSet`]. Return it with
     /// [`ChunkWorkers::recycle_frame`] once copied.
     pub frame: Option<Vec<u8>>,
@@ -41,6 +42,7 @@ pub struct Hashed {
 struct Job {
     tag: Tag,
     plain: Vec<u8>,
+    len: usize,
 }
 
 /// A pool of threads hashing and compressing chunks. Dropping it stops the threads once the
@@ -86,10 +88,12 @@ impl ChunkWorkers {
         }
     }
 
-    /// Hands `plain` to the workers.
-    pub fn submit(&mut self, tag: Tag, plain: Vec<u8>) {
+    /// Hands the first `len` bytes of `plain` to the workers. (The buffer keeps its length,
+    /// so that reusing it never zero-fills it again.)
+    pub fn submit(&mut self, tag: Tag, plain: Vec<u8>, len: usize) {
+        assert!(len <= plain.len());
         let jobs = self.jobs.as_ref().expect("workers running");
-        jobs.send(Job { tag, plain })
+        jobs.send(Job { tag, plain, len })
             .expect("chunk workers run until dropped");
         self.in_flight += 1;
     }
@@ -143,20 +147,22 @@ fn work(
     let mut scratch = Vec::new();
     loop {
         let job = jobs.lock().expect("job queue").recv();
-        let Ok(Job { tag, plain }) = job else {
+        let Ok(Job { tag, plain, len }) = job else {
             return;
         };
-        let sha256: [u8; 32] = Sha256::digest(&plain).into();
+        let chunk = &plain[..len];
+        let sha256: [u8; 32] = Sha256::digest(chunk).into();
         let frame = (!existing.contains(&sha256)).then(|| {
             let mut frame = frames.lock().expect("frame pool").pop().unwrap_or_default();
             frame.clear();
-            codec::append_frame(&plain, &mut scratch, &mut frame);
+            codec::append_frame(chunk, &mut scratch, &mut frame);
             frame
         });
         let hashed = Hashed {
             tag,
             sha256,
             plain,
+            len,
             frame,
         };
         if done.send(hashed).is_err() {
@@ -174,13 +180,15 @@ mod tests {
         let mut w = ChunkWorkers::start(3, Arc::new(ChunkSet::default()));
         let chunks: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000 + i as usize]).collect();
         for (i, c) in chunks.iter().enumerate() {
-            w.submit(Tag { file: i, chunk: 0 }, c.clone());
+            let mut buf = c.clone();
+            buf.extend_from_slice(b"not part of the chunk");
+            w.submit(Tag { file: i, chunk: 0 }, buf, c.len());
         }
         assert_eq!(w.in_flight(), 20);
         let mut seen = vec![false; chunks.len()];
         while let Some(h) = w.wait_next() {
             let i = h.tag.file;
-            assert_eq!(h.plain, chunks[i]);
+            assert_eq!(&h.plain[..h.len], &chunks[i][..]);
             assert_eq!(h.sha256, <[u8; 32]>::from(Sha256::digest(&chunks[i])));
             let mut back = Vec::new();
             codec::decompress_verified(

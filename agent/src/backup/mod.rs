@@ -27,4 +27,5 @@ pub use materialize::{materialize, MaterializeOptions};
 pub const CHUNK_SIZE: usize = 4 * 1024 * 1024;
 
 /// A pack is sealed and uploaded once it holds this many compressed bytes.
-pub const PACK_TARGET_SIZE: usize = 32 * 1024 * 1024;
+/// Up to three packs are in memory at once (being filled, queued, being uploaded).
+pub const PACK_TARGET_SIZE: usize = 16 * 1024 * 1024;

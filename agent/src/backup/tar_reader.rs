@@ -9,6 +9,7 @@
 
 use std::io::{self, Read};
 use std::path::{Component, Path};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
@@ -24,8 +25,9 @@ use crate::repo::manifest::{ChunkRef, FileEntry, FileKind};
 pub enum ArchiveMsg {
     /// A new archive: `None` for the data directory (`base.tar`), else a tablespace's OID.
     Start { tablespace: Option<u32> },
-    /// Next bytes of the current archive.
-    Data(Bytes),
+    /// Next bytes of the current archive: CopyData payloads in order, several per message so
+    /// that the reader thread is woken once per batch rather than once per 32 KiB.
+    Data(Vec<Bytes>),
     /// The current archive ended.
     End,
 }
@@ -60,15 +62,21 @@ pub struct Ingested {
 pub struct ChannelReader<'a> {
     rx: &'a mut mpsc::Receiver<ArchiveMsg>,
     current: Bytes,
+    /// The rest of the current batch, in reverse order.
+    batch: Vec<Bytes>,
     ended: bool,
+    /// Time spent waiting for the network.
+    waited: &'a mut Duration,
 }
 
 impl<'a> ChannelReader<'a> {
-    pub fn new(rx: &'a mut mpsc::Receiver<ArchiveMsg>) -> Self {
+    pub fn new(rx: &'a mut mpsc::Receiver<ArchiveMsg>, waited: &'a mut Duration) -> Self {
         ChannelReader {
             rx,
             current: Bytes::new(),
+            batch: Vec::new(),
             ended: false,
+            waited,
         }
     }
 
@@ -83,11 +91,21 @@ impl<'a> ChannelReader<'a> {
 impl Read for ChannelReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
+            if let Some(b) = self.batch.pop() {
+                self.current = b;
+                continue;
+            }
             if self.ended {
                 return Ok(0);
             }
-            match self.rx.blocking_recv() {
-                Some(ArchiveMsg::Data(b)) => self.current = b,
+            let t = Instant::now();
+            let msg = self.rx.blocking_recv();
+            *self.waited += t.elapsed();
+            match msg {
+                Some(ArchiveMsg::Data(mut batch)) => {
+                    batch.reverse();
+                    self.batch = batch;
+                }
                 Some(ArchiveMsg::End) => self.ended = true,
                 Some(ArchiveMsg::Start { .. }) => {
                     return Err(io::Error::new(
@@ -155,19 +173,25 @@ pub fn ingest(
     workers: usize,
 ) -> Result<Ingested, IngestError> {
     let mut store = Store::new(packer, workers);
+    let mut network_wait = Duration::ZERO;
     while let Some(msg) = rx.blocking_recv() {
         let tablespace = match msg {
             ArchiveMsg::Start { tablespace } => tablespace,
             ArchiveMsg::Data(_) => return Err(IngestError::Order("data before an archive")),
             ArchiveMsg::End => return Err(IngestError::Order("end before an archive")),
         };
-        let mut reader = ChannelReader::new(&mut rx);
+        let mut reader = ChannelReader::new(&mut rx, &mut network_wait);
         read_archive(&mut reader, tablespace, &mut store)?;
         reader.drain().map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => IngestError::Truncated,
             _ => IngestError::Tar(e),
         })?;
     }
+    tracing::debug!(
+        "tar reader waited {:.2} s for the server and {:.2} s for the chunk workers",
+        network_wait.as_secs_f64(),
+        store.worker_wait.as_secs_f64()
+    );
     store.finish()
 }
 
@@ -256,6 +280,8 @@ struct Store {
     /// Buffers allocated so far, at most `max_buffers`.
     buffers: usize,
     max_buffers: usize,
+    /// Time spent waiting for a buffer to come back from the workers.
+    worker_wait: Duration,
 }
 
 /// Stands for a chunk ref until the workers are done with the chunk.
@@ -280,6 +306,7 @@ impl Store {
             buffers: 0,
             // Every worker busy with one chunk and another queued, and one being read.
             max_buffers: 2 * workers + 1,
+            worker_wait: Duration::ZERO,
         }
     }
 
@@ -296,8 +323,7 @@ impl Store {
                 self.free.push(buf);
                 break;
             }
-            buf.truncate(n);
-            crc = crc32c::crc32c_append(crc, &buf);
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
             size += n as u64;
             let file = &mut self.files[index];
             let tag = Tag {
@@ -305,7 +331,7 @@ impl Store {
                 chunk: file.chunks.len(),
             };
             file.chunks.push(pending_chunk());
-            self.workers.submit(tag, buf);
+            self.workers.submit(tag, buf, n);
             if n < CHUNK_SIZE {
                 break;
             }
@@ -336,7 +362,9 @@ impl Store {
                 self.buffers += 1;
                 return Ok(vec![0; CHUNK_SIZE]);
             }
+            let t = Instant::now();
             let h = self.workers.wait_next().expect("all buffers are in flight");
+            self.worker_wait += t.elapsed();
             self.apply(h)?;
         }
         Ok(self.free.pop().expect("a buffer came back"))
@@ -346,14 +374,12 @@ impl Store {
     fn apply(&mut self, h: Hashed) -> Result<(), PackError> {
         let r = self
             .packer
-            .add(h.sha256, h.plain.len() as u64, h.frame.as_deref())?;
+            .add(h.sha256, h.len as u64, h.frame.as_deref())?;
         if let Some(frame) = h.frame {
             self.workers.recycle_frame(frame);
         }
         self.files[h.tag.file].chunks[h.tag.chunk] = r;
-        let mut buf = h.plain;
-        buf.resize(CHUNK_SIZE, 0);
-        self.free.push(buf);
+        self.free.push(h.plain);
         Ok(())
     }
 
@@ -449,15 +475,16 @@ mod tests {
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
         for piece in tar.chunks(10_000) {
-            tx.blocking_send(ArchiveMsg::Data(Bytes::copy_from_slice(piece)))
-                .unwrap();
+            let (a, b) = piece.split_at(piece.len() / 3);
+            let batch = vec![Bytes::copy_from_slice(a), Bytes::copy_from_slice(b)];
+            tx.blocking_send(ArchiveMsg::Data(batch)).unwrap();
         }
         tx.blocking_send(ArchiveMsg::End).unwrap();
         tx.blocking_send(ArchiveMsg::Start {
             tablespace: Some(16384),
         })
         .unwrap();
-        tx.blocking_send(ArchiveMsg::Data(Bytes::from(tar_of(&[]))))
+        tx.blocking_send(ArchiveMsg::Data(vec![Bytes::from(tar_of(&[]))]))
             .unwrap();
         tx.blocking_send(ArchiveMsg::End).unwrap();
         drop(tx);
@@ -497,7 +524,7 @@ mod tests {
         let worker = std::thread::spawn(move || ingest(rx, packer, 2));
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
-        tx.blocking_send(ArchiveMsg::Data(Bytes::copy_from_slice(&tar[..2000])))
+        tx.blocking_send(ArchiveMsg::Data(vec![Bytes::copy_from_slice(&tar[..2000])]))
             .unwrap();
         drop(tx);
         assert!(worker.join().unwrap().is_err());

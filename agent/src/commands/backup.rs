@@ -40,9 +40,12 @@ use crate::walsender::{
     BackupEvent, BaseBackupOptions, ConnectParams, ReplicationConnection, WalsenderError,
 };
 
-/// Archive messages buffered between the network and the tar reader (each one CopyData frame,
-/// typically up to 32 KiB).
-const ARCHIVE_CHANNEL: usize = 256;
+/// Archive messages buffered between the network and the tar reader (each a batch of about
+/// [`ARCHIVE_BATCH`] bytes).
+const ARCHIVE_CHANNEL: usize = 16;
+/// CopyData payloads (typically 32 KiB each) are handed to the tar reader in batches of this
+/// many bytes: one wake-up of the reader thread per batch.
+const ARCHIVE_BATCH: usize = 512 * 1024;
 /// Sealed packs waiting for the uploader (each up to [`crate::backup::PACK_TARGET_SIZE`]).
 const PACK_CHANNEL: usize = 1;
 /// Threads hashing and compressing chunks: one per core, up to this many.
@@ -345,7 +348,16 @@ async fn stream_backup(
     let mut stream = conn.base_backup(opts).await?;
     // A send fails only when the reader stopped; its own error is reported by the caller.
     let reader_gone = || BackupError::ReaderStopped;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0;
     while let Some(event) = stream.next_event().await? {
+        if !matches!(event, BackupEvent::ArchiveData(_)) && !batch.is_empty() {
+            batched = 0;
+            archive_tx
+                .send(ArchiveMsg::Data(std::mem::take(&mut batch)))
+                .await
+                .map_err(|_| reader_gone())?;
+        }
         match event {
             BackupEvent::Started {
                 start_lsn,
@@ -382,10 +394,15 @@ async fn stream_backup(
             }
             BackupEvent::ArchiveData(data) => {
                 progress.add(data.len() as u64);
-                archive_tx
-                    .send(ArchiveMsg::Data(data))
-                    .await
-                    .map_err(|_| reader_gone())?;
+                batched += data.len();
+                batch.push(data);
+                if batched >= ARCHIVE_BATCH {
+                    batched = 0;
+                    archive_tx
+                        .send(ArchiveMsg::Data(std::mem::take(&mut batch)))
+                        .await
+                        .map_err(|_| reader_gone())?;
+                }
             }
             BackupEvent::ArchiveEnd => {
                 archive_tx

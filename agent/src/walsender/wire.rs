@@ -19,8 +19,9 @@ use super::error::{ServerMessage, WalsenderError};
 /// hostile stream.
 pub(crate) const MAX_MESSAGE_LEN: usize = 256 * 1024 * 1024;
 
-/// Minimum free space kept in the read buffer before each read, in bytes.
-const READ_CHUNK: usize = 64 * 1024;
+/// Minimum free space kept in the read buffer before each read, in bytes (a base backup
+/// streams gigabytes: large reads mean few system calls).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// A byte stream the client can talk over.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
