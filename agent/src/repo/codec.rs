@@ -249,6 +249,65 @@ pub fn decompress_verified(
     check(actual, expected_sha256_hex).map(|()| written)
 }
 
+/// Decodes `compressed` (lz4 frames holding exactly `out.len()` plain bytes) into `out` and
+/// checks their SHA-256 against `expected_sha256_hex`. A frame as [`append_frame`] writes it
+/// (one block) is decoded straight into `out`, with no buffer of its own; anything else goes
+/// through lz4_flex's frame decoder. For base backup chunks, which a restore decodes into
+/// reused, aligned buffers.
+///
+/// # Errors
+/// Corrupt lz4 data, a plain length other than `out.len()`, a checksum mismatch.
+pub fn decode_chunk_verified(
+    compressed: &[u8],
+    expected_sha256_hex: &str,
+    out: &mut [u8],
+) -> Result<(), DecodeError> {
+    let invalid =
+        |m: String| DecodeError::Lz4(std::io::Error::new(std::io::ErrorKind::InvalidData, m));
+    let n = match single_block(compressed) {
+        Some((word, block)) if word & UNCOMPRESSED_BLOCK != 0 => {
+            let dst = out
+                .get_mut(..block.len())
+                .ok_or_else(|| invalid("more plain bytes than expected".into()))?;
+            dst.copy_from_slice(block);
+            block.len()
+        }
+        Some((_, block)) => {
+            lz4_flex::block::decompress_into(block, out).map_err(|e| invalid(e.to_string()))?
+        }
+        None => {
+            let mut at = 0;
+            decode_frames(compressed, |block| {
+                let dst = out
+                    .get_mut(at..at + block.len())
+                    .ok_or_else(|| invalid("more plain bytes than expected".into()))?;
+                dst.copy_from_slice(block);
+                at += block.len();
+                Ok(())
+            })?;
+            at
+        }
+    };
+    if n != out.len() {
+        return Err(invalid(format!("{n} plain bytes, expected {}", out.len())));
+    }
+    check(Sha256::new_with_prefix(&out[..]), expected_sha256_hex)
+}
+
+/// The size word and the block of a frame laid out as [`append_frame`] writes it: a header
+/// of ours, at most one block, the end mark, nothing after.
+fn single_block(frame: &[u8]) -> Option<(u32, &[u8])> {
+    let header = FRAME_HEADERS.iter().find(|h| frame.starts_with(&h[..]))?;
+    let rest = &frame[header.len()..];
+    if rest == [0; 4] {
+        return Some((UNCOMPRESSED_BLOCK, &[]));
+    }
+    let word = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    let len = (word & !UNCOMPRESSED_BLOCK) as usize;
+    let block = rest.get(4..4 + len)?;
+    (rest.get(4 + len..)? == [0; 4]).then_some((word, block))
+}
+
 fn check(hasher: Sha256, expected_sha256_hex: &str) -> Result<(), DecodeError> {
     let actual = hex::encode(hasher.finalize());
     if actual != expected_sha256_hex {
@@ -310,6 +369,54 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn chunks_decode_in_place_from_our_frames_and_from_any_other() {
+        for len in [0, 1, 5000, MAX_FRAME_PLAIN] {
+            let plain = pseudo_random(len);
+            let sha = hex::encode(Sha256::digest(&plain));
+            let mut ours = Vec::new();
+            append_frame(&plain, &mut Vec::new(), &mut ours);
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            let incompressible: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect();
+            let standard = {
+                let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+                e.write_all(&plain).unwrap();
+                e.finish().unwrap()
+            };
+            for frame in [&ours, &standard] {
+                let mut out = vec![0u8; len];
+                decode_chunk_verified(frame, &sha, &mut out).unwrap();
+                assert!(out == plain);
+                let mut short = vec![0u8; len + 1];
+                assert!(decode_chunk_verified(frame, &sha, &mut short).is_err());
+                if len > 0 {
+                    let mut long = vec![0u8; len - 1];
+                    assert!(decode_chunk_verified(frame, &sha, &mut long).is_err());
+                }
+            }
+            let mut stored = Vec::new();
+            append_frame(&incompressible, &mut Vec::new(), &mut stored);
+            let mut out = vec![0u8; len];
+            let sha2 = hex::encode(Sha256::digest(&incompressible));
+            decode_chunk_verified(&stored, &sha2, &mut out).unwrap();
+            assert!(out == incompressible);
+            if len > 0 {
+                assert_eq!(stored.len(), 7 + 4 + len + 4, "stored plain");
+                assert!(matches!(
+                    decode_chunk_verified(&stored, &sha, &mut out),
+                    Err(DecodeError::Checksum { .. })
+                ));
+            }
+        }
     }
 
     #[test]
