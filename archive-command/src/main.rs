@@ -34,6 +34,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    pgpitr::heap::return_large_buffers();
     let cli = Cli::parse();
     pgpitr::logging::init("warn");
     let result = pgpitr::logging::runtime().block_on(async {

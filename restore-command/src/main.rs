@@ -35,6 +35,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    pgpitr::heap::return_large_buffers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
     };
     pgpitr::logging::init("warn");
     if cli.refill {
+        yield_cpu_to_recovery();
         let result = pgpitr::logging::runtime().block_on(async {
             let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
             archive_get::refill(&config, &cli.wal_name, &cli.dest).await
@@ -74,6 +76,22 @@ fn main() -> ExitCode {
             eprintln!("pgpitr-restore: error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// Niceness of the background refill: its downloads and decompression use the CPU that the
+/// startup process does not, instead of taking turns with it (on a small machine replay is
+/// the critical path, and a segment the refill has not fetched yet is fetched by the call).
+const REFILL_NICE: i32 = 10;
+
+/// Lowers the priority of this process (before any thread starts: threads inherit it).
+fn yield_cpu_to_recovery() {
+    // SAFETY: setpriority only reads its arguments.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, REFILL_NICE) } != 0 {
+        tracing::debug!(
+            "could not lower the refill's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
