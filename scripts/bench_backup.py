@@ -195,8 +195,8 @@ def print_replay(r):
           f"{r['end_lsn']}.\n")
     print("| WAL source | seconds | MB/s replayed | × pre-staged |")
     print("|---|---:|---:|---:|")
-    for mode, label in (("restore_command", "`pgpitr-restore` as restore_command (prefetch 8, 3 parallel)"),
-                        ("restore_command_p1", "`pgpitr-restore` as restore_command (prefetch 8, 1 at a time)"),
+    for mode, label in (("restore_command", "`pgpitr-restore` as restore_command (refill 8 ahead, 3 parallel downloads)"),
+                        ("restore_command_p1", "`pgpitr-restore` as restore_command (refill 8 ahead, 1 download at a time)"),
                         ("pg_wal", "already in pg_wal (restore_command = 'false'): the limit")):
         print(f"| {label} | {r[mode]:.1f} | {r['wal_bytes'] / 1e6 / r[mode]:.0f} | {r[mode] / r['pg_wal']:.2f} |")
 

@@ -32,6 +32,13 @@ def timed(cmd, env=None, cwd=None):
         return dt, int(rss.read().split()[-1])
 
 
+def settle():
+    """Flushes dirty pages (the fake pg_wal copies, earlier outputs) so that their writeback does
+    not land in the next measured series, whichever tool it measures."""
+    run(["sync"])
+    time.sleep(1)
+
+
 def make_wal(root):
     """A PG 15 cluster, pgbench -s 20, CHECKPOINT, then pgbench until SEGMENTS segments are archived
     (by cp) into root/wal. Returns (pgdata, socket dir, port, wal dir, segment names, conn args).
@@ -157,11 +164,13 @@ def main():
         env = dict(os.environ, PGPITR_REPO=repo, PGPITR_ARCHIVE_BATCH="0", PGPITR_RESTORE_PREFETCH="0")
         env.pop("PGPITR_CONFIG", None)
         d = fake_pgdata(root, wal, names, ready=False)
+        settle()
         t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
         record("pgpitr-archive, one segment per call", t, r)
         stored = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(repo) for f in fs)
         out = tempfile.mkdtemp(dir=root)
         os.makedirs(f"{out}/pg_wal")
+        settle()
         t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
         record("pgpitr-restore, one segment per call", t, r)
         for n in names[:4]:
@@ -173,16 +182,19 @@ def main():
         env = dict(os.environ, PGPITR_REPO=repo)
         env.pop("PGPITR_CONFIG", None)
         d = fake_pgdata(root, wal, names, ready=True)
+        settle()
         t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
         record("pgpitr-archive, batching (16 ahead, 3 parallel)", t, r)
         out = tempfile.mkdtemp(dir=root)
         os.makedirs(f"{out}/pg_wal")
+        settle()
         t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, out) for n in names])
         record("pgpitr-restore, prefetch (8 ahead, 3 parallel)", t, r)
         # The detached refill those calls start is not their child: measure it on its own (the
         # same command they run), filling an empty spool with 8 segments.
         wait_refill_done(f"{out}/pg_wal/pgpitr_spool/restore.lock")
         shutil.rmtree(f"{out}/pg_wal/pgpitr_spool")
+        settle()
         t, r = timed([f"{TARGET}/pgpitr-restore", "--refill", names[0], "pg_wal/RECOVERYXLOG"], env, out)
         record("background refill of the prefetch (8 segments, 3 parallel), per segment", [t / 8], [r])
 
@@ -192,10 +204,12 @@ def main():
                        PGPITR_RESTORE_PREFETCH="0")
             env.pop("PGPITR_CONFIG", None)
             d = fake_pgdata(root, wal, names, ready=False)
+            settle()
             t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
             record("pgpitr-archive to S3 (Garage), one segment per call", t, r)
             out = tempfile.mkdtemp(dir=root)
             os.makedirs(f"{out}/pg_wal")
+            settle()
             t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
             record("pgpitr-restore from S3 (Garage), one segment per call", t, r)
 
@@ -210,10 +224,12 @@ def main():
         run(["chown", "-R", "postgres", br]) if os.geteuid() == 0 else None
         base = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
         run(as_pg(base + ["stanza-create"]))
+        settle()
         t, r = zip(*[timed(as_pg(base + ["archive-push", f"{wal}/{n}"])) for n in names])
         record("pgBackRest archive-push (lz4)", t, r)
         out = tempfile.mkdtemp(dir=root)
         run(["chown", "postgres", out]) if os.geteuid() == 0 else None
+        settle()
         t, r = zip(*[timed(as_pg(base + ["archive-get", n, f"{out}/{n}"])) for n in names])
         record("pgBackRest archive-get", t, r)
 

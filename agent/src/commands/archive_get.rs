@@ -120,7 +120,8 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
 }
 
 /// Fetches the `restore_prefetch` segments after `after` (`%f` of the call that asked for the
-/// refill) into the spool of `dest` (`%p`), `restore_parallel` at a time, and removes spooled
+/// refill) into the spool of `dest` (`%p`), `restore_parallel` downloads at a time (verified
+/// and written one at a time, in order), and removes spooled
 /// files outside that window. One refill runs at a time per spool (an flock on
 /// `<spool>.lock`, which also records the window for [`run`] to wait on); a second one
 /// returns at once. Best effort: a segment that fails here is fetched, and its error reported,
@@ -273,18 +274,36 @@ async fn prefetch(
             Some((w.clone(), spool_dir.join(s.to_string())))
         })
         .collect();
-    futures::stream::iter(jobs)
-        .map(|(w, path)| async move {
-            if let Err(e) = wal::fetch_to(storage, &w, &path).await {
+    // Downloads run in parallel; decompressing and hashing, one segment at a time and in
+    // window order: the startup process asks for the segments in order, and on a small machine
+    // it needs the other core.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let parallel = config.restore_parallel as usize;
+    let download = async move {
+        let mut done = futures::stream::iter(jobs)
+            .map(|(w, path)| async move { (storage.get(&w.key).await, w, path) })
+            .buffered(parallel);
+        while let Some(d) = done.next().await {
+            if tx.send(d).await.is_err() {
+                break;
+            }
+        }
+    };
+    let write = async {
+        while let Some((got, w, path)) = rx.recv().await {
+            let written = match got {
+                Ok(compressed) => wal::write_to(compressed, &w, &path).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = written {
                 tracing::debug!(
                     "prefetching {} failed, left for PostgreSQL's own call: {e}",
                     w.name
                 );
             }
-        })
-        .buffer_unordered(config.restore_parallel as usize)
-        .collect::<Vec<()>>()
-        .await;
+        }
+    };
+    tokio::join!(download, write);
     Ok(())
 }
 

@@ -141,6 +141,19 @@ pub async fn fetch_to(
     dest: &Path,
 ) -> Result<u64, RepoError> {
     let compressed = storage.get(&wal.key).await?;
+    write_to(compressed, wal, dest).await
+}
+
+/// The second half of [`fetch_to`]: verifies `compressed`, the stored object of `wal`, and
+/// writes its plain bytes to `dest` atomically (on a blocking thread).
+///
+/// # Errors
+/// As [`fetch_to`], without the storage errors.
+pub async fn write_to(
+    compressed: bytes::Bytes,
+    wal: &ArchivedWal,
+    dest: &Path,
+) -> Result<u64, RepoError> {
     let (wal, dest) = (wal.clone(), dest.to_path_buf());
     tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest))
         .await
