@@ -464,7 +464,14 @@ async fn base_backup_streams_archives_and_manifest() {
         .iter()
         .find(|f| f["Path"] == "PG_VERSION")
         .expect("PG_VERSION in manifest");
-    assert_eq!(pg_version["Checksum-Algorithm"], "SHA256");
+    // CRC-32C, as asked; PostgreSQL writes the bytes of the uint32 in the server's order.
+    assert_eq!(pg_version["Checksum-Algorithm"], "CRC32C");
+    let crc = crc32c::crc32c(format!("{major}\n").as_bytes());
+    let checksum = pg_version["Checksum"].as_str().expect("Checksum");
+    assert!(
+        checksum == hex::encode(crc.to_le_bytes()) || checksum == hex::encode(crc.to_be_bytes()),
+        "PG_VERSION checksum {checksum}, CRC-32C {crc:08x}"
+    );
 
     // The connection is usable after the backup.
     let again = conn.identify_system().await.unwrap();
