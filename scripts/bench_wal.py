@@ -39,6 +39,17 @@ def settle():
     time.sleep(1)
 
 
+def recovery_call(pgdata, cmd, env):
+    """One restore_command call as the startup process makes it: PostgreSQL removes the previous
+    pg_wal/RECOVERYXLOG before every call (RestoreArchivedFile in xlogarchive.c), so the call
+    never renames over a file (which ext4 answers by flushing the new one)."""
+    try:
+        os.unlink(f"{pgdata}/pg_wal/RECOVERYXLOG")
+    except FileNotFoundError:
+        pass
+    return timed(cmd, env, pgdata)
+
+
 def make_wal(root):
     """A PG 15 cluster, pgbench -s 20, CHECKPOINT, then pgbench until SEGMENTS segments are archived
     (by cp) into root/wal. Returns (pgdata, socket dir, port, wal dir, segment names, conn args).
@@ -188,7 +199,8 @@ def main():
         out = tempfile.mkdtemp(dir=root)
         os.makedirs(f"{out}/pg_wal")
         settle()
-        t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, out) for n in names])
+        t, r = zip(*[recovery_call(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env)
+                     for n in names])
         record("pgpitr-restore, prefetch (8 ahead, 3 parallel)", t, r)
         # The detached refill those calls start is not their child: measure it on its own (the
         # same command they run), filling an empty spool with 8 segments.
