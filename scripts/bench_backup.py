@@ -6,6 +6,8 @@ through `pgpitr-restore` vs the same WAL pre-staged in pg_wal. Prints Markdown. 
 scripts/bench."""
 import os, shutil, subprocess, sys, tempfile, time
 
+from bench_wal import warm_memory
+
 PG = "/usr/lib/postgresql/15/bin"
 TARGET = sys.argv[1]
 SCALE = int(os.environ.get("BENCH_SCALE", "140"))  # pgbench scale 140 is about 2.1 GB
@@ -36,6 +38,7 @@ def du(path):
 
 
 def main():
+    warm_memory()
     root = tempfile.mkdtemp(prefix="pgpitr-bench-backup-", dir="/tmp")
     os.chmod(root, 0o755)
     data, sock, repo, br = f"{root}/data", f"{root}/sock", f"{root}/repo", f"{root}/pgbr"
