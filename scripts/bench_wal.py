@@ -156,10 +156,15 @@ def start_garage(root):
 
 
 def wait_refill_done(lock):
-    """Waits until no background refill holds its flock."""
+    """Waits until no background refill runs: none holds its flock, and none has just been
+    started (one may not have taken the lock yet)."""
     import fcntl
-    with open(lock) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    while True:
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        if subprocess.run(["pgrep", "-f", "pgpitr-restore --refill"], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.05)
 
 
 def summary(times):
