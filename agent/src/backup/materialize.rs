@@ -265,7 +265,6 @@ async fn write_files(
         crcs[file][index] = crc;
     }
     drop(writes);
-    let files = Arc::try_unwrap(files).unwrap_or_else(|a| (*a).clone());
     tokio::task::spawn_blocking(move || {
         let mut stats = MaterializeStats::default();
         for ((path, entry), crcs) in files.iter().zip(crcs) {

@@ -7,8 +7,9 @@
 //! without index (an interrupted upload) is ignored and left for `expire`.
 //!
 //! [`ChunkSet`] is the set of chunks known from all indexes, loaded once when a backup starts;
-//! [`Packer`] appends new chunks (compressed by [`super::chunk_workers`]) to the current pack and hands sealed packs to [`upload`]
-//! through a bounded channel, so at most a couple of packs are in memory at once.
+//! [`Packer`] appends new chunks (compressed by [`super::chunk_workers`]) to the current pack
+//! and hands sealed packs to [`upload`] through a bounded channel, so at most a couple of packs
+//! are in memory at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -292,8 +293,8 @@ impl Packer {
 
     /// Stores the chunk whose plain bytes (`plain_length` of them) have SHA-256 `sha256`, and
     /// returns where it lives: a chunk already stored, before or by this backup, is
-    /// referenced; otherwise `frame` (its lz4 frame, see [`crate::repo::codec::append_frame`]) is appended
-    /// to the current pack. Blocks while the upload channel is full.
+    /// referenced; otherwise `frame` (its lz4 frame, see [`crate::repo::codec::append_frame`])
+    /// is appended to the current pack. Blocks while the upload channel is full.
     ///
     /// # Errors
     /// [`PackError::UploaderGone`] when the uploader stopped (its own error is the real

@@ -349,14 +349,9 @@ async fn stream_backup(
     // A send fails only when the reader stopped; its own error is reported by the caller.
     let reader_gone = || BackupError::ReaderStopped;
     let mut batch: Vec<Bytes> = Vec::new();
-    let mut batched = 0;
     while let Some(event) = stream.next_event().await? {
         if !matches!(event, BackupEvent::ArchiveData(_)) && !batch.is_empty() {
-            batched = 0;
-            archive_tx
-                .send(ArchiveMsg::Data(std::mem::take(&mut batch)))
-                .await
-                .map_err(|_| reader_gone())?;
+            send_batch(&archive_tx, &mut batch).await?;
         }
         match event {
             BackupEvent::Started {
@@ -394,14 +389,9 @@ async fn stream_backup(
             }
             BackupEvent::ArchiveData(data) => {
                 progress.add(data.len() as u64);
-                batched += data.len();
                 batch.push(data);
-                if batched >= ARCHIVE_BATCH {
-                    batched = 0;
-                    archive_tx
-                        .send(ArchiveMsg::Data(std::mem::take(&mut batch)))
-                        .await
-                        .map_err(|_| reader_gone())?;
+                if batch.iter().map(Bytes::len).sum::<usize>() >= ARCHIVE_BATCH {
+                    send_batch(&archive_tx, &mut batch).await?;
                 }
             }
             BackupEvent::ArchiveEnd => {
@@ -430,6 +420,17 @@ async fn stream_backup(
 fn parse_lsn(s: &str) -> Result<Lsn, BackupError> {
     s.parse()
         .map_err(|e: crate::pg::ParseError| BackupError::Protocol(e.to_string()))
+}
+
+/// Hands the batched CopyData payloads to the tar reader, leaving `batch` empty.
+async fn send_batch(
+    archive_tx: &mpsc::Sender<ArchiveMsg>,
+    batch: &mut Vec<Bytes>,
+) -> Result<(), BackupError> {
+    archive_tx
+        .send(ArchiveMsg::Data(std::mem::take(batch)))
+        .await
+        .map_err(|_| BackupError::ReaderStopped)
 }
 
 /// Checks every file of PostgreSQL's `backup_manifest` against what was stored: same size,

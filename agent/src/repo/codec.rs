@@ -355,20 +355,24 @@ fn decode_frames(
 mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize) -> Vec<u8> {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    /// `len` bytes of a xorshift64 sequence from `seed`: incompressible.
+    fn xorshift(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
         (0..len)
-            .map(|i| {
+            .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                if i % 3 == 0 {
-                    0
-                } else {
-                    x as u8
-                }
+                x as u8
             })
             .collect()
+    }
+
+    /// Random bytes with every third one zero: compressible, but not trivially.
+    fn pseudo_random(len: usize) -> Vec<u8> {
+        let mut bytes = xorshift(0x9E37_79B9_7F4A_7C15, len);
+        bytes.iter_mut().step_by(3).for_each(|b| *b = 0);
+        bytes
     }
 
     #[test]
@@ -378,15 +382,7 @@ mod tests {
             let sha = hex::encode(Sha256::digest(&plain));
             let mut ours = Vec::new();
             append_frame(&plain, &mut Vec::new(), &mut ours);
-            let mut x = 0x2545_F491_4F6C_DD1Du64;
-            let incompressible: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 32) as u8
-                })
-                .collect();
+            let incompressible = xorshift(0x2545_F491_4F6C_DD1D, len);
             let standard = {
                 let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
                 e.write_all(&plain).unwrap();
