@@ -163,6 +163,9 @@ struct Workload {
     before_second: i64,
     after_second: i64,
     last: i64,
+    /// The last marker id before and after `pg_create_restore_point('before_second')`: a
+    /// restore to that name holds the markers up to some id in this range.
+    restore_point_between: (i64, i64),
 }
 
 fn run_workload(env: &Env) -> Workload {
@@ -197,10 +200,17 @@ fn run_workload(env: &Env) -> Workload {
             .parse()
             .unwrap()
     };
+    let restore_point = |name: &str| -> (i64, i64) {
+        let before = max_id(&primary);
+        primary.psql(&format!("SELECT pg_create_restore_point('{name}')"));
+        (before, max_id(&primary))
+    };
+    let restore_point_between = restore_point("before_second");
     let before_second = max_id(&primary);
     let began = Instant::now();
     let second = backup(env, &primary);
     let after_second = max_id(&primary);
+    restore_point("after_second");
     eprintln!(
         "second backup took {:.1} s; archiver: {}; current {}",
         began.elapsed().as_secs_f64(),
@@ -225,6 +235,7 @@ fn run_workload(env: &Env) -> Workload {
         before_second,
         after_second,
         last,
+        restore_point_between,
     }
 }
 
@@ -249,6 +260,35 @@ fn scenario(env: &Env, server_env: &Env) -> Workload {
     .unwrap();
     assert_eq!(plan_json["backup"]["id"], w.first.as_str());
     assert_eq!(plan_json["target_timeline"], 1);
+
+    // Restore points are found in the archived WAL: each name picks the newest backup that
+    // ends before it, and a name never created is refused.
+    let listing: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(env, &["list", "--json"])).unwrap();
+    let names: Vec<&str> = listing["restore_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["before_second", "after_second"], "{listing}");
+    for (name, want) in [("before_second", &w.first), ("after_second", &w.second)] {
+        let plan_json: serde_json::Value =
+            serde_json::from_str(&pgpitr_ok(env, &["plan", "--target-name", name, "--json"]))
+                .unwrap();
+        assert_eq!(
+            plan_json["backup"]["id"],
+            want.as_str(),
+            "{name}: {plan_json}"
+        );
+    }
+    let out = pgpitr(env, &["plan", "--target-name", "never_created"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("restore point 'never_created' is not in the archived WAL"),
+        "{}",
+        stderr(&out)
+    );
 
     let root_a = temp_dir("restore-a");
     let data_a = root_a.path().join("data");
@@ -426,6 +466,56 @@ fn point_in_time_restore_from_local_repository() {
     give_to_pg_user(&repo);
     let env: Env = vec![("PGPITR_REPO".to_string(), repo.display().to_string())];
     let w = scenario(&env, &Vec::new());
+
+    // A restore to a restore point: the server stops exactly there.
+    let root_rp = temp_dir("restore-rp");
+    let data_rp = root_rp.path().join("data");
+    let out = pgpitr_ok(
+        &env,
+        &[
+            "restore",
+            "--target-name",
+            "before_second",
+            "--pgdata",
+            data_rp.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--owner",
+            PG_USER,
+        ],
+    );
+    assert!(
+        out.contains(&format!("restored backup {}", w.first)),
+        "{out}"
+    );
+    let auto_conf = std::fs::read_to_string(data_rp.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto_conf.contains("recovery_target_name = 'before_second'"),
+        "{auto_conf}"
+    );
+    let mut rp = Cluster::adopt(15, root_rp, data_rp);
+    rp.start();
+    wait_promoted(&rp);
+    let (low, high) = w.restore_point_between;
+    let count: i64 = rp.psql("SELECT count(*) FROM marker").parse().unwrap();
+    assert!(
+        (low..=high).contains(&count),
+        "{count} markers restored, expected {low} to {high}"
+    );
+    assert_eq!(
+        rp.psql("SELECT coalesce(max(id), 0) FROM marker")
+            .parse::<i64>()
+            .unwrap(),
+        count,
+        "the markers restored are 1 to {count}"
+    );
+    assert!(
+        rp.log()
+            .contains("recovery stopping at restore point \"before_second\""),
+        "{}",
+        rp.log()
+    );
+    drop(rp);
 
     // Refusals, on the same repository.
     // A non-empty --pgdata is refused and left as it was.

@@ -21,13 +21,15 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
+use crate::pg::RestorePointRecord;
 use crate::recovery::plan::BackupSummary;
 use crate::recovery::recoverable_windows;
-use crate::recovery::source::RepoState;
+use crate::recovery::source::{partition_by_wal, RepoState};
 use crate::repo::layout::{self, PackObject};
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::manifest::{BackupId, BackupManifest};
-use crate::repo::RepoError;
+use crate::repo::wal::ArchivedWal;
+use crate::repo::{restore_points, RepoError};
 use crate::retention::{self, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
 use crate::storage::{PutMode, StorageError};
 
@@ -343,6 +345,17 @@ async fn run_locked(
             human_bytes(report.wal_bytes)
         );
     }
+    // Restore points in WAL no longer archived: a name target could not reach them.
+    let gone: HashSet<&str> = wal.iter().map(|w| w.key.as_str()).collect();
+    let remaining: Vec<ArchivedWal> = state
+        .wal
+        .iter()
+        .filter(|w| !gone.contains(w.key.as_str()))
+        .cloned()
+        .collect();
+    let (_, orphaned) = partition_by_wal(&state.restore_points, &remaining, seg_size);
+    let orphaned: Vec<RestorePointRecord> = orphaned.into_iter().cloned().collect();
+    restore_points::remove(storage, &orphaned).await?;
     for (id, objects) in &packs {
         for (key, _) in objects {
             storage.delete(key).await?;

@@ -1,17 +1,18 @@
 //! `pgpitr list`: the repository's backups (from `backups/*/manifest.json`, the committed ones
 //! only), its archived WAL per timeline, and the recoverable window per timeline (computed by
 //! [`crate::recovery::window`], with the planner's rules). `--json` prints one JSON document:
-//! `{"backups": [...], "wal": [...], "windows": [...]}`.
+//! `{"backups": [...], "wal": [...], "windows": [...], "restore_points": [...]}`; restore points
+//! are those whose WAL is still archived, the names `--target-name` can reach.
 
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::pg::{Lsn, TimelineId};
-use crate::recovery::source::{load_histories, load_manifests};
+use crate::pg::{Lsn, RestorePointRecord, TimelineId};
+use crate::recovery::source::{load_histories, load_manifests, partition_by_wal};
 use crate::recovery::{archived_wal_ranges, recoverable_windows, BackupSummary};
 use crate::recovery::{RecoverableWindow, TimelineWal};
 use crate::repo::manifest::BackupId;
-use crate::repo::{layout, wal, RepoError, RepoIdentity};
+use crate::repo::{layout, restore_points, wal, RepoError, RepoIdentity};
 use crate::storage::StorageError;
 
 use super::backup::human_bytes;
@@ -63,6 +64,7 @@ pub struct Listing {
     pub backups: Vec<BackupLine>,
     pub wal: Vec<TimelineWal>,
     pub windows: Vec<RecoverableWindow>,
+    pub restore_points: Vec<RestorePointRecord>,
 }
 
 /// Reads the listing.
@@ -79,6 +81,9 @@ pub async fn run(config: &Config) -> Result<Listing, ListError> {
     let summaries: Vec<BackupSummary> = manifests.iter().map(BackupSummary::from).collect();
     let windows = recoverable_windows(&summaries, &listing, &histories, seg_size);
     let wal = archived_wal_ranges(&listing, seg_size);
+    let indexed = restore_points::load(storage.as_ref()).await?;
+    let (held, _) = partition_by_wal(&indexed, &listing, seg_size);
+    let restore_points = held.into_iter().cloned().collect();
     let backups = manifests
         .iter()
         .map(|m| BackupLine {
@@ -102,6 +107,7 @@ pub async fn run(config: &Config) -> Result<Listing, ListError> {
         backups,
         wal,
         windows,
+        restore_points,
     })
 }
 
@@ -219,6 +225,19 @@ pub fn render(l: &Listing) -> String {
     if !any {
         s.push_str("  none: no backup with all of its WAL archived\n");
     }
+    if !l.restore_points.is_empty() {
+        s.push_str("\nrestore points:\n");
+        for p in &l.restore_points {
+            let _ = writeln!(
+                s,
+                "  {} UTC  timeline {}  {:>12}  {}",
+                time(p.time),
+                p.timeline,
+                p.lsn.to_string(),
+                p.name.escape_debug()
+            );
+        }
+    }
     s
 }
 
@@ -234,6 +253,7 @@ mod tests {
             backups: Vec::new(),
             wal: Vec::new(),
             windows: Vec::new(),
+            restore_points: Vec::new(),
         });
         assert!(text.contains("no backups"), "{text}");
         assert!(text.contains("none: no backup"), "{text}");

@@ -54,7 +54,8 @@ pub struct TargetArgs {
     /// Recover to the commit of this transaction id.
     #[arg(long, value_name = "XID", value_parser = parse_xid)]
     pub target_xid: Option<u64>,
-    /// Recover to this restore point (pg_create_restore_point()).
+    /// Recover to this restore point (pg_create_restore_point()); `pgpitr list` shows those in
+    /// the archived WAL.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     pub target_name: Option<String>,
     /// immediate: stop at the backup's end; latest: replay everything (the default).

@@ -4,12 +4,14 @@
 
 pub mod history;
 pub mod lsn;
+pub mod restore_point;
 pub mod timeline;
 pub mod wal_name;
 pub mod wal_page;
 
 pub use history::{TimelineHistory, TimelineHistoryEntry};
 pub use lsn::Lsn;
+pub use restore_point::{RestorePointRecord, RestorePointScanner};
 pub use timeline::TimelineId;
 pub use wal_name::{WalFileName, WalSegSize, WalSegmentName};
 pub use wal_page::WalLongPageHeader;

@@ -242,6 +242,8 @@ pub enum PlanError {
         timeline: TimelineId,
         target_timeline: TimelineId,
     },
+    #[error("restore point '{name}' is not in the archived WAL: pgpitr knows a restore point once the WAL segment holding it is archived (after pg_create_restore_point(), run SELECT pg_switch_wal() on the server); `pgpitr list` shows the known restore points; to try anyway, choose a backup with --backup")]
+    UnknownRestorePoint { name: String },
     #[error("WAL file '{name}' is stored {count} times with different contents; remove the wrong copy (see `pgpitr verify`)")]
     AmbiguousWal { name: WalFileName, count: usize },
     #[error("backup {backup} uses WAL segments of {backup_size} bytes, the repository {repo_size} bytes")]
@@ -552,7 +554,7 @@ struct Choice<'a> {
 /// - time: the newest whose stop time is at or before the target;
 /// - xid: the newest whose `stop_next_xid` is at or below the target xid (the transaction began
 ///   after the backup ended); if none, the oldest backup;
-/// - unknown restore point: the oldest backup (it reaches any restore point made after it);
+/// - unknown restore point (not in the archived WAL): refused, unless a backup is forced;
 /// - `forced_backup`: that backup, if it lies on the timeline's history and ends at or before
 ///   the target.
 ///
@@ -911,15 +913,9 @@ fn choose<'a>(
             }
         },
         Goal::UnknownName(n) => {
-            let (b, br) = candidates[0];
-            (
-                0,
-                format!(
-                    "restore point '{n}' is not known to pgpitr, so the oldest backup {} is used: it reaches every restore point created after it ended ({})",
-                    on(br),
-                    b.stop_time
-                ),
-            )
+            return Err(PlanError::UnknownRestorePoint {
+                name: n.to_string(),
+            })
         }
     };
     let (backup, branch) = candidates[i];
@@ -1168,7 +1164,7 @@ mod tests {
             ("xid between B1 and B2",        T::Xid(150),                Ok(B1), ""),
             ("xid equal to B1's next xid",   T::Xid(100),                Ok(B1), "transaction 100 began after the backup ended"),
             ("xid before every backup",      T::Xid(50),                 Ok(B1), "no backup on the history of timeline 1 records a next transaction id at or below the target xid 50, so the oldest backup is used"),
-            ("unknown restore point",        name("nobody-knows"),       Ok(B1), "restore point 'nobody-knows' is not known to pgpitr, so the oldest backup"),
+            ("unknown restore point",        name("nobody-knows"),       Err("restore point 'nobody-knows' is not in the archived WAL"), ""),
             ("known restore point",          name("after-b2"),           Ok(B2), "at or before the target restore point 'after-b2' (lsn 0/7000000)"),
             ("known restore point in B1",    name("before-b1-end"),      Err("the target restore point 'before-b1-end' lies before the end of the earliest backup"), ""),
         ];
@@ -1205,7 +1201,7 @@ mod tests {
             ("lsn: target segment not archived", T::Lsn(lsn("0/D000000")),  gap8(),                       Err("000000010000000000000008 is missing")),
             ("time: up to the last contiguous",  T::Time(at("09:00")),      gap8(),                       Ok(("1:2..7", Some("000000010000000000000008")))),
             ("xid: up to the last contiguous",   T::Xid(1000),              gap8(),                       Ok(("1:2..7", Some("000000010000000000000008")))),
-            ("name: up to the last contiguous",  T::Name("x".into()),       gap8(),                       Ok(("1:2..7", Some("000000010000000000000008")))),
+            ("name: not in the archived WAL",    T::Name("x".into()),       gap8(),                       Err("restore point 'x' is not in the archived WAL")),
             ("time: a gap before the stop",      T::Time(at("09:00")),      vec![segs(1, 2, 2)],          Err("000000010000000000000003 is missing")),
             (".partial is never a segment",      T::Latest,                 vec![segs(1, 2, 2), vec![file("000000010000000000000003.partial")]], Err("000000010000000000000003 is missing")),
             ("other files are not segments",     T::Latest,                 vec![segs(1, 2, 3), vec![file("000000010000000000000004.00000028.backup")]], Ok(("1:2..3", Some("000000010000000000000004")))),

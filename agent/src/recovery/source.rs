@@ -1,16 +1,19 @@
 //! What the planner reads, loaded from a repository: the identity (`repo.json`), every committed
 //! backup manifest (`backups/<id>/manifest.json`), the archived WAL listing and the parsed
 //! timeline histories (`.history` objects, fetched and checked against their SHA-256). This is
-//! the I/O in front of the pure [`super::plan`]; nothing here writes.
+//! the I/O in front of the pure [`super::plan`]; nothing here writes. Also the restore point
+//! index (`repo::restore_points`), which tells the planner where a `--target-name` lies.
 
 use futures::StreamExt;
 
-use super::plan::{BackupSummary, PlanInput};
+use std::collections::{BTreeMap, HashSet};
+
+use super::plan::{BackupSummary, PlanInput, RestorePoint};
 use super::target::RecoveryTargetSpec;
-use crate::pg::{TimelineHistory, WalFileName};
+use crate::pg::{RestorePointRecord, TimelineHistory, TimelineId, WalFileName, WalSegSize};
 use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::wal::{self, ArchivedWal};
-use crate::repo::{codec, layout, RepoError, RepoIdentity};
+use crate::repo::{codec, layout, restore_points, RepoError, RepoIdentity};
 use crate::storage::{Storage, StorageError};
 
 /// Manifests fetched at once.
@@ -24,6 +27,8 @@ pub struct RepoState {
     pub manifests: Vec<BackupManifest>,
     pub wal: Vec<ArchivedWal>,
     pub histories: Vec<TimelineHistory>,
+    /// Indexed restore points, in (timeline, LSN) order; some may lie in WAL no longer archived.
+    pub restore_points: Vec<RestorePointRecord>,
 }
 
 impl RepoState {
@@ -37,11 +42,13 @@ impl RepoState {
         let manifests = load_manifests(storage).await?;
         let wal = wal::list(storage, layout::WAL_ROOT).await?;
         let histories = load_histories(storage, &wal).await?;
+        let restore_points = restore_points::load(storage).await?;
         Ok(RepoState {
             identity,
             manifests,
             wal,
             histories,
+            restore_points,
         })
     }
 
@@ -55,6 +62,11 @@ impl RepoState {
             spec,
         );
         input.forced_backup = forced;
+        input.restore_points = known_restore_points(
+            &self.restore_points,
+            &self.wal,
+            self.identity.wal_segment_size,
+        );
         input
     }
 
@@ -62,6 +74,53 @@ impl RepoState {
     pub fn manifest(&self, id: &BackupId) -> Option<&BackupManifest> {
         self.manifests.iter().find(|m| &m.id == id)
     }
+}
+
+/// The restore points whose WAL is archived, by name. A name used more than once maps to its
+/// last use (highest timeline, then LSN): PostgreSQL stops at the first record of that name it
+/// replays, so the planner's choice of a backup that ends before the last use is what aims at
+/// it.
+pub fn known_restore_points(
+    points: &[RestorePointRecord],
+    wal: &[ArchivedWal],
+    seg_size: WalSegSize,
+) -> BTreeMap<String, RestorePoint> {
+    let (held, _) = partition_by_wal(points, wal, seg_size);
+    held.into_iter()
+        .map(|p| {
+            let rp = RestorePoint {
+                lsn: p.lsn,
+                timeline: p.timeline,
+                time: Some(p.time),
+            };
+            (p.name.clone(), rp)
+        })
+        .collect()
+}
+
+/// Splits `points` (in their order) into those whose WAL file is in `wal` and those whose WAL
+/// file is not (expired). A record may also sit in the copy of its segment that begins a later
+/// timeline.
+pub fn partition_by_wal<'a>(
+    points: &'a [RestorePointRecord],
+    wal: &[ArchivedWal],
+    seg_size: WalSegSize,
+) -> (Vec<&'a RestorePointRecord>, Vec<&'a RestorePointRecord>) {
+    let archived: HashSet<(TimelineId, u64)> = wal
+        .iter()
+        .filter_map(|w| match w.name {
+            WalFileName::Segment(s) | WalFileName::Partial(s) => {
+                Some((s.timeline, s.segno(seg_size)))
+            }
+            _ => None,
+        })
+        .collect();
+    points.iter().partition(|p| {
+        let segno = p.lsn.segno(seg_size);
+        archived
+            .iter()
+            .any(|&(tli, s)| s == segno && tli >= p.timeline)
+    })
 }
 
 /// Every committed backup (those whose `manifest.json` exists), oldest first.

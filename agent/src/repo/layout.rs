@@ -9,13 +9,14 @@
 //! backups/<backup-id>/backup_manifest               PostgreSQL's own backup manifest
 //! backups/<backup-id>/manifest.json                 the backup's manifest: its commit point
 //! locks/<token>.lock                                the repository lock of a running backup/expire
+//! restore-points/<TLI>/<LSN>.json                   a restore point found in archived WAL
 //! ```
 //!
 //! The SHA-256 (of the plain bytes, 64 hex digits) is part of a WAL object's key, so two
 //! different contents for one WAL file name can never overwrite each other, even on S3 servers
 //! that ignore conditional PUTs.
 
-use crate::pg::WalFileName;
+use crate::pg::{Lsn, TimelineId, WalFileName};
 use crate::repo::manifest::BackupId;
 
 pub const REPO_JSON: &str = "repo.json";
@@ -147,9 +148,55 @@ pub fn parse_lock_key(key: &str) -> Option<String> {
     is_lock_token(token).then(|| token.to_string())
 }
 
+pub const RESTORE_POINTS_ROOT: &str = "restore-points/";
+
+/// `restore-points/<TLI>/<LSN>.json`: the restore point whose record begins at `lsn` on
+/// `timeline` (8 and 16 uppercase hex digits, so that keys sort in WAL order).
+pub fn restore_point_key(timeline: TimelineId, lsn: Lsn) -> String {
+    format!(
+        "{RESTORE_POINTS_ROOT}{}/{:016X}.json",
+        timeline.hex(),
+        lsn.0
+    )
+}
+
+/// The timeline and LSN of a restore point key; `None` for any other key.
+pub fn parse_restore_point_key(key: &str) -> Option<(TimelineId, Lsn)> {
+    let rest = key.strip_prefix(RESTORE_POINTS_ROOT)?;
+    let (tli, file) = rest.split_once('/')?;
+    let lsn = file.strip_suffix(".json")?;
+    let hex = |s: &str, len: usize| {
+        (s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)))
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+    };
+    Some((TimelineId(hex(tli, 8)? as u32), Lsn(hex(lsn, 16)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_point_keys_round_trip_and_reject_other_keys() {
+        let key = restore_point_key(TimelineId(2), Lsn(0x1_0300_0028));
+        assert_eq!(key, "restore-points/00000002/0000000103000028.json");
+        assert_eq!(
+            parse_restore_point_key(&key),
+            Some((TimelineId(2), Lsn(0x1_0300_0028)))
+        );
+        for bad in [
+            "restore-points/00000002/0000000103000028",
+            "restore-points/2/0000000103000028.json",
+            "restore-points/00000002/00000001030000zz.json",
+            "restore-points/00000002/../0000000103000028.json",
+            "wal/00000002/0000000103000028.json",
+        ] {
+            assert_eq!(parse_restore_point_key(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn wal_keys_round_trip_and_group_by_timeline_and_log() {

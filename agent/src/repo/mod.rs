@@ -8,6 +8,7 @@ pub mod identity;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod restore_points;
 mod u64_string;
 pub mod wal;
 

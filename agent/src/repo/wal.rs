@@ -3,13 +3,13 @@
 //! Archiving and Point-in-Time Recovery", 26.3.1) is enforced here: the same name with the same
 //! content is a success, with different content an error that leaves the archived copy untouched.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use super::codec::{self, Compressed};
 use super::layout;
-use super::RepoError;
-use crate::pg::WalFileName;
+use super::{restore_points, RepoError};
+use crate::pg::{RestorePointScanner, WalFileName};
 use crate::storage::{PutMode, Storage, StorageError};
 
 /// One stored WAL file.
@@ -73,7 +73,9 @@ pub fn pick(listing: &[ArchivedWal], name: WalFileName) -> Result<Option<&Archiv
 }
 
 /// Stores the file at `path` as WAL file `name`, streaming it through compression and hashing on
-/// every core. Durable when it returns `Ok` (the storage's `put` contract).
+/// every core. The restore points in a segment or `.partial` file are found on the way and
+/// indexed first (`repo::restore_points`). Durable when it returns `Ok` (the storage's `put`
+/// contract).
 ///
 /// # Errors
 /// [`RepoError::DifferentContent`] when `name` is archived with other bytes; an unreadable
@@ -84,12 +86,22 @@ pub async fn push(
     path: &Path,
 ) -> Result<PushOutcome, RepoError> {
     let source = path.to_path_buf();
-    let compressed: Compressed = tokio::task::spawn_blocking(move || {
+    let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
+    let (compressed, points) = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&source).map_err(|e| RepoError::io(&source, e))?;
-        codec::compress_reader(file).map_err(|e| RepoError::io(&source, e))
+        let mut reader = ScanningReader {
+            inner: file,
+            scanner: holds_records.then(RestorePointScanner::new),
+        };
+        let compressed: Compressed =
+            codec::compress_reader(&mut reader).map_err(|e| RepoError::io(&source, e))?;
+        let points = reader.scanner.map(RestorePointScanner::finish);
+        Ok::<_, RepoError>((compressed, points.unwrap_or_default()))
     })
     .await
     .expect("compression task")?;
+    // Indexed before the file is stored: an archived file's restore points are always known.
+    restore_points::record(storage, &points).await?;
     let sha = compressed.sha256_hex();
     if let Some(existing) = find(storage, name).await?.into_iter().next() {
         return compare(name, &existing.sha256_hex, &sha);
@@ -117,6 +129,22 @@ pub async fn push(
     Ok(PushOutcome::Stored)
 }
 
+/// A reader that shows every byte it reads to a restore point scanner.
+struct ScanningReader<R> {
+    inner: R,
+    scanner: Option<RestorePointScanner>,
+}
+
+impl<R: Read> Read for ScanningReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(s) = &mut self.scanner {
+            s.feed(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
 fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, RepoError> {
     if existing == new {
         Ok(PushOutcome::AlreadyArchived)
@@ -130,7 +158,7 @@ fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, 
 }
 
 /// Downloads `wal`, verifies its SHA-256 and writes it to `dest` atomically: a temporary file in
-/// `dest`'s directory renamed into place only after verification, with mode 0600.
+/// `dest`'s directory, synced, renamed into place only after verification, with mode 0600.
 ///
 /// # Errors
 /// [`RepoError::Corrupt`] on a checksum or lz4 failure (nothing is written at `dest`); storage
@@ -180,6 +208,12 @@ fn write_verified(compressed: &[u8], wal: &ArchivedWal, dest: &Path) -> Result<u
         out.flush().map_err(|e| RepoError::io(dest, e))?;
         n
     };
+    // On disk before it is renamed into place: PostgreSQL fsyncs every file restore_command
+    // restores (KeepFileRestoredFromArchive's durable_rename, xlogarchive.c), in the startup
+    // process; a segment a background refill has already synced costs it no disk write.
+    tmp.as_file()
+        .sync_data()
+        .map_err(|e| RepoError::io(dest, e))?;
     tmp.persist(dest)
         .map_err(|e| RepoError::io(dest, e.error))?;
     Ok(written)
