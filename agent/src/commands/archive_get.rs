@@ -120,8 +120,8 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
 }
 
 /// Fetches the `restore_prefetch` segments after `after` (`%f` of the call that asked for the
-/// refill) into the spool of `dest` (`%p`), `restore_parallel` downloads at a time (verified
-/// and written one at a time, in order), and removes spooled
+/// refill) into the spool of `dest` (`%p`), `restore_parallel` downloads at a time (verified,
+/// written, with writeback started, one at a time, in order), and removes spooled
 /// files outside that window. One refill runs at a time per spool (an flock on
 /// `<spool>.lock`, which also records the window for [`run`] to wait on); a second one
 /// returns at once. Best effort: a segment that fails here is fetched, and its error reported,
@@ -292,7 +292,9 @@ async fn prefetch(
     let write = async {
         while let Some((got, w, path)) = rx.recv().await {
             let written = match got {
-                Ok(compressed) => wal::write_to(compressed, &w, &path).await,
+                Ok(compressed) => {
+                    wal::write_to(compressed, &w, &path, wal::Durability::WritebackStarted).await
+                }
                 Err(e) => Err(e.into()),
             };
             if let Err(e) = written {

@@ -158,7 +158,8 @@ fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, 
 }
 
 /// Downloads `wal`, verifies its SHA-256 and writes it to `dest` atomically: a temporary file in
-/// `dest`'s directory, synced, renamed into place only after verification, with mode 0600.
+/// `dest`'s directory renamed into place only after verification, with mode 0600. Not synced:
+/// PostgreSQL fsyncs every file `restore_command` delivers (see [`Durability`]).
 ///
 /// # Errors
 /// [`RepoError::Corrupt`] on a checksum or lz4 failure (nothing is written at `dest`); storage
@@ -169,7 +170,20 @@ pub async fn fetch_to(
     dest: &Path,
 ) -> Result<u64, RepoError> {
     let compressed = storage.get(&wal.key).await?;
-    write_to(compressed, wal, dest).await
+    write_to(compressed, wal, dest, Durability::LeftToCaller).await
+}
+
+/// What [`write_to`] does for durability before renaming the file into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Starts writing the file to disk without waiting (`sync_file_range`), for files fetched
+    /// ahead. PostgreSQL fsyncs every file `restore_command` restores, in the startup process
+    /// (KeepFileRestoredFromArchive's durable_rename, src/backend/access/transam/xlogarchive.c):
+    /// a segment whose writeback began while the one before it was replayed costs recovery
+    /// little or no disk wait there, and the fetch ahead is not slowed down by waiting itself.
+    WritebackStarted,
+    /// Left to the caller: for files PostgreSQL syncs itself right after the call.
+    LeftToCaller,
 }
 
 /// The second half of [`fetch_to`]: verifies `compressed`, the stored object of `wal`, and
@@ -181,14 +195,32 @@ pub async fn write_to(
     compressed: bytes::Bytes,
     wal: &ArchivedWal,
     dest: &Path,
+    durability: Durability,
 ) -> Result<u64, RepoError> {
     let (wal, dest) = (wal.clone(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest))
+    tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest, durability))
         .await
         .expect("decompression task")
 }
 
-fn write_verified(compressed: &[u8], wal: &ArchivedWal, dest: &Path) -> Result<u64, RepoError> {
+/// Asks the kernel to start writing `file`'s dirty pages now (`SYNC_FILE_RANGE_WRITE`: no
+/// wait, no guarantee). A failure only means writeback happens later, as it would anyway.
+fn start_writeback(file: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the call only reads its
+    // arguments.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc != 0 {
+        tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn write_verified(
+    compressed: &[u8],
+    wal: &ArchivedWal,
+    dest: &Path,
+    durability: Durability,
+) -> Result<u64, RepoError> {
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -208,12 +240,9 @@ fn write_verified(compressed: &[u8], wal: &ArchivedWal, dest: &Path) -> Result<u
         out.flush().map_err(|e| RepoError::io(dest, e))?;
         n
     };
-    // On disk before it is renamed into place: PostgreSQL fsyncs every file restore_command
-    // restores (KeepFileRestoredFromArchive's durable_rename, xlogarchive.c), in the startup
-    // process; a segment a background refill has already synced costs it no disk write.
-    tmp.as_file()
-        .sync_data()
-        .map_err(|e| RepoError::io(dest, e))?;
+    if durability == Durability::WritebackStarted {
+        start_writeback(tmp.as_file());
+    }
     tmp.persist(dest)
         .map_err(|e| RepoError::io(dest, e.error))?;
     Ok(written)
