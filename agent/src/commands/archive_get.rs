@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 
 use super::spool;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, RepoKind};
 use crate::pg::{WalFileName, WalSegmentName};
 use crate::repo::wal::{self, ArchivedWal};
 use crate::repo::{layout, RepoError, RepoIdentity};
@@ -120,12 +120,12 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
 }
 
 /// Fetches the `restore_prefetch` segments after `after` (`%f` of the call that asked for the
-/// refill) into the spool of `dest` (`%p`), `restore_parallel` downloads at a time (verified,
-/// written, with writeback started, one at a time, in order), and removes spooled
-/// files outside that window. One refill runs at a time per spool (an flock on
-/// `<spool>.lock`, which also records the window for [`run`] to wait on); a second one
-/// returns at once. Best effort: a segment that fails here is fetched, and its error reported,
-/// by PostgreSQL's own call.
+/// refill) into the spool of `dest` (`%p`), and removes spooled files outside that window.
+/// Downloads run `restore_parallel` at a time from S3, one at a time from a local directory;
+/// segments are verified and written one at a time, in order, and their writeback is started.
+/// One refill runs at a time per spool (an flock on `<spool>.lock`, which also records the
+/// window for [`run`] to wait on); a second one returns at once. Best effort: a segment that
+/// fails here is fetched, and its error reported, by PostgreSQL's own call.
 ///
 /// # Errors
 /// A malformed `after`, a missing `pg_wal`, configuration and repository errors.
@@ -274,11 +274,16 @@ async fn prefetch(
             Some((w.clone(), spool_dir.join(s.to_string())))
         })
         .collect();
-    // Downloads run in parallel; decompressing and hashing, one segment at a time and in
-    // window order: the startup process asks for the segments in order, and on a small machine
-    // it needs the other core.
+    // Downloads from S3 run in parallel (each is a network round trip); a local repository is
+    // read one segment at a time, since a second reader there only takes CPU from replay
+    // (docs/benchmarks.md). Decompressing and hashing run one segment at a time, in window
+    // order: the startup process asks for the segments in order, and on a small machine it
+    // needs the other core.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let parallel = config.restore_parallel as usize;
+    let parallel = match config.repo_kind() {
+        Ok(RepoKind::Local(_)) => 1,
+        _ => config.restore_parallel as usize,
+    };
     let download = async move {
         let mut done = futures::stream::iter(jobs)
             .map(|(w, path)| async move { (storage.get(&w.key).await, w, path) })
