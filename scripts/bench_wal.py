@@ -222,14 +222,14 @@ def main():
         settle()
         t, r = zip(*[recovery_call(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env)
                      for n in names])
-        record("pgpitr-restore, prefetch (8 ahead, 3 parallel)", t, r)
+        record("pgpitr-restore, prefetch (8 ahead)", t, r)
         # The detached refill those calls start is not their child: measure it on its own (the
         # same command they run), filling an empty spool with 8 segments.
         wait_refill_done(f"{out}/pg_wal/pgpitr_spool/restore.lock")
         shutil.rmtree(f"{out}/pg_wal/pgpitr_spool")
         settle()
         t, r = timed([f"{TARGET}/pgpitr-restore", "--refill", names[0], "pg_wal/RECOVERYXLOG"], env, out)
-        record("background refill of the prefetch (8 segments, 3 parallel), per segment", [t / 8], [r])
+        record("background refill of the prefetch (8 segments), per segment", [t / 8], [r])
 
         # --- pgpitr on S3 (Garage on loopback), synchronous ---
         if garage:
