@@ -230,11 +230,11 @@ pub fn render(l: &Listing) -> String {
         for p in &l.restore_points {
             let _ = writeln!(
                 s,
-                "  {} UTC  timeline {}  {:>12}  {}",
+                "  {} UTC  timeline {}  {:>12}  {:?}",
                 time(p.time),
                 p.timeline,
                 p.lsn.to_string(),
-                p.name.escape_debug()
+                p.name
             );
         }
     }
@@ -257,5 +257,25 @@ mod tests {
         });
         assert!(text.contains("no backups"), "{text}");
         assert!(text.contains("none: no backup"), "{text}");
+        assert!(!text.contains("restore points"), "{text}");
+    }
+
+    #[test]
+    fn restore_points_are_listed_with_their_names_quoted() {
+        let text = render(&Listing {
+            backups: Vec::new(),
+            wal: Vec::new(),
+            windows: Vec::new(),
+            restore_points: vec![RestorePointRecord {
+                name: "nightly 'x'".into(),
+                lsn: Lsn(0x6000_40D8),
+                timeline: TimelineId(2),
+                time: "2026-11-23T19:57:47Z".parse().unwrap(),
+            }],
+        });
+        assert!(
+            text.contains("restore points:\n  2026-11-23 19:57:47 UTC  timeline 2    0/600040D8  \"nightly 'x'\"\n"),
+            "{text}"
+        );
     }
 }
