@@ -189,3 +189,65 @@ pub async fn load_histories(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::Lsn;
+
+    fn archived(name: &str) -> ArchivedWal {
+        let name: WalFileName = name.parse().unwrap();
+        ArchivedWal {
+            name,
+            sha256_hex: "0".repeat(64),
+            key: format!("wal/{name}"),
+            size: 1,
+        }
+    }
+
+    fn point(name: &str, tli: u32, lsn: u64) -> RestorePointRecord {
+        RestorePointRecord {
+            name: name.into(),
+            lsn: Lsn(lsn),
+            timeline: TimelineId(tli),
+            time: jiff::Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn restore_points_count_only_while_their_wal_is_archived() {
+        let wal = [
+            archived("000000010000000000000003"),
+            archived("000000010000000000000005.partial"),
+            // Timeline 2 begins in segment 6: its first segment holds a copy of timeline 1's.
+            archived("000000020000000000000006"),
+            archived("00000002.history"),
+        ];
+        let points = [
+            point("in_3", 1, 0x0300_0028),
+            point("expired_4", 1, 0x0400_0028),
+            point("in_partial_5", 1, 0x0500_0028),
+            point("copied_into_tl2", 1, 0x0600_0028),
+            point("tl2_not_tl3", 3, 0x0600_1000),
+        ];
+        let (held, gone) = partition_by_wal(&points, &wal, WalSegSize::DEFAULT);
+        let names = |v: Vec<&RestorePointRecord>| -> Vec<String> {
+            v.into_iter().map(|p| p.name.clone()).collect()
+        };
+        assert_eq!(names(held), ["in_3", "in_partial_5", "copied_into_tl2"]);
+        assert_eq!(names(gone), ["expired_4", "tl2_not_tl3"]);
+    }
+
+    #[test]
+    fn a_name_used_twice_means_its_last_use() {
+        let wal = [archived("000000010000000000000003")];
+        let points = [
+            point("nightly", 1, 0x0300_0028),
+            point("nightly", 1, 0x0300_1028),
+        ];
+        let known = known_restore_points(&points, &wal, WalSegSize::DEFAULT);
+        assert_eq!(known.len(), 1);
+        assert_eq!(known["nightly"].lsn, Lsn(0x0300_1028));
+        assert_eq!(known["nightly"].time, Some(jiff::Timestamp::UNIX_EPOCH));
+    }
+}
