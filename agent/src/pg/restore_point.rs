@@ -289,7 +289,7 @@ fn parse_restore_point(record: &[u8]) -> Option<(jiff::Timestamp, String)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const PAGE: usize = 8192;
@@ -298,13 +298,13 @@ mod tests {
 
     /// Writes WAL the way PostgreSQL lays it out: page headers, 8-byte aligned records that
     /// continue across pages with `XLP_FIRST_IS_CONTRECORD` and the bytes still to come.
-    struct WalWriter {
+    pub(crate) struct WalWriter {
         pages: Vec<Vec<u8>>,
         pos: usize,
     }
 
     impl WalWriter {
-        fn new(pages: usize) -> Self {
+        pub(crate) fn new(pages: usize) -> Self {
             let mut w = WalWriter {
                 pages: Vec::new(),
                 pos: 0,
@@ -355,7 +355,7 @@ mod tests {
         }
 
         /// Appends a record; returns its LSN.
-        fn record(&mut self, record: &[u8]) -> u64 {
+        pub(crate) fn record(&mut self, record: &[u8]) -> u64 {
             let lsn = SEG_START + self.pos as u64;
             let mut left = record;
             while !left.is_empty() {
@@ -392,7 +392,7 @@ mod tests {
             self.record(&record(9, 0x00, &vec![0x55; data]));
         }
 
-        fn bytes(&self) -> Vec<u8> {
+        pub(crate) fn bytes(&self) -> Vec<u8> {
             self.pages.concat()
         }
     }
@@ -420,7 +420,7 @@ mod tests {
         r
     }
 
-    fn restore_point(name: &str, pg_micros: i64) -> Vec<u8> {
+    pub(crate) fn restore_point(name: &str, pg_micros: i64) -> Vec<u8> {
         let mut data = vec![0u8; RESTORE_POINT_LEN];
         data[..8].copy_from_slice(&pg_micros.to_le_bytes());
         data[8..8 + name.len()].copy_from_slice(name.as_bytes());

@@ -100,12 +100,16 @@ pub async fn push(
     })
     .await
     .expect("compression task")?;
-    // Indexed before the file is stored: an archived file's restore points are always known.
-    restore_points::record(storage, &points).await?;
     let sha = compressed.sha256_hex();
     if let Some(existing) = find(storage, name).await?.into_iter().next() {
-        return compare(name, &existing.sha256_hex, &sha);
+        let outcome = compare(name, &existing.sha256_hex, &sha)?;
+        // The same bytes: index them again, in case an earlier push stopped in between.
+        restore_points::record(storage, &points).await?;
+        return Ok(outcome);
     }
+    // Indexed before the file is stored, so an archived file's restore points are always known;
+    // a file refused for other content indexes nothing.
+    restore_points::record(storage, &points).await?;
     let key = layout::wal_object_key(name, &sha);
     match storage
         .put_parts(&key, compressed.frames, PutMode::Create)
@@ -246,4 +250,58 @@ fn write_verified(
     tmp.persist(dest)
         .map_err(|e| RepoError::io(dest, e.error))?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::restore_point::tests::{restore_point, WalWriter};
+    use crate::storage::local::LocalStorage;
+
+    /// A WAL segment holding `count` restore points named `name`.
+    fn segment_with(name: &str, count: usize) -> Vec<u8> {
+        let mut w = WalWriter::new(2);
+        for _ in 0..count {
+            w.record(&restore_point(name, 0));
+        }
+        w.bytes()
+    }
+
+    #[tokio::test]
+    async fn restore_points_are_indexed_only_for_the_bytes_archived() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("repo"));
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        let name: WalFileName = "000000010000000000000003".parse().unwrap();
+        let file = dir.path().join("segment");
+        let indexed = || async { restore_points::load(&storage).await.unwrap() };
+
+        std::fs::write(&file, segment_with("first", 1)).unwrap();
+        assert_eq!(
+            push(&storage, name, &file).await.unwrap(),
+            PushOutcome::Stored
+        );
+        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["first"]);
+
+        // Other bytes under the same name: refused, and their restore points (one of them at
+        // another LSN) are not indexed.
+        std::fs::write(&file, segment_with("other", 2)).unwrap();
+        let err = push(&storage, name, &file).await.unwrap_err();
+        assert!(matches!(err, RepoError::DifferentContent { .. }), "{err}");
+        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["first"]);
+
+        // The same bytes again, with the index lost in between: indexed again.
+        restore_points::remove(&storage, &indexed().await)
+            .await
+            .unwrap();
+        std::fs::write(&file, segment_with("first", 1)).unwrap();
+        assert_eq!(
+            push(&storage, name, &file).await.unwrap(),
+            PushOutcome::AlreadyArchived
+        );
+        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["first"]);
+    }
 }
