@@ -79,6 +79,16 @@ fn backup(env: &Env, c: &Cluster) -> String {
         .to_string()
 }
 
+/// `pgpitr restore <target> --pgdata <data> --target-action promote --owner postgres`, which
+/// must succeed; its standard output.
+fn restore_promoting(env: &Env, target: &[&str], data: &Path) -> String {
+    let mut args = vec!["restore"];
+    args.extend_from_slice(target);
+    args.extend(["--pgdata", data.to_str().unwrap()]);
+    args.extend(["--target-action", "promote", "--owner", PG_USER]);
+    pgpitr_ok(env, &args)
+}
+
 /// Switches to a new segment and waits until everything written so far is archived.
 fn archive_everything(c: &Cluster) {
     let seg = c.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
@@ -292,20 +302,7 @@ fn scenario(env: &Env, server_env: &Env) -> Workload {
 
     let root_a = temp_dir("restore-a");
     let data_a = root_a.path().join("data");
-    let out = pgpitr_ok(
-        env,
-        &[
-            "restore",
-            "--target-time",
-            &target_a,
-            "--pgdata",
-            data_a.to_str().unwrap(),
-            "--target-action",
-            "promote",
-            "--owner",
-            PG_USER,
-        ],
-    );
+    let out = restore_promoting(env, &["--target-time", &target_a], &data_a);
     assert!(
         out.contains(&format!("restored backup {}", w.first)),
         "{out}"
@@ -423,20 +420,7 @@ fn scenario(env: &Env, server_env: &Env) -> Workload {
     );
     let root_c = temp_dir("restore-c");
     let data_c = root_c.path().join("data");
-    pgpitr_ok(
-        env,
-        &[
-            "restore",
-            "--target-timeline",
-            "2",
-            "--pgdata",
-            data_c.to_str().unwrap(),
-            "--target-action",
-            "promote",
-            "--owner",
-            PG_USER,
-        ],
-    );
+    restore_promoting(env, &["--target-timeline", "2"], &data_c);
     let mut c = Cluster::adopt(15, root_c, data_c);
     c.env = server_env.clone();
     c.start();
@@ -470,20 +454,7 @@ fn point_in_time_restore_from_local_repository() {
     // A restore to a restore point: the server stops exactly there.
     let root_rp = temp_dir("restore-rp");
     let data_rp = root_rp.path().join("data");
-    let out = pgpitr_ok(
-        &env,
-        &[
-            "restore",
-            "--target-name",
-            "before_second",
-            "--pgdata",
-            data_rp.to_str().unwrap(),
-            "--target-action",
-            "promote",
-            "--owner",
-            PG_USER,
-        ],
-    );
+    let out = restore_promoting(&env, &["--target-name", "before_second"], &data_rp);
     assert!(
         out.contains(&format!("restored backup {}", w.first)),
         "{out}"

@@ -1009,7 +1009,7 @@ fn choose_forced<'a>(
 #[cfg(test)]
 // The test tables spell out their column types in place.
 #[allow(clippy::type_complexity)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::recovery::target::{RecoveryTarget as T, TargetTimeline as TL};
 
@@ -1050,7 +1050,7 @@ mod tests {
     }
 
     /// One archived file; segments are 100 bytes compressed, everything else 10.
-    fn file(name: &str) -> ArchivedWal {
+    pub(crate) fn file(name: &str) -> ArchivedWal {
         let name: WalFileName = name.parse().unwrap();
         ArchivedWal {
             name,

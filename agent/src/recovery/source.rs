@@ -4,20 +4,15 @@
 //! the I/O in front of the pure [`super::plan`]; nothing here writes. Also the restore point
 //! index (`repo::restore_points`), which tells the planner where a `--target-name` lies.
 
-use futures::StreamExt;
-
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use super::plan::{BackupSummary, PlanInput, RestorePoint};
 use super::target::RecoveryTargetSpec;
 use crate::pg::{RestorePointRecord, TimelineHistory, TimelineId, WalFileName, WalSegSize};
 use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::wal::{self, ArchivedWal};
-use crate::repo::{codec, layout, restore_points, RepoError, RepoIdentity};
-use crate::storage::{Storage, StorageError};
-
-/// Manifests fetched at once.
-const MANIFEST_FETCH_PARALLEL: usize = 16;
+use crate::repo::{codec, json_objects, layout, restore_points, RepoError, RepoIdentity};
+use crate::storage::Storage;
 
 /// A snapshot of what the repository holds, as far as recovery is concerned.
 #[derive(Debug, Clone)]
@@ -106,20 +101,18 @@ pub fn partition_by_wal<'a>(
     wal: &[ArchivedWal],
     seg_size: WalSegSize,
 ) -> (Vec<&'a RestorePointRecord>, Vec<&'a RestorePointRecord>) {
-    let archived: HashSet<(TimelineId, u64)> = wal
-        .iter()
-        .filter_map(|w| match w.name {
-            WalFileName::Segment(s) | WalFileName::Partial(s) => {
-                Some((s.timeline, s.segno(seg_size)))
-            }
-            _ => None,
-        })
-        .collect();
+    // The highest timeline holding each archived segment number.
+    let mut newest: HashMap<u64, TimelineId> = HashMap::new();
+    for w in wal {
+        if let WalFileName::Segment(s) | WalFileName::Partial(s) = w.name {
+            let tli = newest.entry(s.segno(seg_size)).or_insert(s.timeline);
+            *tli = (*tli).max(s.timeline);
+        }
+    }
     points.iter().partition(|p| {
-        let segno = p.lsn.segno(seg_size);
-        archived
-            .iter()
-            .any(|&(tli, s)| s == segno && tli >= p.timeline)
+        newest
+            .get(&p.lsn.segno(seg_size))
+            .is_some_and(|&tli| tli >= p.timeline)
     })
 }
 
@@ -135,26 +128,11 @@ pub async fn load_manifests(storage: &dyn Storage) -> Result<Vec<BackupManifest>
         .filter(|o| layout::parse_backup_manifest_key(&o.key).is_some())
         .map(|o| o.key)
         .collect();
-    let mut fetched = futures::stream::iter(keys)
-        .map(|key| async move {
-            let body = storage.get(&key).await;
-            (key, body)
-        })
-        .buffered(MANIFEST_FETCH_PARALLEL);
-    let mut out = Vec::new();
-    while let Some((key, body)) = fetched.next().await {
-        let body = match body {
-            Ok(b) => b,
-            // Expired between the listing and the read.
-            Err(StorageError::NotFound { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let m: BackupManifest = serde_json::from_slice(&body).map_err(|e| RepoError::Corrupt {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        out.push(m);
-    }
+    let mut out: Vec<BackupManifest> = json_objects::load(storage, keys)
+        .await?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
 }
@@ -194,16 +172,7 @@ pub async fn load_histories(
 mod tests {
     use super::*;
     use crate::pg::Lsn;
-
-    fn archived(name: &str) -> ArchivedWal {
-        let name: WalFileName = name.parse().unwrap();
-        ArchivedWal {
-            name,
-            sha256_hex: "0".repeat(64),
-            key: format!("wal/{name}"),
-            size: 1,
-        }
-    }
+    use crate::recovery::plan::tests::file as archived;
 
     fn point(name: &str, tli: u32, lsn: u64) -> RestorePointRecord {
         RestorePointRecord {

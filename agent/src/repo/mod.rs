@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod error;
 pub mod identity;
+pub mod json_objects;
 pub mod layout;
 pub mod lock;
 pub mod manifest;

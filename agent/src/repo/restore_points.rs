@@ -3,14 +3,9 @@
 //! the WAL file itself, so every archived WAL file's restore points are indexed; the planner
 //! reads them to choose the backup for `--target-name`, and `pgpitr list` shows them.
 
-use futures::StreamExt;
-
-use super::{layout, RepoError};
+use super::{json_objects, layout, RepoError};
 use crate::pg::RestorePointRecord;
 use crate::storage::{PutMode, Storage, StorageError};
-
-/// Index objects fetched at once.
-const FETCH_PARALLEL: usize = 16;
 
 /// Stores `points`. Idempotent: an index object that exists already is left as it is.
 ///
@@ -41,31 +36,16 @@ pub async fn load(storage: &dyn Storage) -> Result<Vec<RestorePointRecord>, Repo
         .filter(|o| layout::parse_restore_point_key(&o.key).is_some())
         .map(|o| o.key)
         .collect();
-    let mut fetched = futures::stream::iter(keys)
-        .map(|key| async move {
-            let body = storage.get(&key).await;
-            (key, body)
-        })
-        .buffered(FETCH_PARALLEL);
     let mut out = Vec::new();
-    while let Some((key, body)) = fetched.next().await {
-        let body = match body {
-            Ok(b) => b,
-            // Expired between the listing and the read.
-            Err(StorageError::NotFound { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let corrupt = |message: String| RepoError::Corrupt {
-            key: key.clone(),
-            message,
-        };
-        let p: RestorePointRecord =
-            serde_json::from_slice(&body).map_err(|e| corrupt(e.to_string()))?;
+    for (key, p) in json_objects::load::<RestorePointRecord>(storage, keys).await? {
         if layout::parse_restore_point_key(&key) != Some((p.timeline, p.lsn)) {
-            return Err(corrupt(format!(
-                "it describes a restore point at {} on timeline {}",
-                p.lsn, p.timeline
-            )));
+            return Err(RepoError::Corrupt {
+                message: format!(
+                    "it describes a restore point at {} on timeline {}",
+                    p.lsn, p.timeline
+                ),
+                key,
+            });
         }
         out.push(p);
     }

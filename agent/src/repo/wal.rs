@@ -275,22 +275,24 @@ mod tests {
         let name: WalFileName = "000000010000000000000003".parse().unwrap();
         let file = dir.path().join("segment");
         let indexed = || async { restore_points::load(&storage).await.unwrap() };
+        let indexed_names = || async {
+            let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
+            names
+        };
 
         std::fs::write(&file, segment_with("first", 1)).unwrap();
         assert_eq!(
             push(&storage, name, &file).await.unwrap(),
             PushOutcome::Stored
         );
-        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["first"]);
+        assert_eq!(indexed_names().await, ["first"]);
 
         // Other bytes under the same name: refused, and their restore points (one of them at
         // another LSN) are not indexed.
         std::fs::write(&file, segment_with("other", 2)).unwrap();
         let err = push(&storage, name, &file).await.unwrap_err();
         assert!(matches!(err, RepoError::DifferentContent { .. }), "{err}");
-        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["first"]);
+        assert_eq!(indexed_names().await, ["first"]);
 
         // The same bytes again, with the index lost in between: indexed again.
         restore_points::remove(&storage, &indexed().await)
@@ -301,7 +303,6 @@ mod tests {
             push(&storage, name, &file).await.unwrap(),
             PushOutcome::AlreadyArchived
         );
-        let names: Vec<String> = indexed().await.into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["first"]);
+        assert_eq!(indexed_names().await, ["first"]);
     }
 }
