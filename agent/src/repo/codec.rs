@@ -462,6 +462,36 @@ mod tests {
         }
     }
 
+    /// A reader handing out at most `step` bytes per call, as a pipe or a network stream may.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn short_reads_fill_whole_parts() {
+        let plain = pseudo_random(2 * PART_SIZE + 5);
+        let whole = compress(&plain);
+        let trickled = compress_reader(Trickle {
+            data: &plain,
+            step: 4093,
+        })
+        .unwrap();
+        assert_eq!(trickled.frames.len(), 3);
+        assert_eq!(trickled.frames, whole.frames);
+        assert_eq!(trickled.sha256, whole.sha256);
+        assert_eq!(trickled.plain_len, plain.len() as u64);
+    }
+
     #[test]
     fn frames_are_standard_lz4_with_stored_blocks_for_incompressible_parts() {
         for (header, bd) in FRAME_HEADERS.iter().zip([6 << 4, 7 << 4]) {
