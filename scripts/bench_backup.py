@@ -42,7 +42,7 @@ def main():
     root = tempfile.mkdtemp(prefix="pgpitr-bench-backup-", dir="/tmp")
     os.chmod(root, 0o755)
     data, sock, repo, br = f"{root}/data", f"{root}/sock", f"{root}/repo", f"{root}/pgbr"
-    for d in (sock, repo, f"{br}/repo", f"{root}/bin"):
+    for d in (sock, f"{br}/repo", f"{root}/bin"):
         os.makedirs(d)
     for b in ("pgpitr", "pgpitr-archive", "pgpitr-restore"):
         shutil.copy(f"{TARGET}/{b}", f"{root}/bin/{b}")
@@ -50,30 +50,17 @@ def main():
         run(["chown", "-R", "postgres", root])
     port = "5498"
     run(as_pg([f"{PG}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync", "-k"]))
+    # The archive goes through the symlink `repo`, which each round points at a new repository.
     with open(f"{data}/postgresql.conf", "a") as f:
         f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
                 f"archive_mode = on\narchive_command = 'PGPITR_REPO={repo} {root}/bin/pgpitr-archive %p %f'\n"
                 f"max_wal_size = '8GB'\nshared_buffers = '256MB'\nmax_wal_senders = 10\n")
+    use_repo(root, "repo-load")
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
     conn = ["-h", sock, "-p", port, "-U", "postgres"]
     run([f"{PG}/pgbench", "-i", "-s", str(SCALE), "-q"] + conn + ["postgres"])
     run([f"{PG}/psql", "-X"] + conn + ["-c", "CHECKPOINT", "postgres"])
     size = int(run([f"{PG}/psql", "-XAt"] + conn + ["-c", "SELECT sum(pg_database_size(oid)) FROM pg_database", "postgres"]))
-    env = dict(os.environ, PGPITR_REPO=repo, PGPITR_CONNINFO=f"host={sock} port={port} user=postgres")
-    env.pop("PGPITR_CONFIG", None)
-    rows = []
-
-    t, rss = timed(as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
-                          f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]), env)
-    rows.append(("pgpitr backup (first, full)", t, rss, du(repo)))
-    t2, rss2 = timed(as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
-                            f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]), env)
-    rows.append(("pgpitr backup (second, unchanged cluster)", t2, rss2, du(repo)))
-
-    out = f"{root}/basebackup"
-    t, rss = timed(as_pg([f"{PG}/pg_basebackup", "-D", out, "-Ft", "--compress=client-lz4", "--checkpoint=fast",
-                          "-X", "none"] + conn))
-    rows.append(("pg_basebackup -Ft --compress=client-lz4", t, rss, du(out)))
 
     conf = f"{br}/pgbackrest.conf"
     with open(conf, "w") as f:
@@ -84,8 +71,49 @@ def main():
         run(["chown", "-R", "postgres", br])
     base = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
     run(as_pg(base + ["stanza-create"]))
-    t, rss = timed(as_pg(base + ["backup", "--type=full"]))
-    rows.append(("pgBackRest backup --type=full (lz4, process-max 2)", t, rss, du(f"{br}/repo")))
+
+    # Full backups in interleaved rounds, each tool after the same quiet: the machine's noise
+    # moves one backup by 20 % and more. pgpitr backs up into a new repository each round (into
+    # an earlier one it would store only the changes).
+    rounds = int(os.environ.get("BENCH_BACKUP_ROUNDS", "3"))
+    times = {"pgpitr": [], "pg_basebackup": [], "pgBackRest": []}
+    rss = {k: 0.0 for k in times}
+    disk = {}
+    for rnd in range(rounds):
+        current = use_repo(root, f"repo-{rnd}")
+        wait_archived(conn)
+        settle()
+        t, r = timed(as_pg(["env", f"PGPITR_REPO={current}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
+                            f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]))
+        times["pgpitr"].append(t)
+        rss["pgpitr"] = max(rss["pgpitr"], r)
+        disk["pgpitr"] = du(f"{current}/packs")
+        out = f"{root}/basebackup"
+        shutil.rmtree(out, ignore_errors=True)
+        wait_archived(conn)
+        settle()
+        t, r = timed(as_pg([f"{PG}/pg_basebackup", "-D", out, "-Ft", "--compress=client-lz4", "--checkpoint=fast",
+                            "-X", "none"] + conn))
+        times["pg_basebackup"].append(t)
+        rss["pg_basebackup"] = max(rss["pg_basebackup"], r)
+        disk["pg_basebackup"] = du(out)
+        wait_archived(conn)
+        settle()
+        t, r = timed(as_pg(base + ["backup", "--type=full"]))
+        times["pgBackRest"].append(t)
+        rss["pgBackRest"] = max(rss["pgBackRest"], r)
+    disk["pgBackRest"] = du(f"{br}/repo") / rounds
+    rows = [("pgpitr backup (full)", statistics.median(times["pgpitr"]), rss["pgpitr"], disk["pgpitr"])]
+    wait_archived(conn)
+    settle()
+    t2, rss2 = timed(as_pg(["env", f"PGPITR_REPO={current}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
+                            f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]))
+    rows.append(("pgpitr backup (second, unchanged cluster)", t2, rss2, du(f"{current}/packs") - disk["pgpitr"]))
+    rows.append(("pg_basebackup -Ft --compress=client-lz4", statistics.median(times["pg_basebackup"]),
+                 rss["pg_basebackup"], disk["pg_basebackup"]))
+    rows.append(("pgBackRest backup --type=full (lz4, process-max 2)", statistics.median(times["pgBackRest"]),
+                 rss["pgBackRest"], disk["pgBackRest"]))
+    repo = current
 
     # Restores: pgpitr restore of the latest backup vs pgBackRest restore.
     dst = f"{root}/restore-pgpitr"
@@ -106,13 +134,46 @@ def main():
     print(f"### Base backup and restore ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {cpu})\n")
     print(f"pgbench scale {SCALE}: {size / 1e9:.2f} GB of databases, in page cache; repositories on the same disk. "
           f"Restore rates are data-directory bytes written per second.\n")
-    print("| operation | seconds | MB/s | peak RSS MiB | bytes on disk afterwards (MB) |")
+    print(f"Backups: median of {rounds} interleaved rounds, each after the WAL archive has caught up and a "
+          f"sync; pgpitr into a new repository each round. Bytes stored: the backup's packs (pgpitr; the "
+          f"second backup: what it added), the tar files (pg_basebackup), one full backup (pgBackRest).\n")
+    print("| operation | seconds | MB/s | peak RSS MiB | bytes stored (MB) |")
     print("|---|---:|---:|---:|---:|")
     for label, t, rss, disk in rows:
         mbps = (restored if "restore" in label else size) / 1e6 / t
         print(f"| {label} | {t:.1f} | {mbps:.0f} | {rss:.0f} | {disk / 1e6:.0f} |")
+    print()
+    for rnd in range(rounds):
+        pgpitr, pgbb, pgbr = (times[k][rnd] for k in ("pgpitr", "pg_basebackup", "pgBackRest"))
+        print(f"- backup round {rnd + 1}: pgpitr {pgpitr:.2f} s, pg_basebackup {pgbb:.2f} s "
+              f"({pgpitr / pgbb:.2f}×), pgBackRest {pgbr:.2f} s")
+    print(f"- pgpitr / pg_basebackup, medians: {rows[0][1] / rows[2][1]:.2f}×")
     print_replay(replay)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def use_repo(root, name):
+    """Points the symlink `root/repo`, the archive_command's repository, at `root/name` (created
+    empty if new) and returns the latter's path."""
+    target = f"{root}/{name}"
+    os.makedirs(target, exist_ok=True)
+    if os.geteuid() == 0:
+        run(["chown", "postgres", target])
+    os.symlink(target, f"{root}/repo.new")
+    os.rename(f"{root}/repo.new", f"{root}/repo")
+    return target
+
+
+def wait_archived(conn):
+    """Switches to a new WAL segment and waits until the archiver has archived the one before,
+    so that no archive_command runs beside a measured backup."""
+    last = psql(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    psql(conn, "SELECT pg_switch_wal()")
+    deadline = time.time() + 1800
+    while psql(conn, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last:
+        if time.time() > deadline:
+            raise SystemExit("WAL archiving did not catch up")
+        time.sleep(0.2)
 
 
 def psql(conn, sql):
@@ -142,13 +203,7 @@ def bench_replay(root, data, conn, repo):
         psql(conn, f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {lo} AND aid <= {lo + step}")
         n += 1
     end_lsn = psql(conn, "SELECT pg_current_wal_lsn()")
-    last = psql(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())")
-    psql(conn, "SELECT pg_switch_wal()")
-    deadline = time.time() + 1800
-    while psql(conn, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < last:
-        if time.time() > deadline:
-            raise SystemExit("WAL archiving did not catch up")
-        time.sleep(0.5)
+    wait_archived(conn)
     wal_bytes = int(psql(conn, f"SELECT pg_wal_lsn_diff('{end_lsn}', '{start_lsn}')"))
     # The source cluster's next checkpoint would write its dirty buffers during a measured round.
     psql(conn, "CHECKPOINT")

@@ -216,6 +216,39 @@ pub fn new_pack_id() -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// Pack buffers given back by the uploader, for the packer to fill again: each is
+/// [`PACK_TARGET_SIZE`] and more, and a new one would be mapped and faulted in afresh for every
+/// pack (gigabytes of page faults per backup). At most [`PackBuffers::KEPT`] are kept: one
+/// pack is filled while one waits in the channel and one is uploaded.
+#[derive(Debug, Clone, Default)]
+pub struct PackBuffers(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl PackBuffers {
+    const KEPT: usize = 2;
+
+    /// An empty buffer: a returned one if any.
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .expect("pack buffers")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keeps the buffer of an uploaded pack if nothing else holds it any more.
+    pub fn give_back(&self, data: Bytes) {
+        let Ok(data) = data.try_into_mut() else {
+            return;
+        };
+        let mut buf = Vec::from(data);
+        buf.clear();
+        let mut kept = self.0.lock().expect("pack buffers");
+        if kept.len() < Self::KEPT {
+            kept.push(buf);
+        }
+    }
+}
+
 /// A full pack on its way to storage.
 #[derive(Debug)]
 pub struct SealedPack {
@@ -257,6 +290,7 @@ pub struct Packer {
     added: ChunkSet,
     id: String,
     buf: Vec<u8>,
+    buffers: PackBuffers,
     entries: Vec<PackIndexEntry>,
     tx: mpsc::Sender<SealedPack>,
     target: usize,
@@ -279,6 +313,7 @@ impl Packer {
             added: ChunkSet::default(),
             id: new_pack_id(),
             buf: Vec::new(),
+            buffers: PackBuffers::default(),
             entries: Vec::new(),
             tx,
             target,
@@ -315,6 +350,7 @@ impl Packer {
         }
         let frame = frame.ok_or(PackError::MissingFrame)?;
         if self.buf.capacity() == 0 {
+            self.buf = self.buffers.take();
             self.buf.reserve_exact(self.target + frame.len());
         }
         let offset = self.buf.len() as u64;
@@ -364,6 +400,11 @@ impl Packer {
             .map_err(|_| PackError::UploaderGone)
     }
 
+    /// The pool the uploader gives pack buffers back to.
+    pub fn buffers(&self) -> PackBuffers {
+        self.buffers.clone()
+    }
+
     /// Seals the last pack and closes the pipeline.
     ///
     /// # Errors
@@ -374,20 +415,26 @@ impl Packer {
     }
 }
 
-/// Uploads sealed packs as they arrive: the pack, then its index. Returns the number of packs
-/// uploaded once the channel is closed.
+/// Uploads sealed packs as they arrive: the pack, then its index, and gives each pack's buffer
+/// back to `buffers`. Returns the number of packs uploaded once the channel is closed.
 ///
 /// # Errors
 /// The first storage error; the channel is then closed, which stops the packer.
 pub async fn upload(
     storage: &dyn Storage,
     mut rx: mpsc::Receiver<SealedPack>,
+    buffers: PackBuffers,
 ) -> Result<u64, StorageError> {
     let mut n = 0;
     while let Some(pack) = rx.recv().await {
         storage
-            .put(&layout::pack_key(&pack.id), pack.data, PutMode::Create)
+            .put(
+                &layout::pack_key(&pack.id),
+                pack.data.clone(),
+                PutMode::Create,
+            )
             .await?;
+        buffers.give_back(pack.data);
         let index = serde_json::to_vec(&pack.index).expect("serialisable");
         storage
             .put(
@@ -406,6 +453,30 @@ pub async fn upload(
 mod tests {
     use super::*;
     use crate::repo::codec;
+
+    #[test]
+    fn uploaded_pack_buffers_are_filled_again() {
+        let buffers = PackBuffers::default();
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.extend_from_slice(b"pack bytes");
+        let (ptr, capacity) = (buf.as_ptr(), buf.capacity());
+        let data = Bytes::from(buf);
+        // Still held elsewhere (a retrying upload, say): not kept.
+        let elsewhere = data.clone();
+        buffers.give_back(data);
+        assert!(buffers.take().capacity() == 0);
+        // The only handle: kept, emptied, the same memory.
+        buffers.give_back(elsewhere);
+        let again = buffers.take();
+        assert_eq!(
+            (again.as_ptr(), again.capacity(), again.len()),
+            (ptr, capacity, 0)
+        );
+        for _ in 0..5 {
+            buffers.give_back(Bytes::from(vec![0u8; 10]));
+        }
+        assert_eq!(buffers.0.lock().unwrap().len(), PackBuffers::KEPT);
+    }
 
     #[test]
     fn pack_ids_are_unique_and_valid() {

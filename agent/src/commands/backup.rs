@@ -42,7 +42,7 @@ use crate::walsender::{
 
 /// Archive messages buffered between the network and the tar reader (each a batch of about
 /// [`ARCHIVE_BATCH`] bytes).
-const ARCHIVE_CHANNEL: usize = 16;
+const ARCHIVE_CHANNEL: usize = 8;
 /// CopyData payloads (typically 32 KiB each) are handed to the tar reader in batches of this
 /// many bytes: one wake-up of the reader thread per batch.
 const ARCHIVE_BATCH: usize = 512 * 1024;
@@ -225,12 +225,12 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
     tracing::debug!("{} chunks already in the repository", known.len());
 
     let (pack_tx, pack_rx) = mpsc::channel(PACK_CHANNEL);
+    let packer = Packer::new(Arc::new(known), pack_tx);
     let uploader = {
-        let storage = storage.clone();
-        tokio::spawn(async move { pack::upload(storage.as_ref(), pack_rx).await })
+        let (storage, buffers) = (storage.clone(), packer.buffers());
+        tokio::spawn(async move { pack::upload(storage.as_ref(), pack_rx, buffers).await })
     };
     let (archive_tx, archive_rx) = mpsc::channel(ARCHIVE_CHANNEL);
-    let packer = Packer::new(Arc::new(known), pack_tx);
     let workers =
         std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_CHUNK_WORKERS));
     let reader =

@@ -22,6 +22,13 @@ pub(crate) const MAX_MESSAGE_LEN: usize = 256 * 1024 * 1024;
 /// Minimum free space kept in the read buffer before each read, in bytes (a base backup
 /// streams gigabytes: large reads mean few system calls).
 const READ_CHUNK: usize = 256 * 1024;
+/// Size of each read buffer, in bytes: a few reads' worth, and under the allocator's mmap
+/// threshold (`crate::heap`).
+const BUFFER_SIZE: usize = 4 * READ_CHUNK - 4096;
+/// Read buffers kept for reuse at most. The payloads handed out keep their buffer alive while
+/// they wait downstream (a base backup queues about 5 MiB between the network and the tar
+/// reader); enough buffers to cover that means no new memory after the first megabytes.
+const MAX_SPARE: usize = 12;
 
 /// A byte stream the client can talk over.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -31,6 +38,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub(crate) struct Wire {
     io: Box<dyn Stream>,
     rbuf: BytesMut,
+    /// Earlier read buffers, reusable once every payload split off them has been dropped.
+    spare: Vec<BytesMut>,
     /// Frontend messages are encoded here, then sent by [`Wire::flush`].
     pub wbuf: BytesMut,
 }
@@ -39,7 +48,8 @@ impl Wire {
     pub fn new(io: Box<dyn Stream>) -> Self {
         Self {
             io,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::with_capacity(BUFFER_SIZE),
+            spare: Vec::new(),
             wbuf: BytesMut::with_capacity(1024),
         }
     }
@@ -82,9 +92,7 @@ impl Wire {
                     )))
                 }
             }
-            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
-                self.rbuf.reserve(READ_CHUNK);
-            }
+            self.make_room();
             let n = self
                 .io
                 .read_buf(&mut self.rbuf)
@@ -100,6 +108,38 @@ impl Wire {
     }
 
     /// Sends Terminate and shuts the stream down; errors are ignored (the peer may be gone).
+    /// Ensures [`READ_CHUNK`] bytes of free space after the unparsed bytes, reusing memory.
+    ///
+    /// `BytesMut::reserve` would allocate a new buffer whenever payloads of the current one are
+    /// still held downstream, which during a base backup is nearly always: gigabytes of fresh
+    /// allocations, each page faulted in anew once the allocator has given the last one back.
+    /// Instead the read continues in a spare buffer whose payloads have all been dropped.
+    fn make_room(&mut self) {
+        if self.rbuf.capacity() - self.rbuf.len() >= READ_CHUNK || self.rbuf.try_reclaim(READ_CHUNK)
+        {
+            return;
+        }
+        if self.rbuf.len() > BUFFER_SIZE / 4 {
+            // A message larger than the buffers: grown in place, not copied into each.
+            self.rbuf.reserve(READ_CHUNK);
+            return;
+        }
+        let mut next = match self
+            .spare
+            .iter_mut()
+            .position(|b| b.try_reclaim(BUFFER_SIZE))
+        {
+            Some(i) => self.spare.swap_remove(i),
+            None => BytesMut::with_capacity(BUFFER_SIZE),
+        };
+        next.extend_from_slice(&self.rbuf);
+        let mut previous = std::mem::replace(&mut self.rbuf, next);
+        previous.clear();
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(previous);
+        }
+    }
+
     pub async fn terminate(&mut self) {
         postgres_protocol::message::frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
@@ -155,5 +195,91 @@ pub(crate) fn log_notice(msg: &ServerMessage) {
     match msg.severity.as_str() {
         "WARNING" => tracing::warn!(sqlstate = %msg.sqlstate, "server: {}", msg.message),
         _ => tracing::info!(sqlstate = %msg.sqlstate, "server: {}", msg.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CopyData message of `len` bytes, each its index's low byte plus `seed`.
+    fn copy_data(len: usize, seed: u8) -> Vec<u8> {
+        let mut m = vec![b'd'];
+        m.extend_from_slice(&(len as u32 + 4).to_be_bytes());
+        m.extend((0..len).map(|i| (i as u8).wrapping_add(seed)));
+        m
+    }
+
+    fn check(msg: Message, len: usize, seed: u8) -> Bytes {
+        let Message::CopyData(body) = msg else {
+            panic!("not CopyData")
+        };
+        let p = body.into_bytes();
+        assert_eq!(p.len(), len);
+        assert!(p
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i as u8).wrapping_add(seed)));
+        p
+    }
+
+    #[tokio::test]
+    async fn messages_are_whole_across_buffer_switches() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let sizes: Vec<usize> = (0..120).map(|i| 30_000 + i * 997).collect();
+        let big = 3 * BUFFER_SIZE + 5;
+        let to_send = sizes.clone();
+        tokio::spawn(async move {
+            for (i, len) in to_send.into_iter().enumerate() {
+                server.write_all(&copy_data(len, i as u8)).await.unwrap();
+                if i == 60 {
+                    server.write_all(&copy_data(big, 7)).await.unwrap();
+                }
+            }
+        });
+        let mut wire = Wire::new(Box::new(client));
+        // Payloads held downstream for a while, then dropped: reads switch buffers and reuse
+        // them, and every message still arrives whole.
+        let mut held = Vec::new();
+        for (i, len) in sizes.iter().enumerate() {
+            held.push(check(wire.read_message().await.unwrap(), *len, i as u8));
+            if i == 60 {
+                check(wire.read_message().await.unwrap(), big, 7);
+            }
+            if held.len() == 25 {
+                held.clear();
+            }
+        }
+        assert!(wire.spare.len() <= MAX_SPARE);
+    }
+
+    #[test]
+    fn a_buffer_whose_payloads_are_dropped_takes_the_next_reads() {
+        let (client, _server) = tokio::io::duplex(64);
+        let mut wire = Wire::new(Box::new(client));
+        let fill = |wire: &mut Wire| {
+            let free = wire.rbuf.capacity() - wire.rbuf.len();
+            wire.rbuf.extend_from_slice(&vec![1; free - 100]);
+            wire.rbuf.split().freeze()
+        };
+        let first = fill(&mut wire);
+        let first_buffer = first.as_ptr();
+        // Its payload still held: the reads continue in another buffer.
+        wire.make_room();
+        assert_eq!(wire.spare.len(), 1);
+        assert_ne!(wire.rbuf.as_ptr(), first_buffer);
+        drop(first);
+        // Held again, while the first buffer is free: that one is taken back (the spare list
+        // keeps it allocated, so the same address means the same buffer).
+        let second = fill(&mut wire);
+        wire.make_room();
+        assert_eq!(wire.rbuf.as_ptr(), first_buffer);
+        assert_eq!(wire.spare.len(), 1);
+        drop(second);
+        // Nothing held: room is made in place.
+        let third = fill(&mut wire);
+        drop(third);
+        wire.make_room();
+        assert_eq!(wire.rbuf.as_ptr(), first_buffer);
     }
 }
