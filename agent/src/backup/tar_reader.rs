@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::chunk_workers::{ChunkWorkers, Hashed, Tag};
 use super::pack::{PackError, PackStats, Packer};
 use super::CHUNK_SIZE;
+use crate::repo::codec;
 use crate::repo::manifest::{ChunkRef, FileEntry, FileKind};
 
 /// One message of the archive stream, in server order.
@@ -318,7 +319,7 @@ impl Store {
         let mut size = 0u64;
         loop {
             let mut buf = self.buffer()?;
-            let n = read_full(entry, &mut buf).map_err(StoreError::Read)?;
+            let n = codec::read_full(entry, &mut buf).map_err(StoreError::Read)?;
             if n == 0 {
                 self.free.push(buf);
                 break;
@@ -401,20 +402,6 @@ impl Store {
             stats,
         })
     }
-}
-
-/// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

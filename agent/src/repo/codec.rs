@@ -145,17 +145,27 @@ impl Part {
 
     /// Reads until the buffer is full or `input` ends.
     fn fill_from(&mut self, input: &mut impl Read) -> std::io::Result<()> {
-        self.len = 0;
-        while self.len < self.buf.len() {
-            match input.read(&mut self.buf[self.len..]) {
-                Ok(0) => break,
-                Ok(n) => self.len += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        self.len = read_full(input, &mut self.buf)?;
         Ok(())
     }
+}
+
+/// Reads until `buf` is full or `input` ends, retrying interrupted reads; returns the bytes
+/// read (less than `buf.len()` only at the end of `input`).
+///
+/// # Errors
+/// The first failing read.
+pub(crate) fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The largest plain input of one frame: one block of the lz4 frame format's largest size.
