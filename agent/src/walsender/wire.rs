@@ -107,7 +107,6 @@ impl Wire {
         }
     }
 
-    /// Sends Terminate and shuts the stream down; errors are ignored (the peer may be gone).
     /// Ensures [`READ_CHUNK`] bytes of free space after the unparsed bytes, reusing memory.
     ///
     /// `BytesMut::reserve` would allocate a new buffer whenever payloads of the current one are
@@ -140,6 +139,7 @@ impl Wire {
         }
     }
 
+    /// Sends Terminate and shuts the stream down; errors are ignored (the peer may be gone).
     pub async fn terminate(&mut self) {
         postgres_protocol::message::frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;
