@@ -159,7 +159,14 @@ def start_garage(root):
     for args in (["layout", "assign", "-z", "dc1", "-c", "10G", node], ["layout", "apply", "--version", "1"],
                  ["key", "import", "--yes", "-n", "bench", key, secret], ["bucket", "create", "bench"],
                  ["bucket", "allow", "--read", "--write", "--owner", "bench", "--key", "bench"]):
-        run(cli + args)
+        # A node that has just answered `node id` may not take layout changes yet.
+        for attempt in range(50):
+            r = subprocess.run(cli + args, capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise SystemExit(f"garage {' '.join(args)} failed: {r.stderr}")
     env = dict(PGPITR_S3_ENDPOINT=f"http://127.0.0.1:{s3}", PGPITR_S3_REGION="garage", PGPITR_S3_FORCE_PATH_STYLE="true",
                AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret, AWS_EC2_METADATA_DISABLED="true")
     return env, proc
