@@ -76,43 +76,32 @@ def main():
     # moves one backup by 20 % and more. pgpitr backs up into a new repository each round (into
     # an earlier one it would store only the changes).
     rounds = int(os.environ.get("BENCH_BACKUP_ROUNDS", "3"))
+
+    def pgpitr_backup(repo):
+        return as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
+                      f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"])
+
+    out = f"{root}/basebackup"
     times = {"pgpitr": [], "pg_basebackup": [], "pgBackRest": []}
     rss = {k: 0.0 for k in times}
-    disk = {}
     for rnd in range(rounds):
         current = use_repo(root, f"repo-{rnd}")
-        wait_archived(conn)
-        settle()
-        t, r = timed(as_pg(["env", f"PGPITR_REPO={current}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
-                            f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]))
-        times["pgpitr"].append(t)
-        rss["pgpitr"] = max(rss["pgpitr"], r)
-        disk["pgpitr"] = du(f"{current}/packs")
-        out = f"{root}/basebackup"
         shutil.rmtree(out, ignore_errors=True)
-        wait_archived(conn)
-        settle()
-        t, r = timed(as_pg([f"{PG}/pg_basebackup", "-D", out, "-Ft", "--compress=client-lz4", "--checkpoint=fast",
-                            "-X", "none"] + conn))
-        times["pg_basebackup"].append(t)
-        rss["pg_basebackup"] = max(rss["pg_basebackup"], r)
-        disk["pg_basebackup"] = du(out)
-        wait_archived(conn)
-        settle()
-        t, r = timed(as_pg(base + ["backup", "--type=full"]))
-        times["pgBackRest"].append(t)
-        rss["pgBackRest"] = max(rss["pgBackRest"], r)
-    disk["pgBackRest"] = du(f"{br}/repo") / rounds
-    rows = [("pgpitr backup (full)", statistics.median(times["pgpitr"]), rss["pgpitr"], disk["pgpitr"])]
-    wait_archived(conn)
-    settle()
-    t2, rss2 = timed(as_pg(["env", f"PGPITR_REPO={current}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
-                            f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"]))
-    rows.append(("pgpitr backup (second, unchanged cluster)", t2, rss2, du(f"{current}/packs") - disk["pgpitr"]))
-    rows.append(("pg_basebackup -Ft --compress=client-lz4", statistics.median(times["pg_basebackup"]),
-                 rss["pg_basebackup"], disk["pg_basebackup"]))
-    rows.append(("pgBackRest backup --type=full (lz4, process-max 2)", statistics.median(times["pgBackRest"]),
-                 rss["pgBackRest"], disk["pgBackRest"]))
+        for tool, cmd in (("pgpitr", pgpitr_backup(current)),
+                          ("pg_basebackup", as_pg([f"{PG}/pg_basebackup", "-D", out, "-Ft", "--compress=client-lz4",
+                                                   "--checkpoint=fast", "-X", "none"] + conn)),
+                          ("pgBackRest", as_pg(base + ["backup", "--type=full"]))):
+            t, r = quiet_timed(conn, cmd)
+            times[tool].append(t)
+            rss[tool] = max(rss[tool], r)
+    packs = du(f"{current}/packs")
+    t2, rss2 = quiet_timed(conn, pgpitr_backup(current))
+    rows = [("pgpitr backup (full)", statistics.median(times["pgpitr"]), rss["pgpitr"], packs),
+            ("pgpitr backup (second, unchanged cluster)", t2, rss2, du(f"{current}/packs") - packs),
+            ("pg_basebackup -Ft --compress=client-lz4", statistics.median(times["pg_basebackup"]),
+             rss["pg_basebackup"], du(out)),
+            ("pgBackRest backup --type=full (lz4, process-max 2)", statistics.median(times["pgBackRest"]),
+             rss["pgBackRest"], du(f"{br}/repo") / rounds)]
     repo = current
 
     # Restores: pgpitr restore of the latest backup vs pgBackRest restore.
@@ -174,6 +163,13 @@ def wait_archived(conn):
         if time.time() > deadline:
             raise SystemExit("WAL archiving did not catch up")
         time.sleep(0.2)
+
+
+def quiet_timed(conn, cmd):
+    """`timed(cmd)` once the WAL archive has caught up and dirty pages are flushed."""
+    wait_archived(conn)
+    settle()
+    return timed(cmd)
 
 
 def psql(conn, sql):

@@ -160,7 +160,7 @@ def start_garage(root):
                  ["key", "import", "--yes", "-n", "bench", key, secret], ["bucket", "create", "bench"],
                  ["bucket", "allow", "--read", "--write", "--owner", "bench", "--key", "bench"]):
         # A node that has just answered `node id` may not take layout changes yet.
-        for attempt in range(50):
+        for _ in range(50):
             r = subprocess.run(cli + args, capture_output=True, text=True)
             if r.returncode == 0:
                 break

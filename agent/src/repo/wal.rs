@@ -101,15 +101,17 @@ pub async fn push(
     .await
     .expect("compression task")?;
     let sha = compressed.sha256_hex();
-    if let Some(existing) = find(storage, name).await?.into_iter().next() {
-        let outcome = compare(name, &existing.sha256_hex, &sha)?;
-        // The same bytes: index them again, in case an earlier push stopped in between.
-        restore_points::record(storage, &points).await?;
+    let archived = match find(storage, name).await?.into_iter().next() {
+        Some(existing) => Some(compare(name, &existing.sha256_hex, &sha)?),
+        None => None,
+    };
+    // Indexed before the file is stored, so an archived file's restore points are always known;
+    // a file refused for other content indexes nothing. The same bytes pushed again are indexed
+    // again, in case an earlier push stopped in between.
+    restore_points::record(storage, &points).await?;
+    if let Some(outcome) = archived {
         return Ok(outcome);
     }
-    // Indexed before the file is stored, so an archived file's restore points are always known;
-    // a file refused for other content indexes nothing.
-    restore_points::record(storage, &points).await?;
     let key = layout::wal_object_key(name, &sha);
     match storage
         .put_parts(&key, compressed.frames, PutMode::Create)
