@@ -513,6 +513,55 @@ fn bad_input_is_refused_before_the_checkpoint_and_writes_no_manifest() {
     );
 }
 
+/// A backup whose WAL never reaches the repository fails after `--wal-timeout` with an error
+/// that names archive_command, and commits nothing; once archiving works again, the next backup
+/// succeeds. (With the server's `WAIT true` the backup would hang for ever instead.)
+#[test]
+fn a_backup_whose_wal_is_never_archived_fails_at_the_wal_timeout() {
+    let (_repo_dir, env) = local_repo();
+    let c = archiving_cluster(15, env.clone());
+    let store = storage_of(&env);
+    switch_and_wait_for_archive(&c, &store);
+    c.psql("ALTER SYSTEM SET archive_command = '/bin/false'");
+    c.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut child = pgpitr_cmd(
+        &env,
+        &conninfo(&c, "postgres"),
+        &["backup", "--checkpoint", "fast", "--wal-timeout", "3"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("pgpitr backup still waiting for its WAL after 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "backup should fail:\n{stderr}");
+    for e in [
+        "not in the repository after 3s",
+        "archive_command",
+        "--wal-timeout",
+    ] {
+        assert!(stderr.contains(e), "expected {e:?} in:\n{stderr}");
+    }
+    assert!(manifests(&store).is_empty());
+
+    c.psql("ALTER SYSTEM RESET archive_command");
+    c.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    backup_ok(&env, &conninfo(&c, "postgres"));
+    assert_eq!(manifests(&store).len(), 1);
+}
+
 #[test]
 fn backup_and_list_on_s3() {
     let g = Garage::shared();

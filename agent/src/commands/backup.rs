@@ -3,17 +3,18 @@
 //! Order of work, so that nothing the server does is wasted on a backup that cannot succeed:
 //!
 //! 1. the repository: reachable, writable, with a `repo.json` (the WAL archive must exist —
-//!    a backup is useless without its WAL, and BASE_BACKUP's `WAIT` needs archiving);
+//!    a backup is useless without its WAL);
 //! 2. the server: a replication connection (authentication and the REPLICATION attribute),
 //!    IDENTIFY_SYSTEM checked against `repo.json`, `wal_level`, `archive_mode` (an error when
 //!    off) and `archive_command` (a warning when it does not call `pgpitr-archive`);
-//! 3. BASE_BACKUP (checkpoint, `WAIT`, manifest with SHA-256 checksums, tablespace map): the
+//! 3. BASE_BACKUP (checkpoint, `WAIT false`, manifest with CRC-32C checksums, tablespace map): the
 //!    tar streams go to [`crate::backup::tar_reader::ingest`] on a blocking thread, which
 //!    packs chunks and hands full packs to an uploader task — all through bounded channels,
 //!    so memory stays bounded whatever the database size;
 //! 4. after the server's end-of-backup: every pack uploaded, PostgreSQL's `backup_manifest`
 //!    stored, `pg_snapshot_xmax(pg_current_snapshot())` read over an ordinary SQL connection
-//!    (optional), every WAL segment from the start to the stop LSN found in the repository;
+//!    (optional), every WAL segment from the start to the stop LSN found in the repository
+//!    ([`wait_for_wal`]: pgpitr waits for its WAL itself, see there);
 //! 5. only then `backups/<id>/manifest.json`, written with [`PutMode::Create`]: the commit
 //!    point. A backup that fails or is killed before leaves packs that the next backup reuses,
 //!    and no manifest.
@@ -46,6 +47,11 @@ const ARCHIVE_CHANNEL: usize = 8;
 /// CopyData payloads (typically 32 KiB each) are handed to the tar reader in batches of this
 /// many bytes: one wake-up of the reader thread per batch.
 const ARCHIVE_BATCH: usize = 512 * 1024;
+/// The first pause of [`wait_for_wal`]: archiving a segment takes pgpitr-archive ~20-50 ms.
+const WAL_POLL_FIRST: Duration = Duration::from_millis(20);
+/// The longest pause of [`wait_for_wal`].
+const WAL_POLL_MAX: Duration = Duration::from_secs(1);
+
 /// Sealed packs waiting for the uploader (each up to [`crate::backup::PACK_TARGET_SIZE`]).
 const PACK_CHANNEL: usize = 1;
 /// Threads hashing and compressing chunks: one per core, up to this many.
@@ -74,7 +80,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub keep: bool,
     /// How long to wait, after the server finished, for the backup's WAL to appear in the
-    /// repository.
+    /// repository; past it the backup fails (and leaves no manifest).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
 }
@@ -238,7 +244,8 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
 
     let opts = BaseBackupOptions {
         fast_checkpoint: args.checkpoint == Checkpoint::Fast,
-        wait_for_wal: true,
+        // pgpitr waits for the WAL in the repository itself (wait_for_wal below).
+        wait_for_wal: false,
         manifest: true,
         progress: true,
         tablespace_map: true,
@@ -572,7 +579,18 @@ async fn next_xid(params: &ConnectParams) -> Option<u64> {
 }
 
 /// Waits until every WAL segment from `start`'s to `stop`'s is in the repository (on the start
-/// or the stop timeline), polling for up to `limit`.
+/// or the stop timeline), polling for up to `limit`: first after [`WAL_POLL_FIRST`], then at
+/// doubling intervals up to [`WAL_POLL_MAX`].
+///
+/// This is the wait that BASE_BACKUP's `WAIT true` would do on the server, done here instead,
+/// as pgBackRest does with `pg_backup_stop(wait_for_archive => false)`:
+/// - the server's wait (`do_pg_backup_stop()`, xlog.c) re-checks `archive_status` once a
+///   second, so it adds up to a second to every backup after its WAL is archived; here the
+///   check follows the archiver within [`WAL_POLL_MAX`] at worst, ~50 ms typically;
+/// - it checks what matters: the segments in *this* repository, not that `archive_command`
+///   returned 0 somewhere;
+/// - it ends: the server waits for ever (with a warning every minute) when archiving fails;
+///   here `--wal-timeout` ends the backup with an error that says what to check.
 async fn wait_for_wal(
     storage: &dyn Storage,
     seg_size: WalSegSize,
@@ -595,6 +613,8 @@ async fn wait_for_wal(
         .map(|n| layout::wal_dir(WalFileName::Segment(n)))
         .collect();
     let began = Instant::now();
+    let mut pause = WAL_POLL_FIRST;
+    let mut reported = false;
     loop {
         let mut present = HashSet::new();
         for dir in &dirs {
@@ -618,12 +638,16 @@ async fn wait_for_wal(
                 first: missing[0],
             });
         }
-        tracing::info!(
-            "waiting for {} WAL segment(s) to reach the repository, first {}",
-            missing.len(),
-            missing[0]
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !reported && began.elapsed() >= WAL_POLL_MAX {
+            tracing::info!(
+                "waiting for {} WAL segment(s) to reach the repository, first {}",
+                missing.len(),
+                missing[0]
+            );
+            reported = true;
+        }
+        tokio::time::sleep(pause.min(limit.saturating_sub(began.elapsed()))).await;
+        pause = (pause * 2).min(WAL_POLL_MAX);
     }
 }
 
