@@ -242,9 +242,12 @@ pub enum DecodeError {
 
 /// Decompresses `compressed` into `out`, streaming, and checks the SHA-256 of what was written
 /// against `expected_sha256_hex`. Decoding and writing run on this thread while another hashes
-/// the blocks already written, through a pool of three block buffers (inputs under 256 KiB are
-/// done on this thread alone). On error `out` may hold a
-/// prefix: write to a temporary file.
+/// the blocks already written (inputs under 256 KiB are done on this thread alone). Frames as
+/// [`append_frame`] writes them are decoded straight into a pool of three block buffers, which
+/// then go to the hashing thread, so each plain byte is written once by lz4 and never copied;
+/// stored blocks are written and hashed where they lie in `compressed`. Any other lz4 frame
+/// goes through lz4_flex's frame decoder and one copy. On error `out` may hold a prefix: write
+/// to a temporary file.
 ///
 /// # Errors
 /// Corrupt lz4 data, a checksum mismatch, or a failing writer.
@@ -261,7 +264,7 @@ pub fn decompress_verified(
         })?;
         return check(hasher, expected_sha256_hex).map(|()| written);
     }
-    let (block_tx, block_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+    let (block_tx, block_rx) = std::sync::mpsc::sync_channel::<Block>(2);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..3 {
         free_tx.send(Vec::new()).expect("receiver alive");
@@ -270,25 +273,93 @@ pub fn decompress_verified(
         let hashing = s.spawn(move || {
             let mut hasher = Sha256::new();
             for block in block_rx {
-                hasher.update(&block);
-                let _ = free_tx.send(block);
+                match block {
+                    Block::Pooled(buf, n) => {
+                        hasher.update(&buf[..n]);
+                        let _ = free_tx.send(buf);
+                    }
+                    Block::Borrowed(b) => hasher.update(b),
+                }
             }
             hasher
         });
-        let written = decode_frames(compressed, |block| {
-            out.write_all(block).map_err(DecodeError::Write)?;
-            let mut buf = free_rx.recv().expect("the hashing thread returns buffers");
-            buf.clear();
-            buf.extend_from_slice(block);
-            block_tx.send(buf).expect("the hashing thread runs");
-            Ok(())
-        });
+        let mut written = 0u64;
+        let mut rest = compressed;
+        let decoded = loop {
+            let Some((frame, tail)) = split_own_frame(rest) else {
+                break decode_frames(rest, |plain| {
+                    let mut buf = free_rx.recv().expect("the hashing thread returns buffers");
+                    buf.clear();
+                    buf.extend_from_slice(plain);
+                    let n = buf.len();
+                    emit(out, &block_tx, Block::Pooled(buf, n))
+                })
+                .map(|n| written + n);
+            };
+            rest = tail;
+            let block = match frame {
+                OwnFrame::Empty => continue,
+                OwnFrame::Stored(plain) => Block::Borrowed(plain),
+                OwnFrame::Compressed { block, max_plain } => {
+                    let mut buf = free_rx.recv().expect("the hashing thread returns buffers");
+                    if buf.len() < max_plain {
+                        buf.resize(max_plain, 0);
+                    }
+                    match lz4_flex::block::decompress_into(block, &mut buf) {
+                        Ok(n) => Block::Pooled(buf, n),
+                        Err(e) => break Err(invalid_lz4(e.to_string())),
+                    }
+                }
+            };
+            written += block.bytes().len() as u64;
+            if let Err(e) = emit(out, &block_tx, block) {
+                break Err(e);
+            }
+            if rest.is_empty() {
+                break Ok(written);
+            }
+        };
         drop(block_tx);
         let actual = hashing.join().expect("hashing thread");
-        (written, actual)
+        (decoded, actual)
     });
     let written = written?;
     check(actual, expected_sha256_hex).map(|()| written)
+}
+
+/// Writes `block` to `out`, then hands it to the hashing thread.
+fn emit<'a>(
+    out: &mut impl Write,
+    hashing: &std::sync::mpsc::SyncSender<Block<'a>>,
+    block: Block<'a>,
+) -> Result<(), DecodeError> {
+    out.write_all(block.bytes()).map_err(DecodeError::Write)?;
+    hashing.send(block).expect("the hashing thread runs");
+    Ok(())
+}
+
+/// Plain bytes on their way to the hashing thread of [`decompress_verified`].
+enum Block<'a> {
+    /// A pool buffer holding that many plain bytes.
+    Pooled(Vec<u8>, usize),
+    /// A stored block, in the compressed input.
+    Borrowed(&'a [u8]),
+}
+
+impl Block<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Block::Pooled(buf, n) => &buf[..*n],
+            Block::Borrowed(b) => b,
+        }
+    }
+}
+
+fn invalid_lz4(message: String) -> DecodeError {
+    DecodeError::Lz4(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        message,
+    ))
 }
 
 /// Decodes `compressed` (lz4 frames holding exactly `out.len()` plain bytes) into `out` and
@@ -304,20 +375,20 @@ pub fn decode_chunk_verified(
     expected_sha256_hex: &str,
     out: &mut [u8],
 ) -> Result<(), DecodeError> {
-    let invalid =
-        |m: String| DecodeError::Lz4(std::io::Error::new(std::io::ErrorKind::InvalidData, m));
-    let n = match single_block(compressed) {
-        Some((word, block)) if word & UNCOMPRESSED_BLOCK != 0 => {
+    let invalid = invalid_lz4;
+    let n = match split_own_frame(compressed) {
+        Some((OwnFrame::Empty, [])) => 0,
+        Some((OwnFrame::Stored(block), [])) => {
             let dst = out
                 .get_mut(..block.len())
                 .ok_or_else(|| invalid("more plain bytes than expected".into()))?;
             dst.copy_from_slice(block);
             block.len()
         }
-        Some((_, block)) => {
+        Some((OwnFrame::Compressed { block, .. }, [])) => {
             lz4_flex::block::decompress_into(block, out).map_err(|e| invalid(e.to_string()))?
         }
-        None => {
+        _ => {
             let mut at = 0;
             decode_frames(compressed, |block| {
                 let dst = out
@@ -336,18 +407,40 @@ pub fn decode_chunk_verified(
     check(Sha256::new_with_prefix(&out[..]), expected_sha256_hex)
 }
 
-/// The size word and the block of a frame laid out as [`append_frame`] writes it: a header
-/// of ours, at most one block, the end mark, nothing after.
-fn single_block(frame: &[u8]) -> Option<(u32, &[u8])> {
-    let header = FRAME_HEADERS.iter().find(|h| frame.starts_with(&h[..]))?;
-    let rest = &frame[header.len()..];
-    if rest == [0; 4] {
-        return Some((UNCOMPRESSED_BLOCK, &[]));
-    }
+/// One frame as [`append_frame`] writes it.
+enum OwnFrame<'a> {
+    /// No block: empty input.
+    Empty,
+    /// A block stored as plain bytes.
+    Stored(&'a [u8]),
+    /// An lz4 block of at most `max_plain` plain bytes (the header's block size).
+    Compressed { block: &'a [u8], max_plain: usize },
+}
+
+/// The first frame of `data` and what follows it, if that frame is laid out as
+/// [`append_frame`] writes it: a header of ours, at most one block, the end mark. `None` for
+/// any other frame (lz4 checksums, linked blocks, several blocks, a truncated one).
+fn split_own_frame(data: &[u8]) -> Option<(OwnFrame<'_>, &[u8])> {
+    let i = FRAME_HEADERS
+        .iter()
+        .position(|h| data.starts_with(&h[..]))?;
+    let max_plain = if i == 0 { PART_SIZE } else { MAX_FRAME_PLAIN };
+    let rest = &data[FRAME_HEADERS[i].len()..];
     let word = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    if word == 0 {
+        return Some((OwnFrame::Empty, &rest[4..]));
+    }
     let len = (word & !UNCOMPRESSED_BLOCK) as usize;
     let block = rest.get(4..4 + len)?;
-    (rest.get(4 + len..)? == [0; 4]).then_some((word, block))
+    if len > max_plain || rest.get(4 + len..8 + len)? != [0; 4] {
+        return None;
+    }
+    let frame = if word & UNCOMPRESSED_BLOCK != 0 {
+        OwnFrame::Stored(block)
+    } else {
+        OwnFrame::Compressed { block, max_plain }
+    };
+    Some((frame, &rest[8 + len..]))
 }
 
 fn check(hasher: Sha256, expected_sha256_hex: &str) -> Result<(), DecodeError> {
@@ -532,6 +625,60 @@ mod tests {
                 .unwrap();
         }
         assert!(plain == noise);
+    }
+
+    #[test]
+    fn whole_objects_decode_from_our_frames_stored_blocks_and_any_other_frames() {
+        let compressible = pseudo_random(PART_SIZE);
+        let incompressible = xorshift(0x9E37_79B9_7F4A_7C15, PART_SIZE);
+        let standard = |plain: &[u8]| {
+            let mut e = lz4_flex::frame::FrameEncoder::new(Vec::new());
+            e.write_all(plain).unwrap();
+            e.finish().unwrap()
+        };
+        let ours = |plain: &[u8]| {
+            let mut out = Vec::new();
+            append_frame(plain, &mut Vec::new(), &mut out);
+            out
+        };
+        // (plain parts, how each is framed): ours compressed, ours stored, an empty frame of
+        // ours, lz4_flex's own frames (linked blocks, content checksum), and a mix where the
+        // standard frames come after ours.
+        let cases: Vec<Vec<(&[u8], bool)>> = vec![
+            vec![
+                (&compressible, true),
+                (&incompressible, true),
+                (&compressible, true),
+            ],
+            vec![
+                (&incompressible, true),
+                (b"", true),
+                (&compressible[..1000], true),
+            ],
+            vec![(&compressible, false), (&incompressible, false)],
+            vec![
+                (&compressible, true),
+                (&incompressible, false),
+                (&compressible, false),
+            ],
+        ];
+        for parts in cases {
+            let (mut plain, mut object) = (Vec::new(), Vec::new());
+            for (part, own) in &parts {
+                plain.extend_from_slice(part);
+                object.extend(if *own { ours(part) } else { standard(part) });
+            }
+            let sha = hex::encode(Sha256::digest(&plain));
+            let mut out = Vec::new();
+            let n = decompress_verified(&object, &sha, &mut out).unwrap();
+            assert_eq!(n, plain.len() as u64);
+            assert!(out == plain);
+            let wrong = hex::encode(Sha256::digest(b"other"));
+            assert!(matches!(
+                decompress_verified(&object, &wrong, &mut Vec::new()),
+                Err(DecodeError::Checksum { .. })
+            ));
+        }
     }
 
     #[test]
