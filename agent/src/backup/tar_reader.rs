@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use super::chunk_workers::{ChunkWorkers, Hashed, Tag};
 use super::pack::{PackError, PackStats, Packer};
 use super::CHUNK_SIZE;
-use crate::repo::codec;
 use crate::repo::manifest::{ChunkRef, FileEntry, FileKind};
 
 /// One message of the archive stream, in server order.
@@ -319,7 +318,7 @@ impl Store {
         let mut size = 0u64;
         loop {
             let mut buf = self.buffer()?;
-            let n = codec::read_full(entry, &mut buf).map_err(StoreError::Read)?;
+            let n = read_full(entry, &mut buf).map_err(StoreError::Read)?;
             if n == 0 {
                 self.free.push(buf);
                 break;
@@ -404,11 +403,61 @@ impl Store {
     }
 }
 
+/// Reads until `buf` is full or `input` ends, retrying interrupted reads; returns the bytes
+/// read (less than `buf.len()` only at the end of `input`).
+///
+/// # Errors
+/// The first failing read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::pack::ChunkSet;
     use super::*;
     use std::sync::Arc;
+
+    /// A reader handing out at most `step` bytes per call, as a tar entry over the network may.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn short_reads_fill_whole_buffers() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut input = Trickle {
+            data: &data,
+            step: 333,
+        };
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(read_full(&mut input, &mut buf).unwrap(), 4096);
+        assert_eq!(buf[..], data[..4096]);
+        assert_eq!(read_full(&mut input, &mut buf).unwrap(), 4096);
+        assert_eq!(buf[..], data[4096..8192]);
+        assert_eq!(read_full(&mut input, &mut buf).unwrap(), 10_000 - 8192);
+        assert_eq!(buf[..10_000 - 8192], data[8192..]);
+        assert_eq!(read_full(&mut input, &mut buf).unwrap(), 0);
+    }
 
     #[test]
     fn member_paths_are_sanitised() {

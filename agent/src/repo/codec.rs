@@ -2,7 +2,7 @@
 //! it) with the SHA-256 of the plain bytes kept beside it. Large inputs are cut into parts that are
 //! compressed in parallel, each as its own frame; concatenated frames are valid lz4.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -46,126 +46,58 @@ impl Compressed {
     }
 }
 
-/// Compresses and hashes `plain` (see [`compress_reader`]).
+/// Compresses and hashes `plain`: parts of 1 MiB, each compressed as its own frame by worker
+/// threads (one per core, at most 4), while this thread computes the SHA-256 of the whole.
+///
+/// Reads `plain` where it lies (for a WAL file, a read-only mapping of the page cache), so no
+/// plain byte is copied. Each worker keeps one scratch buffer for its compressed block; beyond
+/// that only the compressed output is allocated.
 pub fn compress(plain: &[u8]) -> Compressed {
-    compress_reader(plain).expect("reading from a slice cannot fail")
-}
-
-/// Reads `input` to its end in parts of 1 MiB, hashing each part on this thread while worker
-/// threads (one per core, at most 4) compress earlier parts.
-///
-/// Memory is bounded per call whatever the input size: the part buffers are a pool of
-/// `workers + 1` MiB, reused (so their pages are faulted in once), and each worker keeps one
-/// scratch buffer for its compressed block; beyond that only the compressed output is held.
-///
-/// # Errors
-/// A failing read.
-pub fn compress_reader(mut input: impl Read) -> std::io::Result<Compressed> {
+    let parts: Vec<&[u8]> = if plain.is_empty() {
+        vec![plain]
+    } else {
+        plain.chunks(PART_SIZE).collect()
+    };
+    // This thread hashes, which takes longest: leave it a core of its own.
     let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
+        .map(|n| n.get().saturating_sub(1))
         .unwrap_or(1)
-        .clamp(1, 4);
-    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(usize, Part)>(workers);
-    let job_rx = std::sync::Mutex::new(job_rx);
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Bytes)>();
-    let (free_tx, free_rx) = std::sync::mpsc::channel::<Part>();
-    for _ in 0..=workers {
-        free_tx.send(Part::new()).expect("receiver alive");
-    }
-    let mut hasher = Sha256::new();
-    let mut plain_len = 0u64;
-    let mut parts = 0usize;
-    std::thread::scope(|s| -> std::io::Result<()> {
-        for _ in 0..workers {
-            let (job_rx, done_tx, free_tx) = (&job_rx, done_tx.clone(), free_tx.clone());
-            s.spawn(move || {
-                let mut scratch = Vec::new();
-                loop {
-                    let job = job_rx.lock().expect("job queue").recv();
-                    let Ok((index, part)) = job else { break };
-                    let frame = compress_frame(part.bytes(), &mut scratch);
-                    let _ = done_tx.send((index, Bytes::from(frame)));
-                    let _ = free_tx.send(part);
-                }
-            });
+        .clamp(1, 4)
+        .min(parts.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let compress_parts = || {
+        let mut scratch = Vec::new();
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(part) = parts.get(i) else {
+                return done;
+            };
+            done.push((i, Bytes::from(compress_frame(part, &mut scratch))));
         }
-        let result = (|| loop {
-            let mut part = free_rx.recv().expect("workers alive");
-            part.fill_from(&mut input)?;
-            if part.bytes().is_empty() && parts > 0 {
-                return Ok(());
-            }
-            hasher.update(part.bytes());
-            plain_len += part.bytes().len() as u64;
-            let last = part.bytes().len() < PART_SIZE;
-            job_tx.send((parts, part)).expect("workers alive");
-            parts += 1;
-            if last {
-                return Ok(());
-            }
-        })();
-        drop(job_tx);
-        result
-    })?;
-    drop(done_tx);
-    let mut frames: Vec<Option<Bytes>> = vec![None; parts];
-    for (index, frame) in done_rx {
-        frames[index] = Some(frame);
+    };
+    let (sha256, compressed): ([u8; 32], Vec<(usize, Bytes)>) = if parts.len() == 1 {
+        (Sha256::digest(plain).into(), compress_parts())
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers).map(|_| s.spawn(compress_parts)).collect();
+            let sha256 = Sha256::digest(plain).into();
+            let compressed = handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("compression worker"))
+                .collect();
+            (sha256, compressed)
+        })
+    };
+    let mut frames = vec![Bytes::new(); parts.len()];
+    for (i, frame) in compressed {
+        frames[i] = frame;
     }
-    let frames = frames
-        .into_iter()
-        .map(|f| f.expect("every part compressed"))
-        .collect();
-    Ok(Compressed {
+    Compressed {
         frames,
-        sha256: hasher.finalize().into(),
-        plain_len,
-    })
-}
-
-/// One part's buffer: [`PART_SIZE`] bytes, zeroed once when allocated (fresh pages, so no
-/// writes) and then only overwritten. Reading into it directly avoids `read_to_end`, which zeroes
-/// the spare capacity it reads into on every call: 16 MiB of `memset` per WAL segment.
-struct Part {
-    buf: Vec<u8>,
-    len: usize,
-}
-
-impl Part {
-    fn new() -> Part {
-        Part {
-            buf: vec![0; PART_SIZE],
-            len: 0,
-        }
+        sha256,
+        plain_len: plain.len() as u64,
     }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-
-    /// Reads until the buffer is full or `input` ends.
-    fn fill_from(&mut self, input: &mut impl Read) -> std::io::Result<()> {
-        self.len = read_full(input, &mut self.buf)?;
-        Ok(())
-    }
-}
-
-/// Reads until `buf` is full or `input` ends, retrying interrupted reads; returns the bytes
-/// read (less than `buf.len()` only at the end of `input`).
-///
-/// # Errors
-/// The first failing read.
-pub(crate) fn read_full(input: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match input.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// The largest plain input of one frame: one block of the lz4 frame format's largest size.
@@ -204,7 +136,9 @@ pub fn append_frame(plain: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
     assert!(plain.len() <= MAX_FRAME_PLAIN, "one frame holds one block");
     let max = lz4_flex::block::get_maximum_output_size(plain.len());
     if scratch.len() < max {
-        scratch.resize(max, 0);
+        // Zeroed by the allocator (fresh pages for this size, left untouched), not by a fill:
+        // only the pages the compressed block reaches are ever faulted in.
+        *scratch = vec![0; max];
     }
     let compressed = lz4_flex::block::compress_into(plain, scratch)
         .expect("the output buffer has the maximum compressed size");
@@ -303,7 +237,7 @@ pub fn decompress_verified(
                 OwnFrame::Compressed { block, max_plain } => {
                     let mut buf = free_rx.recv().expect("the hashing thread returns buffers");
                     if buf.len() < max_plain {
-                        buf.resize(max_plain, 0);
+                        buf = vec![0; max_plain];
                     }
                     match lz4_flex::block::decompress_into(block, &mut buf) {
                         Ok(n) => Block::Pooled(buf, n),
@@ -489,6 +423,7 @@ fn decode_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     /// `len` bytes of a xorshift64 sequence from `seed`: incompressible.
     fn xorshift(seed: u64, len: usize) -> Vec<u8> {
@@ -563,36 +498,6 @@ mod tests {
             );
             assert!(out == plain, "round trip of {len} bytes");
         }
-    }
-
-    /// A reader handing out at most `step` bytes per call, as a pipe or a network stream may.
-    struct Trickle<'a> {
-        data: &'a [u8],
-        step: usize,
-    }
-
-    impl Read for Trickle<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = self.step.min(buf.len()).min(self.data.len());
-            buf[..n].copy_from_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn short_reads_fill_whole_parts() {
-        let plain = pseudo_random(2 * PART_SIZE + 5);
-        let whole = compress(&plain);
-        let trickled = compress_reader(Trickle {
-            data: &plain,
-            step: 4093,
-        })
-        .unwrap();
-        assert_eq!(trickled.frames.len(), 3);
-        assert_eq!(trickled.frames, whole.frames);
-        assert_eq!(trickled.sha256, whole.sha256);
-        assert_eq!(trickled.plain_len, plain.len() as u64);
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! Archiving and Point-in-Time Recovery", 26.3.1) is enforced here: the same name with the same
 //! content is a success, with different content an error that leaves the archived copy untouched.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
-use super::codec::{self, Compressed};
+use super::codec;
 use super::layout;
 use super::{restore_points, RepoError};
 use crate::pg::{RestorePointScanner, WalFileName};
@@ -89,14 +89,14 @@ pub async fn push(
     let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
     let (compressed, points) = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&source).map_err(|e| RepoError::io(&source, e))?;
-        let mut reader = ScanningReader {
-            inner: file,
-            scanner: holds_records.then(RestorePointScanner::new),
-        };
-        let compressed: Compressed =
-            codec::compress_reader(&mut reader).map_err(|e| RepoError::io(&source, e))?;
-        let points = reader.scanner.map(RestorePointScanner::finish);
-        Ok::<_, RepoError>((compressed, points.unwrap_or_default()))
+        let map = map_file(&file).map_err(|e| RepoError::io(&source, e))?;
+        let plain = map.as_deref().unwrap_or_default();
+        let points = holds_records.then(|| {
+            let mut scanner = RestorePointScanner::new();
+            scanner.feed(plain);
+            scanner.finish()
+        });
+        Ok::<_, RepoError>((codec::compress(plain), points.unwrap_or_default()))
     })
     .await
     .expect("compression task")?;
@@ -135,20 +135,23 @@ pub async fn push(
     Ok(PushOutcome::Stored)
 }
 
-/// A reader that shows every byte it reads to a restore point scanner.
-struct ScanningReader<R> {
-    inner: R,
-    scanner: Option<RestorePointScanner>,
-}
-
-impl<R: Read> Read for ScanningReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(s) = &mut self.scanner {
-            s.feed(&buf[..n]);
-        }
-        Ok(n)
+/// `file` mapped read-only, with its page table filled at once (`MAP_POPULATE`), or `None`
+/// when it is empty (an empty mapping is an error). Mapped rather than read: a segment is
+/// then hashed and compressed straight from the page cache, with no copy and no 16 MiB of
+/// fresh memory per call, which a virtual machine makes slow to fault in.
+///
+/// # Errors
+/// `fstat` or `mmap` failing.
+fn map_file(file: &std::fs::File) -> std::io::Result<Option<memmap2::Mmap>> {
+    if file.metadata()?.len() == 0 {
+        return Ok(None);
     }
+    // SAFETY: a mapping is undefined behaviour only if the file changes while mapped.
+    // PostgreSQL does not write, truncate or recycle a WAL file while archive_command runs on
+    // it (pgarch.c archives only completed files: segments, .partial, .history, .backup), so
+    // the mapping stays what was read; it is dropped before this push returns.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(file)? };
+    Ok(Some(map))
 }
 
 fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, RepoError> {
@@ -306,5 +309,30 @@ mod tests {
             PushOutcome::AlreadyArchived
         );
         assert_eq!(indexed_names().await, ["first"]);
+    }
+
+    #[tokio::test]
+    async fn files_of_any_size_come_back_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("repo"));
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        let sizes = [0, 1, 8192, 3 * 1024 * 1024 + 5];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let name: WalFileName = format!("00000001000000000000000{i}.partial")
+                .parse()
+                .unwrap();
+            let plain: Vec<u8> = (0..size).map(|b| (b * 7 % 251) as u8).collect();
+            let file = dir.path().join(name.to_string());
+            std::fs::write(&file, &plain).unwrap();
+            assert_eq!(
+                push(&storage, name, &file).await.unwrap(),
+                PushOutcome::Stored
+            );
+            let found = find(&storage, name).await.unwrap();
+            let dest = dir.path().join("restored");
+            let n = fetch_to(&storage, &found[0], &dest).await.unwrap();
+            assert_eq!(n, size as u64);
+            assert!(std::fs::read(&dest).unwrap() == plain, "{size} bytes");
+        }
     }
 }
