@@ -177,7 +177,7 @@ pub enum DecodeError {
 /// Decompresses `compressed` into `out`, streaming, and checks the SHA-256 of what was written
 /// against `expected_sha256_hex`. Decoding and writing run on this thread while another hashes
 /// the blocks already written (inputs under 256 KiB are done on this thread alone). Frames as
-/// [`append_frame`] writes them are decoded straight into a pool of three block buffers, which
+/// [`append_frame`] writes them are decoded straight into a pool of two block buffers, which
 /// then go to the hashing thread, so each plain byte is written once by lz4 and never copied;
 /// stored blocks are written and hashed where they lie in `compressed`. Any other lz4 frame
 /// goes through lz4_flex's frame decoder and one copy. On error `out` may hold a prefix: write
@@ -200,7 +200,7 @@ pub fn decompress_verified(
     }
     let (block_tx, block_rx) = std::sync::mpsc::sync_channel::<Block>(2);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..3 {
+    for _ in 0..2 {
         free_tx.send(Vec::new()).expect("receiver alive");
     }
     let (written, actual) = std::thread::scope(|s| {
