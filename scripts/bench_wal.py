@@ -50,6 +50,15 @@ def recovery_call(pgdata, cmd, env):
     return timed(cmd, env, pgdata)
 
 
+def restore_checked(pgdata, cmd, env, wal, name):
+    """recovery_call, then a check that pg_wal/RECOVERYXLOG holds the segment byte for byte
+    (outside the timing)."""
+    result = recovery_call(pgdata, cmd, env)
+    with open(f"{pgdata}/pg_wal/RECOVERYXLOG", "rb") as got, open(f"{wal}/{name}", "rb") as want:
+        assert got.read() == want.read(), f"{cmd[0]} restored {name} wrong"
+    return result
+
+
 def archiver_call(pgdata, name, cmd, env):
     """One archive_command call as the archiver makes it: after a success, PostgreSQL renames
     pg_wal/archive_status/<name>.ready to .done (pgarch_archiveDone in pgarch.c), so the next
@@ -220,10 +229,9 @@ def main():
         out = tempfile.mkdtemp(dir=root)
         os.makedirs(f"{out}/pg_wal")
         settle()
-        t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
+        t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
+                     for n in names])
         record("pgpitr-restore, one segment per call", t, r)
-        for n in names[:4]:
-            assert open(f"{out}/pg_wal/{n}", "rb").read() == open(f"{wal}/{n}", "rb").read()
 
         # --- pgpitr with batching / prefetch, called as PostgreSQL calls it ---
         repo = f"{root}/pgpitr-repo-b{rnd}"
@@ -261,7 +269,8 @@ def main():
             out = tempfile.mkdtemp(dir=root)
             os.makedirs(f"{out}/pg_wal")
             settle()
-            t, r = zip(*[timed([f"{TARGET}/pgpitr-restore", n, f"pg_wal/{n}"], env, out) for n in names])
+            t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
+                         for n in names])
             record("pgpitr-restore from S3 (Garage), one segment per call", t, r)
 
         # --- pgBackRest 2.45, lz4, synchronous ---
@@ -279,9 +288,11 @@ def main():
         t, r = zip(*[timed(as_pg(base + ["archive-push", f"{wal}/{n}"])) for n in names])
         record("pgBackRest archive-push (lz4)", t, r)
         out = tempfile.mkdtemp(dir=root)
-        run(["chown", "postgres", out]) if os.geteuid() == 0 else None
+        os.makedirs(f"{out}/pg_wal")
+        run(["chown", "-R", "postgres", out]) if os.geteuid() == 0 else None
         settle()
-        t, r = zip(*[timed(as_pg(base + ["archive-get", n, f"{out}/{n}"])) for n in names])
+        t, r = zip(*[restore_checked(out, as_pg(base + ["archive-get", n, f"{out}/pg_wal/RECOVERYXLOG"]), None, wal, n)
+                     for n in names])
         record("pgBackRest archive-get", t, r)
 
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-m", "immediate", "stop"]))

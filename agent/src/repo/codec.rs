@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 /// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
 /// the parts in flight stay a few MiB, large enough that the frame overhead is negligible.
-const PART_SIZE: usize = 1024 * 1024;
+pub const PART_SIZE: usize = 1024 * 1024;
 /// Compressed inputs from this size on are decoded and hashed on two threads.
 const PIPELINE_MIN: usize = 256 * 1024;
 
@@ -46,57 +46,108 @@ impl Compressed {
     }
 }
 
-/// Compresses and hashes `plain`: parts of 1 MiB, each compressed as its own frame by worker
-/// threads (one per core, at most 4), while this thread computes the SHA-256 of the whole.
-///
-/// Reads `plain` where it lies (for a WAL file, a read-only mapping of the page cache), so no
-/// plain byte is copied. Each worker keeps one scratch buffer for its compressed block; beyond
-/// that only the compressed output is allocated.
+/// Compresses and hashes `plain` in one go (see [`Compressor`]).
 pub fn compress(plain: &[u8]) -> Compressed {
-    let parts: Vec<&[u8]> = if plain.is_empty() {
-        vec![plain]
-    } else {
-        plain.chunks(PART_SIZE).collect()
-    };
-    // This thread hashes, which takes longest: leave it a core of its own.
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get().saturating_sub(1))
-        .unwrap_or(1)
-        .clamp(1, 4)
-        .min(parts.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let compress_parts = || {
-        let mut scratch = Vec::new();
-        let mut done = Vec::new();
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(part) = parts.get(i) else {
-                return done;
-            };
-            done.push((i, Bytes::from(compress_frame(part, &mut scratch))));
+    let mut c = Compressor::new();
+    c.update(plain);
+    c.finish()
+}
+
+/// Compresses and hashes a file given piece by piece (for a WAL file, windows of a read-only
+/// mapping of the page cache, so no plain byte is copied and only one window is mapped at a
+/// time). Each piece is cut into parts of 1 MiB, each compressed as its own frame by worker
+/// threads (one per core but one, at most 4), while the calling thread computes the SHA-256.
+/// Every piece but the last must be a whole number of parts.
+///
+/// Each worker keeps one scratch buffer for its compressed block; beyond that only the
+/// compressed output is allocated.
+pub struct Compressor {
+    hasher: Sha256,
+    frames: Vec<Bytes>,
+    plain_len: u64,
+    workers: usize,
+}
+
+impl Compressor {
+    pub fn new() -> Self {
+        // The calling thread hashes, which takes longest: leave it a core of its own.
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1))
+            .unwrap_or(1)
+            .clamp(1, 4);
+        Compressor {
+            hasher: Sha256::new(),
+            frames: Vec::new(),
+            plain_len: 0,
+            workers,
         }
-    };
-    let (sha256, compressed): ([u8; 32], Vec<(usize, Bytes)>) = if parts.len() == 1 {
-        (Sha256::digest(plain).into(), compress_parts())
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers).map(|_| s.spawn(compress_parts)).collect();
-            let sha256 = Sha256::digest(plain).into();
-            let compressed = handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("compression worker"))
-                .collect();
-            (sha256, compressed)
-        })
-    };
-    let mut frames = vec![Bytes::new(); parts.len()];
-    for (i, frame) in compressed {
-        frames[i] = frame;
     }
-    Compressed {
-        frames,
-        sha256,
-        plain_len: plain.len() as u64,
+
+    /// Compresses and hashes the next `plain` bytes.
+    ///
+    /// # Panics
+    /// When an earlier piece was not a whole number of parts.
+    pub fn update(&mut self, plain: &[u8]) {
+        assert!(
+            self.plain_len % PART_SIZE as u64 == 0,
+            "only the last piece may end inside a part"
+        );
+        let parts: Vec<&[u8]> = if plain.is_empty() {
+            if self.plain_len > 0 {
+                return;
+            }
+            vec![plain]
+        } else {
+            plain.chunks(PART_SIZE).collect()
+        };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let compress_parts = || {
+            let mut scratch = Vec::new();
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(part) = parts.get(i) else {
+                    return done;
+                };
+                done.push((i, Bytes::from(compress_frame(part, &mut scratch))));
+            }
+        };
+        let compressed: Vec<(usize, Bytes)> = if parts.len() == 1 {
+            self.hasher.update(plain);
+            compress_parts()
+        } else {
+            let hasher = &mut self.hasher;
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..self.workers.min(parts.len()))
+                    .map(|_| s.spawn(compress_parts))
+                    .collect();
+                hasher.update(plain);
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("compression worker"))
+                    .collect()
+            })
+        };
+        let first = self.frames.len();
+        self.frames.resize(first + parts.len(), Bytes::new());
+        for (i, frame) in compressed {
+            self.frames[first + i] = frame;
+        }
+        self.plain_len += plain.len() as u64;
+    }
+
+    pub fn finish(self) -> Compressed {
+        Compressed {
+            frames: self.frames,
+            sha256: self.hasher.finalize().into(),
+            plain_len: self.plain_len,
+        }
+    }
+}
+
+impl Default for Compressor {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -583,6 +634,22 @@ mod tests {
                 decompress_verified(&object, &wrong, &mut Vec::new()),
                 Err(DecodeError::Checksum { .. })
             ));
+        }
+    }
+
+    #[test]
+    fn pieces_compress_to_the_same_object_as_the_whole() {
+        let plain = pseudo_random(5 * PART_SIZE + 123);
+        let whole = compress(&plain);
+        for piece in [PART_SIZE, 2 * PART_SIZE, 4 * PART_SIZE] {
+            let mut c = Compressor::new();
+            for p in plain.chunks(piece) {
+                c.update(p);
+            }
+            let pieces = c.finish();
+            assert_eq!(pieces.frames, whole.frames, "pieces of {piece}");
+            assert_eq!(pieces.sha256, whole.sha256);
+            assert_eq!(pieces.plain_len, plain.len() as u64);
         }
     }
 

@@ -89,14 +89,28 @@ pub async fn push(
     let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
     let (compressed, points) = tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&source).map_err(|e| RepoError::io(&source, e))?;
-        let map = map_file(&file).map_err(|e| RepoError::io(&source, e))?;
-        let plain = map.as_deref().unwrap_or_default();
-        let points = holds_records.then(|| {
-            let mut scanner = RestorePointScanner::new();
-            scanner.feed(plain);
-            scanner.finish()
-        });
-        Ok::<_, RepoError>((codec::compress(plain), points.unwrap_or_default()))
+        let len = file
+            .metadata()
+            .map_err(|e| RepoError::io(&source, e))?
+            .len();
+        let mut scanner = holds_records.then(RestorePointScanner::new);
+        let mut compressor = codec::Compressor::new();
+        let mut offset = 0;
+        loop {
+            let window = MAP_WINDOW.min(len - offset);
+            let map = map_window(&file, offset, window).map_err(|e| RepoError::io(&source, e))?;
+            let plain = map.as_deref().unwrap_or_default();
+            if let Some(s) = &mut scanner {
+                s.feed(plain);
+            }
+            compressor.update(plain);
+            offset += window;
+            if offset >= len {
+                break;
+            }
+        }
+        let points = scanner.map(RestorePointScanner::finish).unwrap_or_default();
+        Ok::<_, RepoError>((compressor.finish(), points))
     })
     .await
     .expect("compression task")?;
@@ -135,22 +149,36 @@ pub async fn push(
     Ok(PushOutcome::Stored)
 }
 
-/// `file` mapped read-only, with its page table filled at once (`MAP_POPULATE`), or `None`
-/// when it is empty (an empty mapping is an error). Mapped rather than read: a segment is
-/// then hashed and compressed straight from the page cache, with no copy and no 16 MiB of
-/// fresh memory per call, which a virtual machine makes slow to fault in.
+/// How much of a file [`push`] maps at a time: a few parts, so that a push's resident memory
+/// stays small (mapped pages count in it) while the threads stay busy.
+const MAP_WINDOW: u64 = 4 * codec::PART_SIZE as u64;
+
+/// `len` bytes of `file` from `offset`, mapped read-only with the page table filled at once
+/// (`MAP_POPULATE`), or `None` for no bytes (an empty mapping is an error). Mapped rather
+/// than read: a segment is then hashed and compressed straight from the page cache, with no
+/// copy and no fresh memory to fault in, which is slow on a virtual machine.
 ///
 /// # Errors
-/// `fstat` or `mmap` failing.
-fn map_file(file: &std::fs::File) -> std::io::Result<Option<memmap2::Mmap>> {
-    if file.metadata()?.len() == 0 {
+/// `mmap` failing.
+fn map_window(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<Option<memmap2::Mmap>> {
+    if len == 0 {
         return Ok(None);
     }
     // SAFETY: a mapping is undefined behaviour only if the file changes while mapped.
     // PostgreSQL does not write, truncate or recycle a WAL file while archive_command runs on
-    // it (pgarch.c archives only completed files: segments, .partial, .history, .backup), so
-    // the mapping stays what was read; it is dropped before this push returns.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(file)? };
+    // it (pgarch.c archives only completed files: segments, .partial, .history, .backup), and
+    // each window is unmapped before the next is mapped.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(offset)
+            .len(len as usize)
+            .populate()
+            .map(file)?
+    };
     Ok(Some(map))
 }
 
