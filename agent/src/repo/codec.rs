@@ -89,7 +89,7 @@ impl Compressor {
     /// When an earlier piece was not a whole number of parts.
     pub fn update(&mut self, plain: &[u8]) {
         assert!(
-            self.plain_len % PART_SIZE as u64 == 0,
+            self.plain_len.is_multiple_of(PART_SIZE as u64),
             "only the last piece may end inside a part"
         );
         let parts: Vec<&[u8]> = if plain.is_empty() {
