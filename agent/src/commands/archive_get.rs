@@ -107,12 +107,7 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
             refill_after: low.then_some(segment),
         });
     }
-    let (storage, _) = open(config).await?;
-    let listing = wal::list(storage.as_ref(), &layout::wal_dir(name)).await?;
-    let Some(found) = wal::pick(&listing, name)? else {
-        return Err(FetchError::NotFound(name));
-    };
-    wal::fetch_to(storage.as_ref(), found, dest).await?;
+    fetch_direct(config, name, dest).await?;
     Ok(Restored {
         source: Source::Repository,
         refill_after: (config.restore_prefetch > 0).then_some(segment),

@@ -56,7 +56,8 @@ pub fn compress(plain: &[u8]) -> Compressed {
 /// Compresses and hashes a file given piece by piece (for a WAL file, windows of a read-only
 /// mapping of the page cache, so no plain byte is copied and only one window is mapped at a
 /// time). Each piece is cut into parts of 1 MiB, each compressed as its own frame by worker
-/// threads (one per core but one, at most 4), while the calling thread computes the SHA-256.
+/// threads (one per core but one, at most 4), while the calling thread computes the SHA-256
+/// and then compresses parts too.
 /// Every piece but the last must be a whole number of parts.
 ///
 /// Each worker keeps one scratch buffer for its compressed block; beyond that only the
@@ -122,10 +123,13 @@ impl Compressor {
                     .map(|_| s.spawn(compress_parts))
                     .collect();
                 hasher.update(plain);
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("compression worker"))
-                    .collect()
+                // Then help with the parts left: on poorly compressible WAL (full-page images),
+                // lz4 takes longer than SHA-256.
+                let mut done = compress_parts();
+                for h in handles {
+                    done.extend(h.join().expect("compression worker"));
+                }
+                done
             })
         };
         let first = self.frames.len();
