@@ -167,13 +167,13 @@ fn unique() -> u64 {
 /// Objects from this size on are mapped rather than read (see [`read_or_map`]).
 const MAP_MIN: u64 = 256 * 1024;
 
-/// The contents of `path`: read into memory when small, else mapped read-only with the page
-/// table filled at once (`MAP_POPULATE`), which costs no copy and no fresh memory (a WAL
-/// object is about 1 MiB, read once).
+/// The contents of `path`: read into memory when small or on a network file system, else
+/// mapped read-only with the page table filled at once (`MAP_POPULATE`), which costs no copy
+/// and no fresh memory (a WAL object is about 1 MiB, read once).
 fn read_or_map(path: &Path) -> io::Result<Bytes> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
-    if len < MAP_MIN {
+    if len < MAP_MIN || on_network_fs(&file) {
         let mut buf = Vec::with_capacity(len as usize);
         (&file).read_to_end(&mut buf)?;
         return Ok(Bytes::from(buf));
@@ -183,6 +183,27 @@ fn read_or_map(path: &Path) -> io::Result<Bytes> {
     // into place, and a removal leaves a mapped file intact until it is unmapped.
     let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
     Ok(Bytes::from_owner(map))
+}
+
+/// Whether `file` is on NFS, SMB/CIFS or FUSE, or on a file system that cannot be told: there
+/// another host may remove a file while it is mapped here, and a page read again after that
+/// faults with `SIGBUS` instead of returning an error. Magic numbers from statfs(2).
+fn on_network_fs(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const NFS: i64 = 0x6969;
+    const SMB: i64 = 0x517B;
+    const CIFS: i64 = 0xFF53_4D42;
+    const SMB2: i64 = 0xFE53_4D42;
+    const FUSE: i64 = 0x6573_5546;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the duration of the call, and `st` is writable.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return true;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type is i64 here, another width elsewhere
+    let kind = st.f_type as i64;
+    matches!(kind, NFS | SMB | CIFS | SMB2 | FUSE)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -306,5 +327,22 @@ impl Storage for LocalStorage {
             Err(e) => Err(this.io_error(&key, e)),
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_objects_are_read_and_large_ones_mapped_and_both_come_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!on_network_fs(&File::open(dir.path()).unwrap()));
+        for len in [0, 100, MAP_MIN as usize - 1, MAP_MIN as usize, 3 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let path = dir.path().join(format!("object-{len}"));
+            fs::write(&path, &data).unwrap();
+            assert!(read_or_map(&path).unwrap() == data, "{len} bytes");
+        }
     }
 }
