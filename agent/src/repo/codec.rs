@@ -57,8 +57,7 @@ pub fn compress(plain: &[u8]) -> Compressed {
 /// mapping of the page cache, so no plain byte is copied and only one window is mapped at a
 /// time). Each piece is cut into parts of 1 MiB, each compressed as its own frame by worker
 /// threads (one per core but one, at most 4), while the calling thread computes the SHA-256
-/// and then compresses parts too.
-/// Every piece but the last must be a whole number of parts.
+/// and then compresses parts too. Every piece but the last must be a whole number of parts.
 ///
 /// Each worker keeps one scratch buffer for its compressed block; beyond that only the
 /// compressed output is allocated.
@@ -71,7 +70,7 @@ pub struct Compressor {
 
 impl Compressor {
     pub fn new() -> Self {
-        // The calling thread hashes, which takes longest: leave it a core of its own.
+        // The calling thread hashes, usually the longest task: leave it a core of its own.
         let workers = std::thread::available_parallelism()
             .map(|n| n.get().saturating_sub(1))
             .unwrap_or(1)

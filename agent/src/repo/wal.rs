@@ -344,7 +344,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = LocalStorage::new(dir.path().join("repo"));
         std::fs::create_dir(dir.path().join("repo")).unwrap();
-        let sizes = [0, 1, 8192, 3 * 1024 * 1024 + 5];
+        // Up to three map windows, the last one partial.
+        let sizes = [
+            0,
+            1,
+            8192,
+            3 * 1024 * 1024 + 5,
+            2 * MAP_WINDOW as usize + 12_345,
+        ];
         for (i, size) in sizes.into_iter().enumerate() {
             let name: WalFileName = format!("00000001000000000000000{i}.partial")
                 .parse()
