@@ -80,12 +80,18 @@ fn backup_ok(env: &Env, conninfo: &str) -> String {
 fn backup_fails(env: &Env, conninfo: &str, expect: &[&str]) -> String {
     let out = pgpitr(env, conninfo, &["backup", "--checkpoint", "fast"]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "backup should fail:\n{stderr}");
+    assert_failed_saying(&out, expect);
+    eprintln!("refused as expected: {}", stderr.trim());
+    stderr
+}
+
+/// Asserts that a command failed and that its stderr holds every string of `expect`.
+fn assert_failed_saying(out: &Output, expect: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail:\n{stderr}");
     for e in expect {
         assert!(stderr.contains(e), "expected {e:?} in:\n{stderr}");
     }
-    eprintln!("refused as expected: {}", stderr.trim());
-    stderr
 }
 
 /// Every committed backup in the repository, oldest first.
@@ -544,15 +550,14 @@ fn a_backup_whose_wal_is_never_archived_fails_at_the_wal_timeout() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "backup should fail:\n{stderr}");
-    for e in [
-        "not in the repository after 3s",
-        "archive_command",
-        "--wal-timeout",
-    ] {
-        assert!(stderr.contains(e), "expected {e:?} in:\n{stderr}");
-    }
+    assert_failed_saying(
+        &out,
+        &[
+            "not in the repository after 3s",
+            "archive_command",
+            "--wal-timeout",
+        ],
+    );
     assert!(manifests(&store).is_empty());
 
     c.psql("ALTER SYSTEM RESET archive_command");
