@@ -59,8 +59,8 @@ pub fn compress(plain: &[u8]) -> Compressed {
 /// threads (one per core but one, at most 4), while the calling thread computes the SHA-256
 /// and then compresses parts too. Every piece but the last must be a whole number of parts.
 ///
-/// Each worker keeps one scratch buffer for its compressed block; beyond that only the
-/// compressed output is allocated.
+/// Each thread takes one scratch buffer per piece for its compressed blocks, of which only the
+/// pages a block reaches are faulted in; beyond that only the compressed output is allocated.
 pub struct Compressor {
     hasher: Sha256,
     frames: Vec<Bytes>,
