@@ -1,6 +1,7 @@
 //! One conformance suite for every `Storage` implementation: the local directory and S3 against
 //! a real Garage server. Each contract in `agent/src/storage/mod.rs` has a check here.
 
+use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -99,6 +100,30 @@ async fn conformance(s: DynStorage) {
         &s.get_range("big/object", mid.clone()).await.unwrap()[..],
         &big[mid.start as usize..mid.end as usize]
     );
+
+    // staged objects: stored whole under a key in their directory, nothing if dropped
+    let mut staged = s.stage("st/a/").await.unwrap();
+    for part in [&b"frame one,"[..], b" frame two", b""] {
+        staged.write_all(part).unwrap();
+    }
+    s.put_staged("st/a/obj", staged, PutMode::Create)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get("st/a/obj").await.unwrap(),
+        Bytes::from_static(b"frame one, frame two")
+    );
+    let mut staged = s.stage("st/a/").await.unwrap();
+    staged.write_all(b"other").unwrap();
+    let again = s.put_staged("st/a/obj", staged, PutMode::Create).await;
+    assert!(
+        matches!(again, Err(StorageError::AlreadyExists { .. })),
+        "{loc}: {again:?}"
+    );
+    let mut staged = s.stage("st/b/").await.unwrap();
+    staged.write_all(b"dropped").unwrap();
+    drop(staged);
+    assert_eq!(keys(s.list("st/").await.unwrap()), ["st/a/obj"]);
 
     // keys that could escape are refused before any I/O
     for bad in ["../x", "/abs", "a/../../b", ""] {

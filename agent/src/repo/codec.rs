@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, Write};
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 /// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
@@ -13,145 +12,132 @@ pub const PART_SIZE: usize = 1024 * 1024;
 /// Compressed inputs from this size on are decoded and hashed on two threads.
 const PIPELINE_MIN: usize = 256 * 1024;
 
-/// The compressed form of some plain bytes: the frames in order (their concatenation is the
-/// stored object) and the SHA-256 of the plain bytes.
-#[derive(Debug, Clone)]
-pub struct Compressed {
-    pub frames: Vec<Bytes>,
+/// What [`compress_into`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// SHA-256 of the plain bytes.
     pub sha256: [u8; 32],
     pub plain_len: u64,
+    /// Bytes written to the output: the stored object's size.
+    pub stored_len: u64,
 }
 
-impl Compressed {
-    pub fn sha256_hex(&self) -> String {
-        hex::encode(self.sha256)
-    }
-
-    /// Compressed size in bytes.
-    pub fn len(&self) -> usize {
-        self.frames.iter().map(Bytes::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The stored object as one buffer (a copy; prefer handing `frames` to storage).
-    pub fn to_bytes(&self) -> Bytes {
-        let mut out = Vec::with_capacity(self.len());
-        for f in &self.frames {
-            out.extend_from_slice(f);
-        }
-        Bytes::from(out)
-    }
-}
-
-/// Compresses and hashes `plain` in one go (see [`Compressor`]).
-pub fn compress(plain: &[u8]) -> Compressed {
-    let mut c = Compressor::new();
-    c.update(plain);
-    c.finish()
-}
-
-/// Compresses and hashes a file given piece by piece (for a WAL file, windows of a read-only
-/// mapping of the page cache, so no plain byte is copied and only one window is mapped at a
-/// time). Each piece is cut into parts of 1 MiB, each compressed as its own frame by worker
-/// threads (one per core but one, at most 4), while the calling thread computes the SHA-256
-/// and then compresses parts too. Every piece but the last must be a whole number of parts.
+/// Compresses `plain` into `out` and hashes it, on every core. `plain` is cut into parts of
+/// 1 MiB ([`PART_SIZE`]), each compressed as its own frame by worker threads (one per core but
+/// one, at most 4) and written to `out` in order, one `write_all` per frame, while the calling
+/// thread computes the SHA-256 and then compresses parts too. Each thread encodes its frames in
+/// one buffer of its own, allocated once: besides `out`, a call needs only a few MiB of fresh
+/// memory, which is slow to fault in on a virtual machine.
 ///
-/// Each thread takes one scratch buffer per piece for its compressed blocks, of which only the
-/// pages a block reaches are faulted in; beyond that only the compressed output is allocated.
-pub struct Compressor {
-    hasher: Sha256,
-    frames: Vec<Bytes>,
-    plain_len: u64,
-    workers: usize,
-}
-
-impl Compressor {
-    pub fn new() -> Self {
-        // The calling thread hashes, usually the longest task: leave it a core of its own.
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1))
-            .unwrap_or(1)
-            .clamp(1, 4);
-        Compressor {
-            hasher: Sha256::new(),
-            frames: Vec::new(),
-            plain_len: 0,
-            workers,
-        }
-    }
-
-    /// Compresses and hashes the next `plain` bytes.
-    ///
-    /// # Panics
-    /// When an earlier piece was not a whole number of parts.
-    pub fn update(&mut self, plain: &[u8]) {
-        assert!(
-            self.plain_len.is_multiple_of(PART_SIZE as u64),
-            "only the last piece may end inside a part"
-        );
-        let parts: Vec<&[u8]> = if plain.is_empty() {
-            if self.plain_len > 0 {
+/// `in_order` sees each plain part after its frame was written, in order (for the restore-point
+/// scan). `released` is told each part's byte range once it has been both hashed and
+/// compressed and is never read again: a caller reading `plain` from a mapped file can then
+/// drop those pages from its mapping, so that its resident memory stays a few parts.
+///
+/// # Errors
+/// The first error of `out`; nothing more is written after it.
+pub fn compress_into(
+    plain: &[u8],
+    out: &mut (dyn Write + Send),
+    in_order: &mut (dyn FnMut(&[u8]) + Send),
+    released: &(dyn Fn(std::ops::Range<usize>) + Sync),
+) -> std::io::Result<Written> {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let parts: Vec<&[u8]> = if plain.is_empty() {
+        vec![plain]
+    } else {
+        plain.chunks(PART_SIZE).collect()
+    };
+    let range = |i: usize| i * PART_SIZE..(i * PART_SIZE + parts[i].len());
+    // The calling thread hashes, usually the longest task: leave it a core of its own.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1))
+        .unwrap_or(1)
+        .clamp(1, 4)
+        .min(parts.len() - 1);
+    let next = AtomicUsize::new(0);
+    // Parts hashed and parts written, each a count from the first part. A part is released by
+    // whichever of the two threads finishes with it last; both may (SeqCst: never neither).
+    let hashed = AtomicUsize::new(0);
+    let written = AtomicUsize::new(0);
+    let order = std::sync::Mutex::new(InOrder {
+        next: 0,
+        out,
+        in_order,
+        stored: 0,
+        failed: None,
+    });
+    let turn = std::sync::Condvar::new();
+    let compress_parts = || {
+        let mut buf = Vec::new();
+        loop {
+            let i = next.fetch_add(1, SeqCst);
+            let Some(part) = parts.get(i) else {
+                return;
+            };
+            let n = encode_frame(part, &mut buf);
+            let mut o = turn
+                .wait_while(order.lock().expect("no panics"), |o| {
+                    o.next != i && o.failed.is_none()
+                })
+                .expect("no panics");
+            if o.failed.is_some() {
                 return;
             }
-            vec![plain]
-        } else {
-            plain.chunks(PART_SIZE).collect()
-        };
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let compress_parts = || {
-            let mut scratch = Vec::new();
-            let mut done = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(part) = parts.get(i) else {
-                    return done;
-                };
-                done.push((i, Bytes::from(compress_frame(part, &mut scratch))));
-            }
-        };
-        let compressed: Vec<(usize, Bytes)> = if parts.len() == 1 {
-            self.hasher.update(plain);
-            compress_parts()
-        } else {
-            let hasher = &mut self.hasher;
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..self.workers.min(parts.len()))
-                    .map(|_| s.spawn(compress_parts))
-                    .collect();
-                hasher.update(plain);
-                // Then help with the parts left: on poorly compressible WAL (full-page images),
-                // lz4 takes longer than SHA-256.
-                let mut done = compress_parts();
-                for h in handles {
-                    done.extend(h.join().expect("compression worker"));
+            match o.out.write_all(&buf[..n]) {
+                Ok(()) => {
+                    (o.in_order)(part);
+                    o.stored += n as u64;
+                    o.next += 1;
+                    written.store(i + 1, SeqCst);
                 }
-                done
-            })
-        };
-        let first = self.frames.len();
-        self.frames.resize(first + parts.len(), Bytes::new());
-        for (i, frame) in compressed {
-            self.frames[first + i] = frame;
+                Err(e) => o.failed = Some(e),
+            }
+            drop(o);
+            turn.notify_all();
+            if hashed.load(SeqCst) > i {
+                released(range(i));
+            }
         }
-        self.plain_len += plain.len() as u64;
-    }
-
-    pub fn finish(self) -> Compressed {
-        Compressed {
-            frames: self.frames,
-            sha256: self.hasher.finalize().into(),
-            plain_len: self.plain_len,
+    };
+    let mut hasher = Sha256::new();
+    let mut hash_parts = || {
+        for (i, part) in parts.iter().enumerate() {
+            hasher.update(part);
+            hashed.store(i + 1, SeqCst);
+            if written.load(SeqCst) > i {
+                released(range(i));
+            }
         }
+    };
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(compress_parts);
+        }
+        hash_parts();
+        // Then help with the parts left: on poorly compressible WAL (full-page images), lz4
+        // takes longer than SHA-256.
+        compress_parts();
+    });
+    let o = order.into_inner().expect("no panics");
+    if let Some(e) = o.failed {
+        return Err(e);
     }
+    Ok(Written {
+        sha256: hasher.finalize().into(),
+        plain_len: plain.len() as u64,
+        stored_len: o.stored,
+    })
 }
 
-impl Default for Compressor {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The output side of [`compress_into`], taken in part order.
+struct InOrder<'a> {
+    /// The part whose frame is written next.
+    next: usize,
+    out: &'a mut (dyn Write + Send),
+    in_order: &'a mut (dyn FnMut(&[u8]) + Send),
+    stored: u64,
+    failed: Option<std::io::Error>,
 }
 
 /// The largest plain input of one frame: one block of the lz4 frame format's largest size.
@@ -181,40 +167,43 @@ static FRAME_HEADERS: std::sync::LazyLock<[[u8; 7]; 2]> = std::sync::LazyLock::n
 /// Marks a block stored uncompressed (its size word's high bit).
 const UNCOMPRESSED_BLOCK: u32 = 0x8000_0000;
 
-/// Appends `plain` (at most [`MAX_FRAME_PLAIN`] bytes) to `out` as one lz4 frame holding one
-/// block: the header, the block's size word, the block (stored plain when lz4 does not make it
-/// smaller), the end mark. No lz4 content checksum: the SHA-256 of the plain bytes, checked on
-/// every read, covers the content. `scratch` is the caller's reusable buffer for the compressed
-/// block, so that repeated calls fault no new pages in.
+/// Appends `plain` (at most [`MAX_FRAME_PLAIN`] bytes) to `out` as one lz4 frame (see
+/// [`encode_frame`]), encoded in `scratch`, the caller's reusable buffer.
 pub fn append_frame(plain: &[u8], scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
-    assert!(plain.len() <= MAX_FRAME_PLAIN, "one frame holds one block");
-    let max = lz4_flex::block::get_maximum_output_size(plain.len());
-    if scratch.len() < max {
-        // Zeroed by the allocator (fresh pages for this size, left untouched), not by a fill:
-        // only the pages the compressed block reaches are ever faulted in.
-        *scratch = vec![0; max];
-    }
-    let compressed = lz4_flex::block::compress_into(plain, scratch)
-        .expect("the output buffer has the maximum compressed size");
-    let (size_word, block) = if compressed < plain.len() {
-        (compressed as u32, &scratch[..compressed])
-    } else {
-        (plain.len() as u32 | UNCOMPRESSED_BLOCK, plain)
-    };
-    let header = &FRAME_HEADERS[usize::from(plain.len() > PART_SIZE)];
-    out.reserve(header.len() + 4 + block.len() + 4);
-    out.extend_from_slice(header);
-    if !block.is_empty() {
-        out.extend_from_slice(&size_word.to_le_bytes());
-        out.extend_from_slice(block);
-    }
-    out.extend_from_slice(&0u32.to_le_bytes());
+    let n = encode_frame(plain, scratch);
+    out.extend_from_slice(&scratch[..n]);
 }
 
-fn compress_frame(part: &[u8], scratch: &mut Vec<u8>) -> Vec<u8> {
-    let mut frame = Vec::new();
-    append_frame(part, scratch, &mut frame);
-    frame
+/// Encodes `plain` (at most [`MAX_FRAME_PLAIN`] bytes) as one lz4 frame holding one block at
+/// the start of `buf`, and returns the frame's length: the header, the block's size word, the
+/// block (stored plain when lz4 does not make it smaller), the end mark. No lz4 content
+/// checksum: the SHA-256 of the plain bytes, checked on every read, covers the content. `buf`
+/// is grown when too small, never refilled: allocated zeroed (fresh pages, left untouched), so
+/// only the pages a frame reaches are ever faulted in, and repeated calls fault none.
+pub fn encode_frame(plain: &[u8], buf: &mut Vec<u8>) -> usize {
+    assert!(plain.len() <= MAX_FRAME_PLAIN, "one frame holds one block");
+    let header = &FRAME_HEADERS[usize::from(plain.len() > PART_SIZE)];
+    let at = header.len() + 4;
+    let max = at + lz4_flex::block::get_maximum_output_size(plain.len()).max(plain.len()) + 4;
+    if buf.len() < max {
+        *buf = vec![0; max];
+    }
+    buf[..header.len()].copy_from_slice(header);
+    if plain.is_empty() {
+        buf[header.len()..at].copy_from_slice(&0u32.to_le_bytes());
+        return at;
+    }
+    let compressed = lz4_flex::block::compress_into(plain, &mut buf[at..])
+        .expect("the buffer has room for the maximum compressed size");
+    let (size_word, len) = if compressed < plain.len() {
+        (compressed as u32, compressed)
+    } else {
+        buf[at..at + plain.len()].copy_from_slice(plain);
+        (plain.len() as u32 | UNCOMPRESSED_BLOCK, plain.len())
+    };
+    buf[header.len()..at].copy_from_slice(&size_word.to_le_bytes());
+    buf[at + len..at + len + 4].copy_from_slice(&0u32.to_le_bytes());
+    at + len + 4
 }
 
 /// Why a stored object could not be turned back into its plain bytes.
@@ -479,6 +468,46 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    /// An object as [`compress_into`] writes it: its frames, and the SHA-256 of `plain`.
+    struct Compressed {
+        frames: Vec<Vec<u8>>,
+        sha256: [u8; 32],
+    }
+
+    impl Compressed {
+        fn sha256_hex(&self) -> String {
+            hex::encode(self.sha256)
+        }
+
+        fn to_bytes(&self) -> Vec<u8> {
+            self.frames.concat()
+        }
+
+        fn len(&self) -> usize {
+            self.frames.iter().map(Vec::len).sum()
+        }
+    }
+
+    fn compress(plain: &[u8]) -> Compressed {
+        /// Keeps each write as one frame.
+        struct Frames(Vec<Vec<u8>>);
+        impl Write for Frames {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.push(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut frames = Frames(Vec::new());
+        let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}).unwrap();
+        Compressed {
+            frames: frames.0,
+            sha256: digest.sha256,
+        }
+    }
+
     /// `len` bytes of a xorshift64 sequence from `seed`: incompressible.
     fn xorshift(seed: u64, len: usize) -> Vec<u8> {
         let mut x = seed;
@@ -641,19 +670,68 @@ mod tests {
     }
 
     #[test]
-    fn pieces_compress_to_the_same_object_as_the_whole() {
-        let plain = pseudo_random(5 * PART_SIZE + 123);
-        let whole = compress(&plain);
-        for piece in [PART_SIZE, 2 * PART_SIZE, 4 * PART_SIZE] {
-            let mut c = Compressor::new();
-            for p in plain.chunks(piece) {
-                c.update(p);
+    fn frames_are_written_in_order_and_every_part_is_released() {
+        for len in [0, 1, PART_SIZE, 5 * PART_SIZE + 123] {
+            let plain = pseudo_random(len);
+            let mut object = Vec::new();
+            let mut seen = Vec::new();
+            let released =
+                std::sync::Mutex::new(vec![0u32; plain.len().div_ceil(PART_SIZE).max(1)]);
+            let digest = compress_into(
+                &plain,
+                &mut object,
+                &mut |part| seen.extend_from_slice(part),
+                &|r| {
+                    assert_eq!(r.start % PART_SIZE, 0);
+                    assert_eq!(r.end, (r.start + PART_SIZE).min(len));
+                    released.lock().unwrap()[r.start / PART_SIZE] += 1;
+                },
+            )
+            .unwrap();
+            // One frame per part, in order, as a single thread encodes them.
+            let mut expected = Vec::new();
+            for part in plain.chunks(PART_SIZE) {
+                append_frame(part, &mut Vec::new(), &mut expected);
             }
-            let pieces = c.finish();
-            assert_eq!(pieces.frames, whole.frames, "pieces of {piece}");
-            assert_eq!(pieces.sha256, whole.sha256);
-            assert_eq!(pieces.plain_len, plain.len() as u64);
+            if plain.is_empty() {
+                append_frame(&[], &mut Vec::new(), &mut expected);
+            }
+            assert!(object == expected, "{len} bytes");
+            assert!(seen == plain);
+            assert!(released.into_inner().unwrap().iter().all(|&n| n >= 1));
+            assert_eq!(digest.sha256, <[u8; 32]>::from(Sha256::digest(&plain)));
+            assert_eq!(
+                (digest.plain_len, digest.stored_len),
+                (len as u64, object.len() as u64)
+            );
         }
+    }
+
+    #[test]
+    fn a_failing_output_stops_the_compression() {
+        /// Takes `left` writes, then fails.
+        struct FailAfter {
+            left: usize,
+            calls: usize,
+        }
+        impl Write for FailAfter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.calls += 1;
+                if self.left == 0 {
+                    return Err(std::io::Error::other("disk full"));
+                }
+                self.left -= 1;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let plain = pseudo_random(8 * PART_SIZE);
+        let mut out = FailAfter { left: 2, calls: 0 };
+        let err = compress_into(&plain, &mut out, &mut |_| {}, &|_| {}).unwrap_err();
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(out.calls, 3, "nothing is written after the failure");
     }
 
     #[test]

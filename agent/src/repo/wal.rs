@@ -73,9 +73,10 @@ pub fn pick(listing: &[ArchivedWal], name: WalFileName) -> Result<Option<&Archiv
 }
 
 /// Stores the file at `path` as WAL file `name`, streaming it through compression and hashing on
-/// every core. The restore points in a segment or `.partial` file are found on the way and
-/// indexed first (`repo::restore_points`). Durable when it returns `Ok` (the storage's `put`
-/// contract).
+/// every core ([`codec::compress_into`]) into the storage's staging area (for a local
+/// repository, a temporary file beside the object). The restore points in a segment or
+/// `.partial` file are found on the way and indexed first (`repo::restore_points`). Durable when
+/// it returns `Ok` (the storage's `put` contract).
 ///
 /// # Errors
 /// [`RepoError::DifferentContent`] when `name` is archived with other bytes; an unreadable
@@ -87,34 +88,35 @@ pub async fn push(
 ) -> Result<PushOutcome, RepoError> {
     let source = path.to_path_buf();
     let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
-    let (compressed, points) = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&source).map_err(|e| RepoError::io(&source, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| RepoError::io(&source, e))?
-            .len();
+    let mut staged = storage.stage(&layout::wal_dir(name)).await?;
+    let (written, staged, points) = tokio::task::spawn_blocking(move || {
+        let io = |e| RepoError::io(&source, e);
+        let file = std::fs::File::open(&source).map_err(io)?;
+        let map = map_file(&file).map_err(io)?;
+        let plain = map.as_deref().unwrap_or_default();
         let mut scanner = holds_records.then(RestorePointScanner::new);
-        let mut compressor = codec::Compressor::new();
-        let mut offset = 0;
-        loop {
-            let window = MAP_WINDOW.min(len - offset);
-            let map = map_window(&file, offset, window).map_err(|e| RepoError::io(&source, e))?;
-            let plain = map.as_deref().unwrap_or_default();
-            if let Some(s) = &mut scanner {
-                s.feed(plain);
-            }
-            compressor.update(plain);
-            offset += window;
-            if offset >= len {
-                break;
-            }
-        }
+        let written = codec::compress_into(
+            plain,
+            &mut staged,
+            &mut |part| {
+                if let Some(s) = &mut scanner {
+                    s.feed(part);
+                }
+            },
+            &|range| release(map.as_ref(), range),
+        )
+        .map_err(|e| {
+            RepoError::Storage(StorageError::Permanent {
+                key: layout::wal_dir(name),
+                message: format!("writing the compressed WAL file: {e}"),
+            })
+        })?;
         let points = scanner.map(RestorePointScanner::finish).unwrap_or_default();
-        Ok::<_, RepoError>((compressor.finish(), points))
+        Ok::<_, RepoError>((written, staged, points))
     })
     .await
     .expect("compression task")?;
-    let sha = compressed.sha256_hex();
+    let sha = hex::encode(written.sha256);
     let archived = match find(storage, name).await?.into_iter().next() {
         Some(existing) => Some(compare(name, &existing.sha256_hex, &sha)?),
         None => None,
@@ -127,10 +129,7 @@ pub async fn push(
         return Ok(outcome);
     }
     let key = layout::wal_object_key(name, &sha);
-    match storage
-        .put_parts(&key, compressed.frames, PutMode::Create)
-        .await
-    {
+    match storage.put_staged(&key, staged, PutMode::Create).await {
         Ok(()) => {}
         // Same key means same hash: someone stored these very bytes a moment ago.
         Err(StorageError::AlreadyExists { .. }) => return Ok(PushOutcome::AlreadyArchived),
@@ -149,37 +148,38 @@ pub async fn push(
     Ok(PushOutcome::Stored)
 }
 
-/// How much of a file [`push`] maps at a time: a few parts, so that a push's resident memory
-/// stays small (mapped pages count in it) while the threads stay busy.
-const MAP_WINDOW: u64 = 4 * codec::PART_SIZE as u64;
-
-/// `len` bytes of `file` from `offset`, mapped read-only with the page table filled at once
-/// (`MAP_POPULATE`), or `None` for no bytes (an empty mapping is an error). Mapped rather
-/// than read: a segment is then hashed and compressed straight from the page cache, with no
-/// copy and no fresh memory to fault in, which is slow on a virtual machine.
+/// All of `file`, mapped read-only, or `None` for an empty file (an empty mapping is an
+/// error). Mapped rather than read: a segment is then hashed and compressed straight from the
+/// page cache, with no copy and no fresh memory to fault in, which is slow on a virtual
+/// machine. The pages are faulted in as the threads reach them and dropped from the mapping
+/// part by part once done with ([`release`]), so that a push's resident memory stays small
+/// (mapped pages count in it).
 ///
 /// # Errors
 /// `mmap` failing.
-fn map_window(
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-) -> std::io::Result<Option<memmap2::Mmap>> {
-    if len == 0 {
+fn map_file(file: &std::fs::File) -> std::io::Result<Option<memmap2::Mmap>> {
+    if file.metadata()?.len() == 0 {
         return Ok(None);
     }
     // SAFETY: a mapping is undefined behaviour only if the file changes while mapped.
     // PostgreSQL does not write, truncate or recycle a WAL file while archive_command runs on
-    // it (pgarch.c archives only completed files: segments, .partial, .history, .backup), and
-    // each window is unmapped before the next is mapped.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(len as usize)
-            .populate()
-            .map(file)?
-    };
+    // it (pgarch.c archives only completed files: segments, .partial, .history, .backup).
+    let map = unsafe { memmap2::Mmap::map(file)? };
     Ok(Some(map))
+}
+
+/// Drops bytes `range` of `map` from this process's page table (`MADV_DONTNEED`); the file's
+/// pages stay in the page cache. A hint: failing changes nothing but resident memory.
+fn release(map: Option<&memmap2::Mmap>, range: std::ops::Range<usize>) {
+    if let Some(map) = map.filter(|_| !range.is_empty()) {
+        // SAFETY: on a shared file mapping, MADV_DONTNEED only unmaps pages, which a later read
+        // would fault in again from the page cache (madvise(2)); `compress_into` releases a
+        // range only once no thread reads it any more. The offset is a multiple of PART_SIZE,
+        // so page-aligned.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+        };
+    }
 }
 
 fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, RepoError> {
@@ -337,6 +337,13 @@ mod tests {
             PushOutcome::AlreadyArchived
         );
         assert_eq!(indexed_names().await, ["first"]);
+        // Neither the refused push nor the repeated one left a file behind.
+        let wal_dir = dir.path().join("repo").join(layout::wal_dir(name));
+        let files: Vec<_> = std::fs::read_dir(&wal_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
     }
 
     #[tokio::test]
@@ -344,13 +351,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = LocalStorage::new(dir.path().join("repo"));
         std::fs::create_dir(dir.path().join("repo")).unwrap();
-        // Up to three map windows, the last one partial.
+        // Up to ten parts, the last one partial.
         let sizes = [
             0,
             1,
             8192,
             3 * 1024 * 1024 + 5,
-            2 * MAP_WINDOW as usize + 12_345,
+            9 * codec::PART_SIZE + 12_345,
         ];
         for (i, size) in sizes.into_iter().enumerate() {
             let name: WalFileName = format!("00000001000000000000000{i}.partial")

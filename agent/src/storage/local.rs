@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{validate_key, ObjectMeta, PutMode, Storage, StorageError, StorageResult};
+use super::{validate_key, ObjectMeta, PutMode, Staged, Storage, StorageError, StorageResult};
 
 /// Temporary files start with this; `list` never shows them.
 const TEMP_PREFIX: &str = ".tmp.";
@@ -59,33 +59,55 @@ impl LocalStorage {
     }
 
     fn put_blocking(&self, key: &str, parts: &[Bytes], mode: PutMode) -> StorageResult<()> {
-        let path = self.path(key)?;
-        let dir = path.parent().expect("a key has a parent").to_path_buf();
-        if !self.root.is_dir() {
-            return Err(self.io_error(key, io::ErrorKind::NotFound.into()));
+        let dir = key.rfind('/').map_or("", |i| &key[..=i]);
+        let mut temp = self.stage_blocking(dir)?;
+        for part in parts {
+            temp.write_all(part).map_err(|e| self.io_error(key, e))?;
         }
-        create_dir_durable(&self.root, &dir).map_err(|e| self.io_error(key, e))?;
-        let file_name = path.file_name().expect("validated key").to_string_lossy();
-        let tmp = dir.join(format!(
-            "{TEMP_PREFIX}{file_name}.{}.{}",
-            std::process::id(),
-            unique()
-        ));
+        self.commit_blocking(key, temp, mode)
+    }
+
+    /// A new temporary file in directory `dir` (a key prefix ending in `/`, or `""` for the
+    /// root), created with its missing parents.
+    fn stage_blocking(&self, dir: &str) -> StorageResult<TempFile> {
+        let dir_path = match dir.strip_suffix('/') {
+            Some(d) => self.path(d)?,
+            None => self.root.clone(),
+        };
+        if !self.root.is_dir() {
+            return Err(self.io_error(dir, io::ErrorKind::NotFound.into()));
+        }
+        create_dir_durable(&self.root, &dir_path).map_err(|e| self.io_error(dir, e))?;
+        let path = dir_path.join(format!("{TEMP_PREFIX}{}.{}", std::process::id(), unique()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| self.io_error(dir, e))?;
+        Ok(TempFile { file, path })
+    }
+
+    /// Makes `temp` the object `key`: fsync, then link (create) or rename (overwrite) into place,
+    /// then fsync of the directory, so that the name survives a crash.
+    fn commit_blocking(&self, key: &str, temp: TempFile, mode: PutMode) -> StorageResult<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("a key has a parent");
+        if temp.path.parent() != Some(dir) {
+            return Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: format!("staged in another directory ({})", temp.path.display()),
+            });
+        }
         let result = (|| -> io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            for part in parts {
-                f.write_all(part)?;
-            }
-            f.sync_all()?;
-            drop(f);
+            temp.file.sync_all()?;
             match mode {
                 // link(2) fails with EEXIST instead of replacing: an atomic create-if-absent.
-                PutMode::Create => fs::hard_link(&tmp, &path)?,
-                PutMode::Overwrite => fs::rename(&tmp, &path)?,
+                PutMode::Create => fs::hard_link(&temp.path, &path)?,
+                PutMode::Overwrite => fs::rename(&temp.path, &path)?,
             }
-            fsync_dir(&dir)
+            fsync_dir(dir)
         })();
-        let _ = fs::remove_file(&tmp);
+        drop(temp);
         result.map_err(|e| self.io_error(key, e))
     }
 
@@ -128,6 +150,30 @@ impl LocalStorage {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+}
+
+/// A temporary file of the repository (its name starts with `.tmp.`, so `list` never shows it),
+/// removed when dropped: after it was linked into place, or when it is not wanted.
+#[derive(Debug)]
+pub struct TempFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl Write for TempFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -258,6 +304,19 @@ impl Storage for LocalStorage {
     async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StorageResult<()> {
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || this.put_blocking(&key, &parts, mode)).await
+    }
+
+    async fn stage(&self, dir: &str) -> StorageResult<Staged> {
+        let (this, dir) = (self.clone(), dir.to_string());
+        blocking(move || this.stage_blocking(&dir).map(Staged::File)).await
+    }
+
+    async fn put_staged(&self, key: &str, staged: Staged, mode: PutMode) -> StorageResult<()> {
+        let (this, key) = (self.clone(), key.to_string());
+        match staged {
+            Staged::File(temp) => blocking(move || this.commit_blocking(&key, temp, mode)).await,
+            Staged::Memory(parts) => blocking(move || this.put_blocking(&key, &parts, mode)).await,
+        }
     }
 
     async fn get(&self, key: &str) -> StorageResult<Bytes> {

@@ -83,6 +83,27 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         self.put(key, Bytes::from(all), mode).await
     }
 
+    /// Starts an object whose key is known only once its bytes are written (a WAL file's key
+    /// holds the SHA-256 of its plain bytes), to be stored under a key in `dir` (a prefix
+    /// ending in `/`) by [`Storage::put_staged`]. The default keeps the bytes in memory until
+    /// then; local storage writes them to a temporary file in that directory as they come.
+    async fn stage(&self, dir: &str) -> StorageResult<Staged> {
+        let _ = dir;
+        Ok(Staged::Memory(Vec::new()))
+    }
+
+    /// `put` of the bytes written to `staged`, with the same guarantees. `key` must be in the
+    /// directory `staged` was started for. Dropping a [`Staged`] instead stores nothing.
+    async fn put_staged(&self, key: &str, staged: Staged, mode: PutMode) -> StorageResult<()> {
+        match staged {
+            Staged::Memory(parts) => self.put_parts(key, parts, mode).await,
+            Staged::File(_) => Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: "a temporary file of a local repository, given to another storage".into(),
+            }),
+        }
+    }
+
     async fn get(&self, key: &str) -> StorageResult<Bytes>;
 
     /// Bytes `range` of the object (`range.end` exclusive, within the object's size).
@@ -101,6 +122,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
         let _ = key;
         Ok(None)
+    }
+}
+
+/// The bytes of an object being written by [`Storage::stage`]. Written to from a blocking thread
+/// (`std::io::Write`; every write call is kept whole, as one part of the object).
+#[derive(Debug)]
+pub enum Staged {
+    /// Kept in memory until stored (object stores, which upload a whole object).
+    Memory(Vec<Bytes>),
+    /// A temporary file in the object's directory, removed when dropped (local storage).
+    File(local::TempFile),
+}
+
+impl std::io::Write for Staged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Staged::Memory(parts) => {
+                parts.push(Bytes::copy_from_slice(buf));
+                Ok(buf.len())
+            }
+            Staged::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
