@@ -419,17 +419,22 @@ fn corrupt_object_stops_recovery_and_writes_nothing() {
         .into_iter()
         .find(|k| k.contains(&seg))
         .unwrap();
-    let mut bytes = std::fs::read(&object).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xFF;
-    std::fs::write(&object, bytes).unwrap();
-    let out = f.restore(&seg, "pg_wal/RECOVERYXLOG");
-    assert_eq!(code(&out), 202, "{}", stderr(&out));
-    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
-    assert!(
-        !f.pgdata.join("pg_wal/RECOVERYXLOG").exists(),
-        "%p written despite a failed verification"
-    );
+    let sound = std::fs::read(&object).unwrap();
+    // A byte in the middle of the frames, then one in a part hash of the part index at the end.
+    for at in [sound.len() / 2, sound.len() - 30] {
+        let mut bytes = sound.clone();
+        bytes[at] ^= 0xFF;
+        std::fs::write(&object, bytes).unwrap();
+        let out = f.restore(&seg, "pg_wal/RECOVERYXLOG");
+        assert_eq!(code(&out), 202, "byte {at}: {}", stderr(&out));
+        assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+        assert!(
+            !f.pgdata.join("pg_wal/RECOVERYXLOG").exists(),
+            "%p written despite a failed verification"
+        );
+    }
+    std::fs::write(&object, sound).unwrap();
+    assert_eq!(code(&f.restore(&seg, "pg_wal/RECOVERYXLOG")), 0);
 }
 
 fn walk(dir: &Path) -> Vec<String> {

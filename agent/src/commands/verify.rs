@@ -434,6 +434,8 @@ async fn read_wal(storage: &dyn Storage, w: &ArchivedWal) -> Result<Vec<u8>, Str
         codec::decompress_verified(&compressed, &w.sha256_hex, &mut std::io::sink())
     }
     .map_err(|e| e.to_string())?;
+    // The part index a restore_command checks instead of the SHA-256.
+    codec::decode_parts(&compressed, &w.sha256_hex, &|_, _| Ok(())).map_err(|e| e.to_string())?;
     Ok(plain)
 }
 

@@ -1,10 +1,13 @@
 //! The envelope of every stored file: lz4 frames (the standard frame format, so `lz4 -d` reads
 //! it) with the SHA-256 of the plain bytes kept beside it. Large inputs are cut into parts that are
-//! compressed in parallel, each as its own frame; concatenated frames are valid lz4.
+//! compressed in parallel, each as its own frame; concatenated frames are valid lz4. A WAL object
+//! ends with a [`PartIndex`], so that its parts are also verified and decoded in parallel.
 
 use std::io::{BufRead, Write};
 
 use sha2::{Digest, Sha256};
+
+use super::part_index::PartIndex;
 
 /// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
 /// the parts in flight stay a few MiB, large enough that the frame overhead is negligible.
@@ -25,7 +28,8 @@ pub struct Written {
 /// Compresses `plain` into `out` and hashes it, on every core. `plain` is cut into parts of
 /// 1 MiB ([`PART_SIZE`]), each compressed as its own frame by worker threads (one per core but
 /// one, at most 4) and written to `out` in order, one `write_all` per frame, while the calling
-/// thread computes the SHA-256 and then compresses parts too. Each thread encodes its frames in
+/// thread computes the SHA-256 and then compresses parts too. The object ends with its
+/// [`PartIndex`] (the XXH3-128 of each part, computed beside its compression), written last. Each thread encodes its frames in
 /// one buffer of its own, allocated once: besides `out`, a call needs only a few MiB of fresh
 /// memory, which is slow to fault in on a virtual machine.
 ///
@@ -65,6 +69,7 @@ pub fn compress_into(
         out,
         in_order,
         stored: 0,
+        part_hashes: Vec::with_capacity(parts.len()),
         failed: None,
     });
     let turn = std::sync::Condvar::new();
@@ -76,6 +81,7 @@ pub fn compress_into(
                 return;
             };
             let n = encode_frame(part, &mut buf);
+            let part_hash = PartIndex::hash(part);
             let mut o = turn
                 .wait_while(order.lock().expect("no panics"), |o| {
                     o.next != i && o.failed.is_none()
@@ -87,6 +93,7 @@ pub fn compress_into(
             match o.out.write_all(&buf[..n]) {
                 Ok(()) => {
                     (o.in_order)(part);
+                    o.part_hashes.push(part_hash);
                     o.stored += n as u64;
                     o.next += 1;
                     written.store(i + 1, SeqCst);
@@ -123,10 +130,18 @@ pub fn compress_into(
     if let Some(e) = o.failed {
         return Err(e);
     }
-    Ok(Written {
-        sha256: hasher.finalize().into(),
+    let index = PartIndex {
         plain_len: plain.len() as u64,
-        stored_len: o.stored,
+        part_size: PART_SIZE as u32,
+        sha256: hasher.finalize().into(),
+        parts: o.part_hashes,
+    };
+    let encoded = index.encode();
+    o.out.write_all(&encoded)?;
+    Ok(Written {
+        sha256: index.sha256,
+        plain_len: index.plain_len,
+        stored_len: o.stored + encoded.len() as u64,
     })
 }
 
@@ -137,6 +152,8 @@ struct InOrder<'a> {
     out: &'a mut (dyn Write + Send),
     in_order: &'a mut (dyn FnMut(&[u8]) + Send),
     stored: u64,
+    /// XXH3-128 of the parts written, in order.
+    part_hashes: Vec<u128>,
     failed: Option<std::io::Error>,
 }
 
@@ -213,12 +230,17 @@ pub enum DecodeError {
     Lz4(std::io::Error),
     #[error("SHA-256 mismatch: expected {expected}, got {actual}")]
     Checksum { expected: String, actual: String },
+    #[error("part {part} of {parts}: XXH3-128 mismatch")]
+    PartChecksum { part: usize, parts: usize },
+    #[error("malformed part index: {0}")]
+    PartIndex(String),
     #[error("writing the plain bytes: {0}")]
     Write(std::io::Error),
 }
 
 /// Decompresses `compressed` into `out`, streaming, and checks the SHA-256 of what was written
-/// against `expected_sha256_hex`. Decoding and writing run on this thread while another hashes
+/// against `expected_sha256_hex`, and that of a [`PartIndex`] at its end (whose part hashes
+/// [`decode_parts`] checks). Decoding and writing run on this thread while another hashes
 /// the blocks already written (inputs under 256 KiB are done on this thread alone). Frames as
 /// [`append_frame`] writes them are decoded straight into a pool of two block buffers, which
 /// then go to the hashing thread, so each plain byte is written once by lz4 and never copied;
@@ -233,6 +255,14 @@ pub fn decompress_verified(
     expected_sha256_hex: &str,
     out: &mut impl Write,
 ) -> Result<u64, DecodeError> {
+    let compressed = match PartIndex::split(compressed) {
+        None => compressed,
+        Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
+        Some(Ok((frames, index))) => {
+            check_index(&index, expected_sha256_hex)?;
+            frames
+        }
+    };
     if compressed.len() < PIPELINE_MIN {
         let mut hasher = Sha256::new();
         let written = decode_frames(compressed, |block| {
@@ -302,6 +332,111 @@ pub fn decompress_verified(
     });
     let written = written?;
     check(actual, expected_sha256_hex).map(|()| written)
+}
+
+/// Decodes an object that ends with a [`PartIndex`] on every core and hands each part to
+/// `write_at(offset, plain)`, from any thread and in any order, once its XXH3-128 matches the
+/// index's. The index must carry `expected_sha256_hex` (the SHA-256 in the object's key), so an
+/// object stored under another file's key is refused. `Ok(None)` for an object without a part
+/// index, which only [`decompress_verified`] can check. On error some parts may have been
+/// written: write to a temporary file.
+///
+/// Checking the parts instead of the whole file's SHA-256 is what lets a restore run on more
+/// than one core (one SHA-256 cannot be split): a 128-bit hash of each MiB catches any
+/// corruption in storage or transit as surely, and the index is bound to the key by its
+/// SHA-256.
+///
+/// # Errors
+/// A malformed index, frames other than those [`compress_into`] writes, corrupt lz4 data, a
+/// part of the wrong length or hash, a SHA-256 other than expected, a failing `write_at`.
+pub fn decode_parts(
+    compressed: &[u8],
+    expected_sha256_hex: &str,
+    write_at: &(dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync),
+) -> Result<Option<u64>, DecodeError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    let (mut rest, index) = match PartIndex::split(compressed) {
+        None => return Ok(None),
+        Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
+        Some(Ok(split)) => split,
+    };
+    check_index(&index, expected_sha256_hex)?;
+    let mut frames = Vec::with_capacity(index.parts.len());
+    while !rest.is_empty() {
+        let (frame, tail) = split_own_frame(rest).ok_or_else(|| {
+            invalid_lz4("a frame pgpitr does not write, before a part index".into())
+        })?;
+        frames.push(frame);
+        rest = tail;
+    }
+    if frames.len() != index.parts.len() {
+        return Err(DecodeError::PartIndex(format!(
+            "{} parts, {} frames",
+            index.parts.len(),
+            frames.len()
+        )));
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let decode = || -> Result<(), DecodeError> {
+        let mut buf = Vec::new();
+        while !failed.load(Relaxed) {
+            let i = next.fetch_add(1, Relaxed);
+            let Some(frame) = frames.get(i) else {
+                return Ok(());
+            };
+            let plain = match *frame {
+                OwnFrame::Empty => &[][..],
+                OwnFrame::Stored(block) => block,
+                OwnFrame::Compressed { block, max_plain } => {
+                    if buf.len() < max_plain {
+                        buf = vec![0; max_plain];
+                    }
+                    let n = lz4_flex::block::decompress_into(block, &mut buf)
+                        .map_err(|e| invalid_lz4(e.to_string()))?;
+                    &buf[..n]
+                }
+            };
+            let parts = index.parts.len();
+            if plain.len() != index.part_len(i) || PartIndex::hash(plain) != index.parts[i] {
+                return Err(DecodeError::PartChecksum { part: i, parts });
+            }
+            write_at(i as u64 * u64::from(index.part_size), plain).map_err(DecodeError::Write)?;
+        }
+        Ok(())
+    };
+    let stop_on_error = || {
+        let result = decode();
+        if result.is_err() {
+            failed.store(true, Relaxed);
+        }
+        result
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(frames.len());
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads).map(|_| s.spawn(stop_on_error)).collect();
+        let mut result = stop_on_error();
+        for h in helpers {
+            let other = h.join().expect("decoding thread");
+            result = result.and(other);
+        }
+        result
+    })?;
+    Ok(Some(index.plain_len))
+}
+
+/// Checks that `index` belongs to the object whose key holds `expected_sha256_hex`.
+fn check_index(index: &PartIndex, expected_sha256_hex: &str) -> Result<(), DecodeError> {
+    let actual = hex::encode(index.sha256);
+    if actual != expected_sha256_hex {
+        return Err(DecodeError::Checksum {
+            expected: expected_sha256_hex.to_string(),
+            actual,
+        });
+    }
+    Ok(())
 }
 
 /// Writes `block` to `out`, then hands it to the hashing thread.
@@ -385,6 +520,7 @@ pub fn decode_chunk_verified(
 }
 
 /// One frame as [`append_frame`] writes it.
+#[derive(Clone, Copy)]
 enum OwnFrame<'a> {
     /// No block: empty input.
     Empty,
@@ -468,9 +604,11 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    /// An object as [`compress_into`] writes it: its frames, and the SHA-256 of `plain`.
+    /// An object as [`compress_into`] writes it: its frames, its part index, and the SHA-256
+    /// of `plain`.
     struct Compressed {
         frames: Vec<Vec<u8>>,
+        index: Vec<u8>,
         sha256: [u8; 32],
     }
 
@@ -479,12 +617,13 @@ mod tests {
             hex::encode(self.sha256)
         }
 
+        /// The whole object.
         fn to_bytes(&self) -> Vec<u8> {
-            self.frames.concat()
+            [self.frames.concat(), self.index.clone()].concat()
         }
 
         fn len(&self) -> usize {
-            self.frames.iter().map(Vec::len).sum()
+            self.to_bytes().len()
         }
     }
 
@@ -502,8 +641,10 @@ mod tests {
         }
         let mut frames = Frames(Vec::new());
         let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}).unwrap();
+        let index = frames.0.pop().expect("the part index is written last");
         Compressed {
             frames: frames.0,
+            index,
             sha256: digest.sha256,
         }
     }
@@ -604,8 +745,9 @@ mod tests {
         assert_eq!(c.frames.len(), 2);
         let size_word = u32::from_le_bytes(c.frames[0][7..11].try_into().unwrap());
         assert_eq!(size_word, PART_SIZE as u32 | UNCOMPRESSED_BLOCK);
-        // lz4_flex's own frame decoder reads the frames back, one after the other.
-        let (stored, mut plain) = (c.to_bytes(), Vec::new());
+        // lz4_flex's own frame decoder reads the frames back, one after the other (it does not
+        // skip the part index's skippable frame, as `lz4 -d` does).
+        let (stored, mut plain) = (c.frames.concat(), Vec::new());
         let mut rest = &stored[..];
         while !rest.is_empty() {
             lz4_flex::frame::FrameDecoder::new(&mut rest)
@@ -688,14 +830,22 @@ mod tests {
                 },
             )
             .unwrap();
-            // One frame per part, in order, as a single thread encodes them.
+            // One frame per part, in order, as a single thread encodes them, then the index.
             let mut expected = Vec::new();
-            for part in plain.chunks(PART_SIZE) {
+            let mut parts: Vec<&[u8]> = plain.chunks(PART_SIZE).collect();
+            if plain.is_empty() {
+                parts.push(&[]);
+            }
+            for part in &parts {
                 append_frame(part, &mut Vec::new(), &mut expected);
             }
-            if plain.is_empty() {
-                append_frame(&[], &mut Vec::new(), &mut expected);
-            }
+            let index = PartIndex {
+                plain_len: len as u64,
+                part_size: PART_SIZE as u32,
+                sha256: Sha256::digest(&plain).into(),
+                parts: parts.iter().map(|p| PartIndex::hash(p)).collect(),
+            };
+            expected.extend_from_slice(&index.encode());
             assert!(object == expected, "{len} bytes");
             assert!(seen == plain);
             assert!(released.into_inner().unwrap().iter().all(|&n| n >= 1));
@@ -705,6 +855,80 @@ mod tests {
                 (len as u64, object.len() as u64)
             );
         }
+    }
+
+    /// `decode_parts` of `object` into a buffer.
+    fn decode_parts_to_vec(object: &[u8], sha: &str) -> Result<Option<Vec<u8>>, DecodeError> {
+        let out = std::sync::Mutex::new(Vec::new());
+        let n = decode_parts(object, sha, &|offset, plain| {
+            let mut out = out.lock().unwrap();
+            let end = offset as usize + plain.len();
+            if out.len() < end {
+                out.resize(end, 0);
+            }
+            out[offset as usize..end].copy_from_slice(plain);
+            Ok(())
+        })?;
+        let out = out.into_inner().unwrap();
+        Ok(n.map(|n| {
+            assert_eq!(n, out.len() as u64);
+            out
+        }))
+    }
+
+    #[test]
+    fn parts_decode_on_every_core_and_each_is_checked() {
+        let mut mixed = pseudo_random(3 * PART_SIZE + 77);
+        mixed[PART_SIZE..2 * PART_SIZE].copy_from_slice(&xorshift(5, PART_SIZE));
+        for plain in [vec![], vec![1], pseudo_random(PART_SIZE), mixed] {
+            let c = compress(&plain);
+            let object = c.to_bytes();
+            let back = decode_parts_to_vec(&object, &c.sha256_hex()).unwrap();
+            assert!(back.unwrap() == plain, "{} bytes", plain.len());
+            // Objects from before the part index are left to decompress_verified.
+            let frames = c.frames.concat();
+            assert!(decode_parts_to_vec(&frames, &c.sha256_hex())
+                .unwrap()
+                .is_none());
+        }
+
+        let plain = pseudo_random(3 * PART_SIZE + 77);
+        let c = compress(&plain);
+        let (object, sha) = (c.to_bytes(), c.sha256_hex());
+        let frames_len = c.frames.concat().len();
+        // A damaged byte in a part, in a part hash of the index, a lost part.
+        let mut damaged = object.clone();
+        damaged[frames_len / 2] ^= 0x10;
+        assert!(decode_parts_to_vec(&damaged, &sha).is_err());
+        let mut damaged = object.clone();
+        damaged[frames_len + 60] ^= 0x01;
+        assert!(matches!(
+            decode_parts_to_vec(&damaged, &sha),
+            Err(DecodeError::PartChecksum { part: 0, parts: 4 })
+        ));
+        let lost = [&c.frames[0][..], &c.frames[2], &c.frames[3], &c.index].concat();
+        assert!(matches!(
+            decode_parts_to_vec(&lost, &sha),
+            Err(DecodeError::PartIndex(_))
+        ));
+        // A sound object of other bytes, stored under this file's key: refused by both readers.
+        let other = compress(&pseudo_random(PART_SIZE + 1)).to_bytes();
+        assert!(matches!(
+            decode_parts_to_vec(&other, &sha),
+            Err(DecodeError::Checksum { .. })
+        ));
+        assert!(matches!(
+            decompress_verified(&other, &sha, &mut Vec::new()),
+            Err(DecodeError::Checksum { .. })
+        ));
+        // A frame of another writer before the index.
+        let mut foreign = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        foreign.write_all(&plain).unwrap();
+        let foreign = [foreign.finish().unwrap(), c.index.clone()].concat();
+        assert!(decode_parts_to_vec(&foreign, &sha).is_err());
+        // A failing writer.
+        let err = decode_parts(&object, &sha, &|_, _| Err(std::io::Error::other("full")));
+        assert!(matches!(err, Err(DecodeError::Write(_))));
     }
 
     #[test]

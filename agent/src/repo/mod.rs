@@ -9,6 +9,7 @@ pub mod json_objects;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod part_index;
 pub mod restore_points;
 mod u64_string;
 pub mod wal;

@@ -266,16 +266,24 @@ fn write_verified(
         .prefix(".pgpitr-")
         .tempfile_in(dir)
         .map_err(|e| RepoError::io(dir, e))?;
-    let written = {
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        let n = codec::decompress_verified(compressed, &wal.sha256_hex, &mut out).map_err(|e| {
-            RepoError::Corrupt {
-                key: wal.key.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        out.flush().map_err(|e| RepoError::io(dest, e))?;
-        n
+    let corrupt = |e: codec::DecodeError| RepoError::Corrupt {
+        key: wal.key.clone(),
+        message: e.to_string(),
+    };
+    let file = tmp.as_file();
+    let parts = codec::decode_parts(compressed, &wal.sha256_hex, &|offset, plain| {
+        std::os::unix::fs::FileExt::write_all_at(file, plain, offset)
+    });
+    let written = match parts.map_err(corrupt)? {
+        Some(n) => n,
+        // Written before objects had a part index: one SHA-256, on a thread of its own.
+        None => {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+            let n = codec::decompress_verified(compressed, &wal.sha256_hex, &mut out)
+                .map_err(corrupt)?;
+            out.flush().map_err(|e| RepoError::io(dest, e))?;
+            n
+        }
     };
     if durability == Durability::WritebackStarted {
         start_writeback(tmp.as_file());
