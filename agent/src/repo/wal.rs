@@ -240,18 +240,6 @@ pub async fn write_to(
         .expect("decompression task")
 }
 
-/// Asks the kernel to start writing `file`'s dirty pages now (`SYNC_FILE_RANGE_WRITE`: no
-/// wait, no guarantee). A failure only means writeback happens later, as it would anyway.
-fn start_writeback(file: &std::fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the duration of the call; the call only reads its
-    // arguments.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if rc != 0 {
-        tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
-    }
-}
-
 fn write_verified(
     compressed: &[u8],
     wal: &ArchivedWal,
@@ -286,7 +274,7 @@ fn write_verified(
         }
     };
     if durability == Durability::WritebackStarted {
-        start_writeback(tmp.as_file());
+        crate::storage::local::start_writeback(tmp.as_file());
     }
     tmp.persist(dest)
         .map_err(|e| RepoError::io(dest, e.error))?;

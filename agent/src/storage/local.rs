@@ -61,8 +61,11 @@ impl LocalStorage {
     fn put_blocking(&self, key: &str, parts: &[Bytes], mode: PutMode) -> StorageResult<()> {
         let dir = key.rfind('/').map_or("", |i| &key[..=i]);
         let mut temp = self.stage_blocking(dir)?;
+        // Whole buffers at once: the fsync of the commit starts their writeback.
         for part in parts {
-            temp.write_all(part).map_err(|e| self.io_error(key, e))?;
+            temp.file
+                .write_all(part)
+                .map_err(|e| self.io_error(key, e))?;
         }
         self.commit_blocking(key, temp, mode)
     }
@@ -161,9 +164,14 @@ pub struct TempFile {
     path: PathBuf,
 }
 
+/// Each write of a staged object also starts the writeback of what was written
+/// ([`start_writeback`]): the object's bytes come while they are being compressed, and the fsync
+/// of the commit then finds most of them on their way to disk already.
 impl Write for TempFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        let n = self.file.write(buf)?;
+        start_writeback(&self.file);
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -192,6 +200,18 @@ fn create_dir_durable(root: &Path, dir: &Path) -> io::Result<()> {
         Ok(()) => fsync_dir(dir.parent().unwrap_or(root)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Asks the kernel to start writing `file`'s dirty pages now (`SYNC_FILE_RANGE_WRITE`: no
+/// wait, no guarantee). A failure only means writeback happens later, as it would anyway.
+pub(crate) fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; the call only reads its
+    // arguments.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc != 0 {
+        tracing::debug!("sync_file_range: {}", io::Error::last_os_error());
     }
 }
 
