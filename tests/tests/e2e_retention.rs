@@ -383,6 +383,19 @@ fn expire_policies_restore_verify_and_crash() {
             &["verify", "--backup", &newest_id],
             &[&seg, "is missing"],
         );
+        // A damaged part index (a part hash near the end of the object): the content's SHA-256
+        // still matches, but restore_command would refuse the file, and verify says so.
+        let (_d, copy) = copy_repo(&repo, "badindex");
+        let path = copy.join(&key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 30;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, bytes).unwrap();
+        pgpitr_fails(
+            &repo_env(&copy),
+            &["verify", "--backup", &newest_id],
+            &[&key, "XXH3-128 mismatch"],
+        );
     }
     phase("damage found");
     // kill -9 in the middle of an expire (slowed down between deletions).
