@@ -29,9 +29,9 @@ pub struct Written {
 /// 1 MiB ([`PART_SIZE`]), each compressed as its own frame by worker threads (one per core but
 /// one, at most 4) and written to `out` in order, one `write_all` per frame, while the calling
 /// thread computes the SHA-256 and then compresses parts too. The object ends with its
-/// [`PartIndex`] (the XXH3-128 of each part, computed beside its compression), written last. Each thread encodes its frames in
-/// one buffer of its own, allocated once: besides `out`, a call needs only a few MiB of fresh
-/// memory, which is slow to fault in on a virtual machine.
+/// [`PartIndex`] (the XXH3-128 of each part, computed beside its compression), written last.
+/// Each thread encodes its frames in one buffer of its own, allocated once: besides `out`, a
+/// call needs only a few MiB of fresh memory, which is slow to fault in on a virtual machine.
 ///
 /// `in_order` sees each plain part after its frame was written, in order (for the restore-point
 /// scan). `released` is told each part's byte range once it has been both hashed and
@@ -62,6 +62,8 @@ pub fn compress_into(
     let next = AtomicUsize::new(0);
     // Parts hashed and parts written, each a count from the first part. A part is released by
     // whichever of the two threads finishes with it last; both may (SeqCst: never neither).
+    // Atomics rather than the turnstile's `next`, so that the hashing thread never waits for
+    // the lock a write holds.
     let hashed = AtomicUsize::new(0);
     let written = AtomicUsize::new(0);
     let order = std::sync::Mutex::new(InOrder {
@@ -259,7 +261,7 @@ pub fn decompress_verified(
         None => compressed,
         Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
         Some(Ok((frames, index))) => {
-            check_index(&index, expected_sha256_hex)?;
+            check_sha256(index.sha256, expected_sha256_hex)?;
             frames
         }
     };
@@ -360,7 +362,7 @@ pub fn decode_parts(
         Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
         Some(Ok(split)) => split,
     };
-    check_index(&index, expected_sha256_hex)?;
+    check_sha256(index.sha256, expected_sha256_hex)?;
     let mut frames = Vec::with_capacity(index.parts.len());
     while !rest.is_empty() {
         let (frame, tail) = split_own_frame(rest).ok_or_else(|| {
@@ -425,18 +427,6 @@ pub fn decode_parts(
         result
     })?;
     Ok(Some(index.plain_len))
-}
-
-/// Checks that `index` belongs to the object whose key holds `expected_sha256_hex`.
-fn check_index(index: &PartIndex, expected_sha256_hex: &str) -> Result<(), DecodeError> {
-    let actual = hex::encode(index.sha256);
-    if actual != expected_sha256_hex {
-        return Err(DecodeError::Checksum {
-            expected: expected_sha256_hex.to_string(),
-            actual,
-        });
-    }
-    Ok(())
 }
 
 /// Writes `block` to `out`, then hands it to the hashing thread.
@@ -556,8 +546,15 @@ fn split_own_frame(data: &[u8]) -> Option<(OwnFrame<'_>, &[u8])> {
     Some((frame, &rest[8 + len..]))
 }
 
+/// Checks `hasher`'s digest against `expected_sha256_hex` (see [`check_sha256`]).
 fn check(hasher: Sha256, expected_sha256_hex: &str) -> Result<(), DecodeError> {
-    let actual = hex::encode(hasher.finalize());
+    check_sha256(hasher.finalize().into(), expected_sha256_hex)
+}
+
+/// Checks a SHA-256 against the one an object's key holds: the digest of its plain bytes, or
+/// the one its [`PartIndex`] carries (which ties the index to the key).
+fn check_sha256(actual: [u8; 32], expected_sha256_hex: &str) -> Result<(), DecodeError> {
+    let actual = hex::encode(actual);
     if actual != expected_sha256_hex {
         return Err(DecodeError::Checksum {
             expected: expected_sha256_hex.to_string(),
