@@ -64,10 +64,10 @@ impl FromStr for SslMode {
             "require" => Self::Require,
             "verify-ca" => Self::VerifyCa,
             "verify-full" => Self::VerifyFull,
-            _ => {
-                return Err(WalsenderError::InvalidConnInfo(
-                    "invalid sslmode value (expected disable, allow, prefer, require, verify-ca or verify-full)".into(),
-                ))
+            other => {
+                return Err(WalsenderError::InvalidConnInfo(format!(
+                    "invalid sslmode value: \"{other}\""
+                )))
             }
         })
     }
@@ -358,11 +358,10 @@ fn resolve(
             "replication" => match value.to_ascii_lowercase().as_str() {
                 "true" | "on" | "yes" | "1" => {}
                 _ => {
-                    return Err(invalid(
-                        "this replication value is not supported: this client opens physical \
+                    return Err(invalid(format!(
+                        "replication={value} is not supported: this client opens physical \
                          replication connections only"
-                            .into(),
-                    ))
+                    )))
                 }
             },
             "channel_binding" | "gssencmode" if value == "require" => {
@@ -392,7 +391,9 @@ fn resolve(
 
     let host = match pick(raw.host, "PGHOST") {
         Some(h) if h.contains(',') => {
-            return Err(invalid("multiple hosts are not supported".into()))
+            return Err(invalid(format!(
+                "multiple hosts are not supported: \"{h}\""
+            )))
         }
         Some(h) => h,
         None if env.default_socket_dir_exists() => DEFAULT_SOCKET_DIR.to_owned(),
@@ -401,7 +402,7 @@ fn resolve(
     let port = match pick(raw.port, "PGPORT") {
         Some(p) => match p.trim().parse::<u16>() {
             Ok(n) if n != 0 => n,
-            _ => return Err(invalid("invalid port number (expected 1 to 65535)".into())),
+            _ => return Err(invalid(format!("invalid port number: \"{p}\""))),
         },
         None => DEFAULT_PORT,
     };
@@ -428,9 +429,9 @@ fn resolve(
             Ok(n) if n <= 0 => None,
             Ok(n) => Some(Duration::from_secs(n.max(2) as u64)),
             Err(_) => {
-                return Err(invalid(
-                    "invalid integer value for connection option \"connect_timeout\"".into(),
-                ))
+                return Err(invalid(format!(
+                    "invalid integer value \"{t}\" for connection option \"connect_timeout\""
+                )))
             }
         },
         None => None,
