@@ -229,7 +229,7 @@ def replay_once(root, repo, conn, mode):
         name = label.split("(file ", 1)[1].split(")", 1)[0]
         while True:
             p = subprocess.run(as_pg(["env", f"PGPITR_REPO={repo}", "PGPITR_RESTORE_PREFETCH=0",
-                                      f"{root}/bin/pgpitr-restore", name, f"{dst}/pg_wal/{name}"]))
+                                      f"{root}/bin/pgpitr-restore", name, f"pg_wal/{name}"]), cwd=dst)
             if p.returncode != 0:
                 break
             name = next_segment(name)

@@ -2,7 +2,7 @@
 """WAL archiving benchmark: pgpitr-archive / pgpitr-restore vs pgBackRest archive-push / archive-get
 on real 16 MiB WAL segments from an OLTP run (pgbench after a checkpoint, so with full-page images),
 all in one run on this machine. Prints a Markdown report. Run through scripts/bench."""
-import os, shutil, statistics, subprocess, sys, tempfile, time
+import glob, os, shutil, statistics, subprocess, sys, tempfile, time
 
 PG = "/usr/lib/postgresql/15/bin"
 TARGET = sys.argv[1]          # directory with pgpitr, pgpitr-archive, pgpitr-restore (release)
@@ -136,6 +136,16 @@ def fake_pgdata(root, wal, names, ready):
     return d
 
 
+def restore_pgdata(root, data):
+    """A data directory for restore calls: pg_wal, and the cluster's global/pg_control, which
+    pgpitr-restore checks the repository against."""
+    out = tempfile.mkdtemp(dir=root)
+    os.makedirs(f"{out}/pg_wal")
+    os.makedirs(f"{out}/global")
+    shutil.copy(f"{data}/global/pg_control", f"{out}/global/pg_control")
+    return out
+
+
 def start_garage(root):
     """A single-node Garage on loopback with one bucket; returns (env for pgpitr, process) or None."""
     garage = os.environ.get("GARAGE_BIN") or os.path.expanduser("~/.cache/pgpitr/garage/bin/garage")
@@ -226,8 +236,7 @@ def main():
         t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
         record("pgpitr-archive, one segment per call", t, r)
         stored = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(repo) for f in fs)
-        out = tempfile.mkdtemp(dir=root)
-        os.makedirs(f"{out}/pg_wal")
+        out = restore_pgdata(root, data)
         settle()
         t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
                      for n in names])
@@ -243,15 +252,15 @@ def main():
         t, r = zip(*[archiver_call(d, n, [f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env)
                      for n in names])
         record("pgpitr-archive, batching (16 ahead, 3 parallel)", t, r)
-        out = tempfile.mkdtemp(dir=root)
-        os.makedirs(f"{out}/pg_wal")
+        out = restore_pgdata(root, data)
         settle()
         t, r = zip(*[recovery_call(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env)
                      for n in names])
         record("pgpitr-restore, prefetch (8 ahead)", t, r)
         # The detached refill those calls start is not their child: measure it on its own (the
         # same command they run), filling an empty spool with 8 segments.
-        wait_refill_done(f"{out}/pg_wal/pgpitr_spool/restore.lock")
+        for lock in glob.glob(f"{out}/pg_wal/pgpitr_spool/restore/*.lock"):
+            wait_refill_done(lock)
         shutil.rmtree(f"{out}/pg_wal/pgpitr_spool")
         settle()
         t, r = timed([f"{TARGET}/pgpitr-restore", "--refill", names[0], "pg_wal/RECOVERYXLOG"], env, out)
@@ -266,8 +275,7 @@ def main():
             settle()
             t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
             record("pgpitr-archive to S3 (Garage), one segment per call", t, r)
-            out = tempfile.mkdtemp(dir=root)
-            os.makedirs(f"{out}/pg_wal")
+            out = restore_pgdata(root, data)
             settle()
             t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
                          for n in names])
@@ -287,8 +295,7 @@ def main():
         settle()
         t, r = zip(*[timed(as_pg(base + ["archive-push", f"{wal}/{n}"])) for n in names])
         record("pgBackRest archive-push (lz4)", t, r)
-        out = tempfile.mkdtemp(dir=root)
-        os.makedirs(f"{out}/pg_wal")
+        out = restore_pgdata(root, data)
         run(["chown", "-R", "postgres", out]) if os.geteuid() == 0 else None
         settle()
         t, r = zip(*[restore_checked(out, as_pg(base + ["archive-get", n, f"{out}/pg_wal/RECOVERYXLOG"]), None, wal, n)

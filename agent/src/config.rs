@@ -123,8 +123,8 @@ pub enum ConfigError {
     Env { var: String, message: String },
     #[error("no repository configured: set `repo` in {DEFAULT_CONFIG_PATH} (or --config FILE, or PGPITR_REPO)")]
     NoRepo,
-    #[error("invalid repo '{repo}': {message}")]
-    Repo { repo: String, message: String },
+    #[error("invalid `repo`: {message}")]
+    Repo { message: String },
     #[error("invalid value for `{key}`: {message}")]
     Value { key: &'static str, message: String },
 }
@@ -164,7 +164,7 @@ impl Config {
         let mut table: toml::Table = match text {
             Some(t) => toml::from_str(t).map_err(|e| ConfigError::Parse {
                 path: path_buf.clone(),
-                message: one_line(&e.to_string()),
+                message: syntax_error(t, &e),
             })?,
             None => toml::Table::new(),
         };
@@ -181,7 +181,7 @@ impl Config {
             };
             let bad = |what: &str| ConfigError::Env {
                 var: var.clone(),
-                message: format!("expected {what}, got '{value}'"),
+                message: format!("expected {what}"),
             };
             let v = match kind {
                 Kind::Str => toml::Value::String(value.clone()),
@@ -204,7 +204,7 @@ impl Config {
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
                     path: path_buf,
-                    message: one_line(&e.to_string()),
+                    message: value_error(&e),
                 })?;
         config.validate()?;
         Ok(config)
@@ -243,7 +243,6 @@ impl Config {
         }
         match self.repo_kind()? {
             RepoKind::Local(p) if !p.is_absolute() => Err(ConfigError::Repo {
-                repo: self.repo.clone(),
                 message: "a local repository must be an absolute path (archive_command runs in the data directory)".into(),
             }),
             _ => Ok(()),
@@ -260,17 +259,32 @@ impl Config {
                 self.s3_force_path_style,
             )
             .map(RepoKind::S3)
-            .map_err(|message| ConfigError::Repo {
-                repo: self.repo.clone(),
-                message,
-            })
+            .map_err(|message| ConfigError::Repo { message })
         } else if self.repo.contains("://") {
             Err(ConfigError::Repo {
-                repo: self.repo.clone(),
                 message: "only local paths and s3:// URLs are supported".into(),
             })
         } else {
             Ok(RepoKind::Local(PathBuf::from(&self.repo)))
+        }
+    }
+
+    /// A string that differs between any two repositories this configuration could name, for
+    /// binding spooled files to their repository (`commands::spool`): a local repository's
+    /// canonical path (as given when it does not exist), or an S3 repository's URL with its
+    /// endpoint (or region, on AWS). Never shown to anyone.
+    pub fn repo_binding(&self) -> String {
+        match self.repo_kind() {
+            Ok(RepoKind::Local(p)) => {
+                let p = std::fs::canonicalize(&p).unwrap_or(p);
+                format!("local\0{}", p.display())
+            }
+            _ => format!(
+                "s3\0{}\0{}\0{}",
+                self.s3_endpoint.as_deref().unwrap_or(""),
+                self.s3_region,
+                self.repo.trim_end_matches('/')
+            ),
         }
     }
 
@@ -290,8 +304,51 @@ pub enum RepoKind {
     S3(S3Location),
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A TOML syntax error as one line that names the line, column and key but never shows the
+/// text: the line may hold a secret (a password in `conninfo`), and this message goes to
+/// PostgreSQL's log.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return "invalid TOML syntax (the text is not shown)".into();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim())
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+        .map(|k| format!(" (key `{k}`)"))
+        .unwrap_or_default();
+    format!(
+        "invalid TOML syntax at line {line}, column {column}{key}; check its quoting and escapes (\\ in a \"string\", or use a 'literal string'); the line is not shown, it may hold a secret"
+    )
+}
+
+/// A well-formed file whose keys or values are wrong, as one line: toml's message names the key
+/// and the expected type; anything it quotes (the offending value) is left out.
+fn value_error(e: &toml::de::Error) -> String {
+    let text = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' | '\'' if !quoted => {
+                quoted = true;
+                out.push_str("(value not shown)");
+            }
+            '"' | '\'' => quoted = false,
+            _ if !quoted => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]

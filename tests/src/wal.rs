@@ -21,3 +21,16 @@ pub fn synthetic_segment(sysid: u64, seg_size: u32, segno: u64, seed: u64) -> Ve
     b[36..40].copy_from_slice(&8192u32.to_le_bytes());
     b
 }
+
+/// A `global/pg_control` of cluster `sysid` (PostgreSQL 15's `pg_control_version`), as far as
+/// pgpitr reads it: the system identifier, the version and a valid CRC-32C after a struct of
+/// PostgreSQL 15's size, zero-padded to 8192 bytes.
+pub fn synthetic_pg_control(sysid: u64) -> Vec<u8> {
+    const STRUCT_LEN: usize = 296;
+    let mut b = vec![0u8; 8192];
+    b[0..8].copy_from_slice(&sysid.to_le_bytes());
+    b[8..12].copy_from_slice(&1300u32.to_le_bytes());
+    let crc = crc32c::crc32c(&b[..STRUCT_LEN - 4]);
+    b[STRUCT_LEN - 4..STRUCT_LEN].copy_from_slice(&crc.to_le_bytes());
+    b
+}

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use pgpitr_tests::garage::Garage;
-use pgpitr_tests::wal::synthetic_segment;
+use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
 use pgpitr_tests::{bin, temp_dir};
 
 const SEG: u32 = 1 << 20; // initdb --wal-segsize=1: segment sizes are read from WAL, never assumed
 const SYSID: u64 = 7_400_000_000_000_000_042;
 
-/// A fake data directory with `pg_wal/archive_status` and a repository.
+/// A fake data directory with `global/pg_control`, `pg_wal/archive_status` and a repository.
 struct Fixture {
     _dir: tempfile::TempDir,
     pgdata: PathBuf,
@@ -39,6 +39,12 @@ impl Fixture {
     fn with_env(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Fixture {
         let pgdata = dir.path().join("pgdata");
         std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
+        std::fs::create_dir_all(pgdata.join("global")).unwrap();
+        std::fs::write(
+            pgdata.join("global/pg_control"),
+            synthetic_pg_control(SYSID),
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             pgdata,
@@ -75,6 +81,11 @@ impl Fixture {
     }
 
     fn cmd(&self, program: &str, args: &[&str]) -> Output {
+        self.cmd_with(program, args, &[])
+    }
+
+    /// [`Fixture::cmd`] with `extra` variables set after the fixture's own (so overriding them).
+    fn cmd_with(&self, program: &str, args: &[&str], extra: &[(&str, &str)]) -> Output {
         let mut c = Command::new(bin(program));
         c.args(args)
             .current_dir(&self.pgdata)
@@ -82,7 +93,20 @@ impl Fixture {
         for (k, v) in &self.env {
             c.env(k, v);
         }
+        for (k, v) in extra {
+            c.env(k, v);
+        }
         c.output().unwrap()
+    }
+
+    /// What PostgreSQL does once archive_command succeeded: `.ready` becomes `.done`.
+    fn mark_done(&self, name: &str) {
+        let status = self.pgdata.join("pg_wal/archive_status");
+        std::fs::rename(
+            status.join(format!("{name}.ready")),
+            status.join(format!("{name}.done")),
+        )
+        .unwrap();
     }
 
     fn archive(&self, name: &str) -> Output {
@@ -100,6 +124,20 @@ fn stderr(o: &Output) -> String {
 
 fn code(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
+}
+
+/// The names of the WAL segments stored in the local repository `repo`.
+fn archived_names(repo: &Path) -> Vec<String> {
+    let mut names: Vec<String> = walk(repo)
+        .iter()
+        .filter_map(|k| {
+            let key = k.strip_prefix(&format!("{}/", repo.display()))?;
+            pgpitr::repo::layout::parse_wal_object_key(key).map(|(n, _)| n.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn archive_contract(f: &Fixture) {
@@ -220,10 +258,8 @@ fn batching_pushes_ready_segments_ahead_and_prefetch_serves_from_spool() {
             "{n} not pushed ahead: {stored:?}"
         );
     }
-    let marker = f
-        .pgdata
-        .join("pg_wal/pgpitr_spool/archive")
-        .join(format!("{}.ok", names[1]));
+    let marker =
+        bound_spool(&f.pgdata.join("pg_wal/pgpitr_spool/archive")).join(format!("{}.ok", names[1]));
     assert!(marker.exists());
     assert_eq!(code(&f.archive(&names[1])), 0);
     assert!(
@@ -244,8 +280,13 @@ fn batching_pushes_ready_segments_ahead_and_prefetch_serves_from_spool() {
     // following segments while the call has already returned; the next call is a rename.
     let out = f.restore(&names[0], "pg_wal/RECOVERYXLOG");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let spool = f.pgdata.join("pg_wal/pgpitr_spool/restore");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let restore_spool = f.pgdata.join("pg_wal/pgpitr_spool/restore");
+    while bound_spools(&restore_spool).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no spool created");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let spool = bound_spool(&restore_spool);
     while !names[1..].iter().all(|n| spool.join(n).exists()) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -256,7 +297,7 @@ fn batching_pushes_ready_segments_ahead_and_prefetch_serves_from_spool() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // The refill has ended: its lock is free (a second refill would run).
-    let lock = f.pgdata.join("pg_wal/pgpitr_spool/restore.lock");
+    let lock = spool.with_extension("lock");
     while std::fs::File::open(&lock).unwrap().try_lock().is_err() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -437,6 +478,27 @@ fn corrupt_object_stops_recovery_and_writes_nothing() {
     assert_eq!(code(&f.restore(&seg, "pg_wal/RECOVERYXLOG")), 0);
 }
 
+/// The spool directories under `dir` (`<spool>/<purpose>`), one per repository and cluster.
+fn bound_spools(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The one spool directory under `dir`.
+fn bound_spool(dir: &Path) -> PathBuf {
+    let dirs = bound_spools(dir);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.into_iter().next().unwrap()
+}
+
 fn walk(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -528,4 +590,306 @@ fn storage_errors_are_retried_then_fatal_for_restore_and_retryable_for_archive()
         "{}",
         stderr(&out)
     );
+}
+
+/// Issue 15, item 1: `archive_command = 'PGPITR_REPO=/a pgpitr-archive %p %f && PGPITR_REPO=/b
+/// pgpitr-archive %p %f'` with a backlog longer than one batch. The call into one repository
+/// pushes segments ahead and leaves markers; they must never answer a call for the other
+/// repository (which lost most of the backlog, every call exiting 0), nor a call after `repo`
+/// changed, nor one into a repository emptied since the marker was written.
+#[test]
+fn markers_vouch_only_for_the_repository_they_were_pushed_to() {
+    let f = Fixture::local();
+    let a = f.repo();
+    let b_root = temp_dir("archive-b");
+    let b = b_root.path().join("repo");
+    std::fs::create_dir(&b).unwrap();
+    let names: Vec<String> = (1..=12).map(|n| f.write_segment(n, n)).collect();
+    for n in &names {
+        f.mark_ready(n);
+    }
+    let archive_to = |repo: &Path, name: &str| {
+        let out = f.cmd_with(
+            "pgpitr-archive",
+            &[&format!("pg_wal/{name}"), name],
+            &[
+                ("PGPITR_REPO", &repo.display().to_string()),
+                ("PGPITR_ARCHIVE_BATCH", "4"),
+            ],
+        );
+        assert_eq!(
+            code(&out),
+            0,
+            "{name} into {}: {}",
+            repo.display(),
+            stderr(&out)
+        );
+    };
+    // PostgreSQL's calls, in order, each one the `&&` of two commands.
+    for n in &names[..8] {
+        archive_to(&a, n);
+        archive_to(&b, n);
+        f.mark_done(n);
+    }
+    assert_eq!(archived_names(&a), names[..8], "repository a");
+    assert_eq!(archived_names(&b), names[..8], "repository b");
+
+    // `repo` changed from a to b while markers for a are outstanding (9 pushed 10-12 ahead).
+    archive_to(&a, &names[8]);
+    f.mark_done(&names[8]);
+    for n in &names[9..] {
+        archive_to(&b, n);
+    }
+    assert_eq!(archived_names(&b), names, "repository b after the change");
+
+    // A repository emptied (and recreated) after markers were written into it.
+    let g = Fixture::local();
+    let names: Vec<String> = (1..=4).map(|n| g.write_segment(n, n)).collect();
+    for n in &names {
+        g.mark_ready(n);
+    }
+    assert_eq!(code(&g.archive(&names[0])), 0);
+    assert_eq!(archived_names(&g.repo()), names, "pushed ahead");
+    std::fs::remove_dir_all(g.repo()).unwrap();
+    std::fs::create_dir(g.repo()).unwrap();
+    for n in &names[1..] {
+        let out = g.archive(n);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    assert_eq!(archived_names(&g.repo()), names[1..], "after emptying");
+}
+
+/// Issue 15, item 2: `pgpitr-restore` in the data directory of one cluster, configured with the
+/// repository of another, writes nothing and stops recovery (exit above 125) instead of handing
+/// over the other cluster's WAL; a data directory it cannot identify is refused too; and a
+/// spool shared between clusters or left by another repository is never handed over.
+#[test]
+fn restore_refuses_another_clusters_wal_and_spool() {
+    let shared_spool = temp_dir("shared-spool");
+    let spool_env = (
+        "PGPITR_SPOOL_DIR".to_string(),
+        shared_spool.path().display().to_string(),
+    );
+    let mut f = Fixture::local();
+    f.env.push(spool_env.clone());
+    let names: Vec<String> = (1..=4).map(|n| f.write_segment(n, n)).collect();
+    for n in &names {
+        assert_eq!(code(&f.archive(n)), 0);
+    }
+    let history = "00000002.history";
+    std::fs::write(
+        f.pgdata.join("pg_wal").join(history),
+        "1\t0/3000000\tno recovery target specified\n",
+    )
+    .unwrap();
+    assert_eq!(code(&f.archive(history)), 0);
+
+    // Another cluster's data directory, this cluster's repository.
+    let other = Fixture::with_env(temp_dir("other-cluster"), f.env.clone());
+    std::fs::write(
+        other.pgdata.join("global/pg_control"),
+        synthetic_pg_control(SYSID + 1),
+    )
+    .unwrap();
+    for name in [names[0].as_str(), history] {
+        let out = other.restore(name, "pg_wal/RECOVERYXLOG");
+        assert_eq!(code(&out), 202, "{name}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("belongs to the cluster with system identifier"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!other.pgdata.join("pg_wal/RECOVERYXLOG").exists());
+    }
+    // No pg_control at all: not a data directory.
+    std::fs::remove_file(other.pgdata.join("global/pg_control")).unwrap();
+    let out = other.restore(&names[0], "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 200, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("global/pg_control"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!other.pgdata.join("pg_wal/RECOVERYXLOG").exists());
+
+    // This cluster restores: its refill spools segments 2-4 in the shared spool.
+    assert_eq!(code(&f.restore(&names[0], "pg_wal/RECOVERYXLOG")), 0);
+    let spool_root = shared_spool.path().join("restore");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let spools = bound_spools(&spool_root);
+        if spools.len() == 1 && names[1..].iter().all(|n| spools[0].join(n).exists()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segments not prefetched"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let lock = bound_spool(&spool_root).with_extension("lock");
+    while std::fs::File::open(&lock).unwrap().try_lock().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refill never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // A third cluster sharing the spool, with its own repository holding its own segment 2:
+    // it gets its own bytes, and "not found" for segment 3, never the spooled files.
+    let mut third = Fixture::local();
+    third.env.push(spool_env);
+    std::fs::write(
+        third.pgdata.join("global/pg_control"),
+        synthetic_pg_control(SYSID + 2),
+    )
+    .unwrap();
+    let own = synthetic_segment(SYSID + 2, SEG, 2, 99);
+    std::fs::write(third.pgdata.join("pg_wal").join(&names[1]), &own).unwrap();
+    assert_eq!(code(&third.archive(&names[1])), 0);
+    std::fs::remove_file(third.pgdata.join("pg_wal").join(&names[1])).unwrap();
+    let out = third.restore(&names[1], "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(std::fs::read(third.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == own);
+    let out = third.restore(&names[2], "pg_wal/RECOVERYXLOG");
+    assert_eq!(
+        code(&out),
+        1,
+        "another cluster's spooled segment handed over: {}",
+        stderr(&out)
+    );
+
+    // The same data directory with `repo` changed to a repository without segment 3: not
+    // found, although the spool of the first repository holds it.
+    let empty_root = temp_dir("repo-c");
+    let c = empty_root.path().join("repo");
+    std::fs::create_dir(&c).unwrap();
+    let out = f.cmd_with(
+        "pgpitr-archive",
+        &[&format!("pg_wal/{}", names[0]), &names[0]],
+        &[("PGPITR_REPO", &c.display().to_string())],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = f.cmd_with(
+        "pgpitr-restore",
+        &[&names[2], "pg_wal/RECOVERYXLOG"],
+        &[("PGPITR_REPO", &c.display().to_string())],
+    );
+    assert_eq!(
+        code(&out),
+        1,
+        "another repository's spooled segment handed over: {}",
+        stderr(&out)
+    );
+    // With its own repository it is still served from the spool, byte for byte.
+    std::fs::rename(f.repo(), f.repo().with_extension("moved")).unwrap();
+    let out = f.restore(&names[2], "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        std::fs::read(f.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap()
+            == std::fs::read(f.pgdata.join("pg_wal").join(&names[2])).unwrap()
+    );
+}
+
+/// Issue 15, item 3: no error message quotes a configuration value, a connection string or a
+/// credential. The stderr of each of these failing calls (PostgreSQL's log, for the archive and
+/// restore commands) is searched for the secret.
+#[test]
+fn failing_calls_never_print_a_secret() {
+    const PASSWORD: &str = "Secr3tPw";
+    let f = Fixture::local();
+    let seg = f.write_segment(1, 1);
+    let dir = temp_dir("secret-config");
+    let leaks = |what: &str, out: &Output| {
+        let err = stderr(out);
+        assert!(!out.status.success(), "{what} succeeded: {err}");
+        for secret in [PASSWORD, "ab\\c", pgpitr_tests::garage::SECRET] {
+            assert!(!err.contains(secret), "{what} printed a secret: {err}");
+        }
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        err
+    };
+
+    // A TOML syntax error on the conninfo line (a backslash escape TOML does not know).
+    let config = dir.path().join("pgpitr.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "repo = \"{}\"\nconninfo = \"host=/tmp user=backup password=ab\\c{PASSWORD}\"\n",
+            f.repo().display()
+        ),
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    for (program, args) in [
+        (
+            "pgpitr-archive",
+            vec!["--config", &config_arg, "pg_wal/x", &seg],
+        ),
+        (
+            "pgpitr-restore",
+            vec!["--config", &config_arg, &seg, "pg_wal/RECOVERYXLOG"],
+        ),
+        ("pgpitr", vec!["--config", &config_arg, "backup"]),
+    ] {
+        let out = f.cmd(program, &args);
+        let err = leaks(&format!("{program} with a malformed file"), &out);
+        assert!(
+            err.contains("line 2") && err.contains("conninfo"),
+            "{program}: the message must say where: {err}"
+        );
+    }
+    // A well-formed file whose value has the wrong type.
+    std::fs::write(
+        &config,
+        format!(
+            "repo = \"{}\"\narchive_parallel = \"{PASSWORD}\"\n",
+            f.repo().display()
+        ),
+    )
+    .unwrap();
+    let out = f.cmd(
+        "pgpitr-archive",
+        &["--config", &config_arg, "pg_wal/x", &seg],
+    );
+    let err = leaks("pgpitr-archive with a wrong type", &out);
+    assert!(err.contains("archive_parallel"), "{err}");
+    let out = f.cmd_with(
+        "pgpitr-archive",
+        &[&format!("pg_wal/{seg}"), &seg],
+        &[("PGPITR_RESTORE_PREFETCH", PASSWORD)],
+    );
+    leaks("a bad environment variable", &out);
+
+    // A refused connection, the password in the connection string.
+    let port = pgpitr_tests::free_port().to_string();
+    let out = f.cmd_with(
+        "pgpitr",
+        &["backup"],
+        &[(
+            "PGPITR_CONNINFO",
+            &format!(
+                "host=127.0.0.1 port={port} user=backup password={PASSWORD} connect_timeout=2"
+            ),
+        )],
+    );
+    leaks("a refused connection", &out);
+
+    // Wrong S3 keys against a real S3 server.
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    let mut env = g.env(&bucket, "secrets");
+    for (k, v) in &mut env {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = format!("{PASSWORD}{}", &pgpitr_tests::garage::SECRET[8..]);
+        }
+    }
+    let s3 = Fixture::with_env(temp_dir("s3-wrong-key"), env);
+    let seg = s3.write_segment(1, 1);
+    let out = s3.archive(&seg);
+    leaks("pgpitr-archive with a wrong S3 secret", &out);
+    let out = s3.restore(&seg, "pg_wal/RECOVERYXLOG");
+    assert!(code(&out) > 125, "{}", stderr(&out));
+    leaks("pgpitr-restore with a wrong S3 secret", &out);
 }

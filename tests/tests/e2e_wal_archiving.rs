@@ -72,8 +72,15 @@ fn scenario(repo_env: Vec<(String, String)>, list_repo: impl Fn() -> Vec<String>
         segments.len() >= 6,
         "expected several archived segments, got {segments:?}"
     );
+    // pgpitr-restore runs in a data directory of the cluster: pg_wal and global/pg_control.
     let scratch = temp_dir("fetch");
     std::fs::create_dir(scratch.path().join("pg_wal")).unwrap();
+    std::fs::create_dir(scratch.path().join("global")).unwrap();
+    std::fs::copy(
+        primary.data.join("global/pg_control"),
+        scratch.path().join("global/pg_control"),
+    )
+    .unwrap();
     for name in &segments {
         let mut cmd = Command::new(bin("pgpitr-restore"));
         cmd.args([name.as_str(), "pg_wal/RECOVERYXLOG"])

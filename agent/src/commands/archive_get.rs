@@ -4,6 +4,12 @@
 //! fetched ahead in the spool, so that most calls are a rename and recovery replays while the
 //! next segments download.
 //!
+//! Before it writes anything, a call checks that the repository belongs to the cluster being
+//! recovered (the system identifier in the data directory's `global/pg_control`), and it takes
+//! prefetched segments only from the spool bound to that repository, cluster and data directory
+//! (`spool::spool_dir`): another cluster's WAL is never handed to recovery, which would take it
+//! for the end of WAL and could promote early.
+//!
 //! The exit-code contract (PostgreSQL docs, "Recovering Using a Continuous Archive Backup", and
 //! src/backend/access/transam/xlogarchive.c): 1–125 means "not found", which during archive
 //! recovery can end recovery and promote; above 125 means fatal, and recovery stops. So only a
@@ -16,7 +22,8 @@ use futures::StreamExt;
 
 use super::spool;
 use crate::config::{Config, ConfigError, RepoKind};
-use crate::pg::{WalFileName, WalSegmentName};
+use crate::pg::control::ControlFileError;
+use crate::pg::{ControlFile, WalFileName, WalSegmentName};
 use crate::repo::wal::{self, ArchivedWal};
 use crate::repo::{layout, RepoError, RepoIdentity};
 use crate::storage::Storage;
@@ -48,6 +55,9 @@ pub enum FetchError {
     NotFound(WalFileName),
     #[error("{0}")]
     Usage(String),
+    /// The working directory is not a data directory whose cluster pgpitr can identify.
+    #[error("{0}")]
+    DataDirectory(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -58,7 +68,9 @@ impl FetchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             FetchError::NotFound(_) => exit::NOT_FOUND,
-            FetchError::Usage(_) | FetchError::Config(_) => exit::USAGE,
+            FetchError::Usage(_) | FetchError::DataDirectory(_) | FetchError::Config(_) => {
+                exit::USAGE
+            }
             FetchError::Repo(RepoError::Storage(_) | RepoError::Io { .. }) => exit::STORAGE,
             FetchError::Repo(_) => exit::INTEGRITY,
         }
@@ -90,9 +102,10 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
     let name: WalFileName = wal_name
         .parse()
         .map_err(|e| FetchError::Usage(format!("%f: {e}")))?;
-    let spool_dir = spool::spool_dir(config, dest, "restore");
+    let system_identifier = data_directory_system_identifier()?;
+    let spool_dir = spool::spool_dir(config, dest, "restore", system_identifier);
     let WalFileName::Segment(segment) = name else {
-        fetch_direct(config, name, dest).await?;
+        fetch_direct(config, name, dest, system_identifier).await?;
         return Ok(Restored {
             source: Source::Repository,
             refill_after: None,
@@ -107,7 +120,7 @@ pub async fn run(config: &Config, wal_name: &str, dest: &Path) -> Result<Restore
             refill_after: low.then_some(segment),
         });
     }
-    fetch_direct(config, name, dest).await?;
+    fetch_direct(config, name, dest, system_identifier).await?;
     Ok(Restored {
         source: Source::Repository,
         refill_after: (config.restore_prefetch > 0).then_some(segment),
@@ -137,7 +150,8 @@ pub async fn refill(config: &Config, after: &str, dest: &Path) -> Result<(), Fet
         // and nothing to recreate.
         return Ok(());
     }
-    let spool_dir = spool::spool_dir(config, dest, "restore");
+    let system_identifier = data_directory_system_identifier()?;
+    let spool_dir = spool::spool_dir(config, dest, "restore", system_identifier);
     let io = |e| FetchError::Repo(RepoError::io(&spool_dir, e));
     spool::create_private_dir(&spool_dir).map_err(io)?;
     let mut lock = {
@@ -153,7 +167,7 @@ pub async fn refill(config: &Config, after: &str, dest: &Path) -> Result<(), Fet
     if lock.try_lock().is_err() {
         return Ok(());
     }
-    let (storage, identity) = open(config).await?;
+    let (storage, identity) = open(config, system_identifier).await?;
     let window: Vec<WalSegmentName> =
         std::iter::successors(Some(segment.next(identity.wal_segment_size)), |s| {
             Some(s.next(identity.wal_segment_size))
@@ -209,14 +223,72 @@ fn running_refill(lock: &Path) -> Option<(WalSegmentName, WalSegmentName)> {
     }
 }
 
-async fn open(config: &Config) -> Result<(std::sync::Arc<dyn Storage>, RepoIdentity), FetchError> {
+/// Opens the repository and checks that it is the repository of the cluster with
+/// `system_identifier` (the data directory's).
+///
+/// # Errors
+/// [`RepoError::OtherCluster`] for another cluster's repository; configuration and storage
+/// errors.
+async fn open(
+    config: &Config,
+    system_identifier: u64,
+) -> Result<(std::sync::Arc<dyn Storage>, RepoIdentity), FetchError> {
     let storage = config.storage().await?;
     let identity = RepoIdentity::load(storage.as_ref()).await?;
+    if identity.system_identifier != system_identifier {
+        return Err(RepoError::OtherCluster {
+            location: storage.location(),
+            repo: identity.system_identifier,
+            found: system_identifier,
+        }
+        .into());
+    }
     Ok((storage, identity))
 }
 
-async fn fetch_direct(config: &Config, name: WalFileName, dest: &Path) -> Result<(), FetchError> {
-    let (storage, _) = open(config).await?;
+/// The system identifier of the cluster being recovered, from `global/pg_control` in the
+/// working directory: PostgreSQL runs `restore_command` in the data directory
+/// (src/backend/access/transam/xlogarchive.c, `RestoreArchivedFile`). A read that races with
+/// the server rewriting the file (a torn read, rejected by its CRC) is retried.
+///
+/// # Errors
+/// [`FetchError::DataDirectory`] when there is no readable, valid `global/pg_control`.
+fn data_directory_system_identifier() -> Result<u64, FetchError> {
+    let path = Path::new("global/pg_control");
+    let mut tries = 0;
+    loop {
+        let parsed = match std::fs::read(path) {
+            Ok(bytes) => ControlFile::parse(&bytes),
+            Err(e) => {
+                let cwd = std::env::current_dir().unwrap_or_default();
+                return Err(FetchError::DataDirectory(format!(
+                    "cannot read global/pg_control in {}: {e}; pgpitr-restore must run in the data directory being recovered, as PostgreSQL runs restore_command",
+                    cwd.display()
+                )));
+            }
+        };
+        match parsed {
+            Ok(control) => return Ok(control.system_identifier),
+            Err(ControlFileError::Crc) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(FetchError::DataDirectory(format!(
+                    "global/pg_control in the working directory is not usable: {e}"
+                )))
+            }
+        }
+    }
+}
+
+async fn fetch_direct(
+    config: &Config,
+    name: WalFileName,
+    dest: &Path,
+    system_identifier: u64,
+) -> Result<(), FetchError> {
+    let (storage, _) = open(config, system_identifier).await?;
     let listing = wal::find(storage.as_ref(), name).await?;
     let found = wal::pick(&listing, name)?.ok_or(FetchError::NotFound(name))?;
     wal::fetch_to(storage.as_ref(), found, dest).await?;

@@ -3,12 +3,16 @@
 //! in parallel, and leaves a marker for each in the spool so that PostgreSQL's next calls for
 //! them return at once. PostgreSQL alone renames `.ready` to `.done`.
 //!
-//! A marker records the pushed file's size, inode and mtime; a later call trusts it only if the
-//! file in `pg_wal` still matches, so a marker can never vouch for different bytes.
+//! A marker records the pushed file's size, inode, mtime and SHA-256, and lives in the spool of
+//! one repository and cluster (`spool::spool_dir`). A later call trusts it only if the file in
+//! `pg_wal` still matches and the repository it is configured with holds that SHA-256 under the
+//! name, and no other: a marker never vouches for different bytes, nor for a repository the
+//! file was not pushed to (two `archive_command`s into two repositories, a changed `repo`, a
+//! repository emptied and recreated).
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use futures::StreamExt;
 
@@ -71,29 +75,37 @@ pub async fn run(
     let name: WalFileName = wal_name
         .parse()
         .map_err(|e| ArchiveError::Usage(format!("%f: {e}")))?;
-    let meta = std::fs::metadata(wal_path).map_err(|e| {
-        ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()))
-    })?;
-    let spool_dir = spool::spool_dir(config, wal_path, "archive");
-    let marker = spool_dir.join(format!("{name}.ok"));
-    if Marker::of(&meta).matches(&marker) {
-        let _ = std::fs::remove_file(&marker);
-        return Ok(ArchiveReport {
-            name,
-            outcome: Outcome::PushedAhead,
-            pushed_ahead: Vec::new(),
-        });
-    }
-    let head = read_head(wal_path).map_err(|e| {
-        ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()))
-    })?;
-    let storage = config.storage().await?;
-    let identity = match name {
+    let unreadable =
+        |e| ArchiveError::Usage(format!("cannot read %p '{}': {e}", wal_path.display()));
+    let meta = std::fs::metadata(wal_path).map_err(unreadable)?;
+    let head = read_head(wal_path).map_err(unreadable)?;
+    let observed = match name {
         WalFileName::Segment(_) | WalFileName::Partial(_) => {
-            let observed = segment_identity(wal_path, name, &head, meta.len())?;
-            RepoIdentity::ensure(storage.as_ref(), &observed).await?
+            Some(segment_identity(wal_path, name, &head, meta.len())?)
         }
-        _ => match RepoIdentity::load(storage.as_ref()).await {
+        _ => None,
+    };
+    let storage = config.storage().await?;
+    // A segment pushed ahead by an earlier call, to this very repository, unchanged since.
+    let spool_dir = observed
+        .as_ref()
+        .filter(|_| matches!(name, WalFileName::Segment(_)))
+        .map(|o| spool::spool_dir(config, wal_path, "archive", o.system_identifier));
+    if let Some(dir) = &spool_dir {
+        if Marker::of(&meta)
+            .take(&dir.join(format!("{name}.ok")), storage.as_ref(), name)
+            .await
+        {
+            return Ok(ArchiveReport {
+                name,
+                outcome: Outcome::PushedAhead,
+                pushed_ahead: Vec::new(),
+            });
+        }
+    }
+    let identity = match observed {
+        Some(observed) => RepoIdentity::ensure(storage.as_ref(), &observed).await?,
+        None => match RepoIdentity::load(storage.as_ref()).await {
             Err(RepoError::NotInitialized { .. }) => {
                 let observed = identity_from_wal_dir(wal_path)?;
                 RepoIdentity::ensure(storage.as_ref(), &observed).await?
@@ -102,20 +114,12 @@ pub async fn run(
         },
     };
     // The waiting segments are pushed while this one is: its compression overlaps theirs.
-    let batch = matches!(name, WalFileName::Segment(_)) && config.archive_batch > 0;
     let (pushed, pushed_ahead) = tokio::join!(wal::push(storage.as_ref(), name, wal_path), async {
-        if batch {
-            push_ahead(
-                config,
-                storage.as_ref(),
-                &identity,
-                wal_path,
-                name,
-                &spool_dir,
-            )
-            .await
-        } else {
-            Vec::new()
+        match &spool_dir {
+            Some(dir) if config.archive_batch > 0 => {
+                push_ahead(config, storage.as_ref(), &identity, wal_path, name, dir).await
+            }
+            _ => Vec::new(),
         }
     });
     let outcome = match pushed? {
@@ -200,8 +204,10 @@ fn identity_from_wal_dir(wal_path: &Path) -> Result<RepoIdentity, RepoError> {
     })
 }
 
-/// Pushes up to `archive_batch` other `.ready` files, `archive_parallel` at a time. Failures are
-/// left for PostgreSQL's own call, which reports them.
+/// Pushes up to `archive_batch` other `.ready` segments, `archive_parallel` at a time, leaving a
+/// marker for each in `spool_dir` (this repository's and cluster's). Failures are left for
+/// PostgreSQL's own call, which reports them; so are history and backup-history files, which are
+/// small and rare.
 async fn push_ahead(
     config: &Config,
     storage: &dyn Storage,
@@ -228,7 +234,11 @@ async fn push_ahead(
     let mut ready: Vec<WalFileName> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".ready")?.parse().ok())
-        .filter(|n: &WalFileName| *n != current && !spooled.contains(&format!("{n}.ok")))
+        .filter(|n: &WalFileName| {
+            matches!(n, WalFileName::Segment(_))
+                && *n != current
+                && !spooled.contains(&format!("{n}.ok"))
+        })
         .collect();
     ready.sort();
     ready.truncate(config.archive_batch as usize);
@@ -264,14 +274,12 @@ async fn push_one(
     spool_dir: &Path,
 ) -> Result<(), RepoError> {
     let meta = std::fs::metadata(path).map_err(|e| RepoError::io(path, e))?;
-    if name.segment().is_some() && !matches!(name, WalFileName::BackupHistory { .. }) {
-        let head = read_head(path).map_err(|e| RepoError::io(path, e))?;
-        let observed = segment_identity(path, name, &head, meta.len())?;
-        identity.check(storage, &observed)?;
-    }
-    wal::push(storage, name, path).await?;
+    let head = read_head(path).map_err(|e| RepoError::io(path, e))?;
+    let observed = segment_identity(path, name, &head, meta.len())?;
+    identity.check(storage, &observed)?;
+    let pushed = wal::store(storage, name, path).await?;
     Marker::of(&meta)
-        .write(&spool_dir.join(format!("{name}.ok")))
+        .write(&spool_dir.join(format!("{name}.ok")), &pushed.sha256_hex)
         .map_err(|e| RepoError::io(spool_dir, e))
 }
 
@@ -286,14 +294,16 @@ fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
-/// What a marker remembers of the file it vouches for.
+/// What a marker remembers of the file it vouches for: its size, inode and modification time.
+/// The marker itself (`<name>.ok` in the spool of one repository and cluster) adds the SHA-256
+/// of the bytes pushed.
 #[derive(Debug, PartialEq, Eq)]
 struct Marker(String);
 
 impl Marker {
     fn of(meta: &std::fs::Metadata) -> Marker {
         Marker(format!(
-            "{} {} {} {}\n",
+            "{} {} {} {}",
             meta.len(),
             meta.ino(),
             meta.mtime(),
@@ -301,13 +311,30 @@ impl Marker {
         ))
     }
 
-    fn matches(&self, marker: &PathBuf) -> bool {
-        std::fs::read_to_string(marker)
-            .map(|m| m == self.0)
-            .unwrap_or(false)
+    /// Consumes the marker at `marker` and says whether it vouches that `name` is archived in
+    /// `storage` with exactly the bytes of the file this marker was made of: the file is
+    /// unchanged, and every archived version of the name has the SHA-256 the marker recorded.
+    /// Anything else (no marker, another file, a repository emptied or replaced since, an
+    /// unreachable one) is `false`, and the caller pushes the file itself.
+    async fn take(&self, marker: &Path, storage: &dyn Storage, name: WalFileName) -> bool {
+        let Ok(text) = std::fs::read_to_string(marker) else {
+            return false;
+        };
+        let _ = std::fs::remove_file(marker);
+        let Some(sha) = text
+            .strip_suffix('\n')
+            .and_then(|t| t.strip_prefix(self.0.as_str()))
+            .and_then(|t| t.strip_prefix(' '))
+        else {
+            return false;
+        };
+        match wal::find(storage, name).await {
+            Ok(versions) => !versions.is_empty() && versions.iter().all(|v| v.sha256_hex == sha),
+            Err(_) => false,
+        }
     }
 
-    fn write(&self, marker: &Path) -> std::io::Result<()> {
-        std::fs::write(marker, &self.0)
+    fn write(&self, marker: &Path, sha256_hex: &str) -> std::io::Result<()> {
+        std::fs::write(marker, format!("{} {sha256_hex}\n", self.0))
     }
 }

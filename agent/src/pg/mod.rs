@@ -1,7 +1,8 @@
 //! PostgreSQL's own vocabulary and binary formats, as pure types: LSNs, timelines, WAL file names,
-//! the WAL long page header and timeline history files. Nothing here does I/O; every parser checks
+//! the WAL long page header, timeline history files and `global/pg_control`. Nothing here does I/O; every parser checks
 //! lengths before it reads and reports the input it rejected.
 
+pub mod control;
 pub mod history;
 pub mod lsn;
 pub mod restore_point;
@@ -9,6 +10,7 @@ pub mod timeline;
 pub mod wal_name;
 pub mod wal_page;
 
+pub use control::ControlFile;
 pub use history::{TimelineHistory, TimelineHistoryEntry};
 pub use lsn::Lsn;
 pub use restore_point::{RestorePointRecord, RestorePointScanner};

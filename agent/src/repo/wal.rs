@@ -30,6 +30,13 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
+/// What [`store`] did, and the SHA-256 (hex) of the bytes it archived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    pub outcome: PushOutcome,
+    pub sha256_hex: String,
+}
+
 /// Every stored WAL object whose key starts with `prefix` (a directory from
 /// `layout::wal_dir`, or `layout::WAL_ROOT` for all), sorted by name.
 pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ArchivedWal>, RepoError> {
@@ -86,6 +93,18 @@ pub async fn push(
     name: WalFileName,
     path: &Path,
 ) -> Result<PushOutcome, RepoError> {
+    store(storage, name, path).await.map(|p| p.outcome)
+}
+
+/// [`push`], also returning the SHA-256 of the bytes archived.
+///
+/// # Errors
+/// As [`push`].
+pub async fn store(
+    storage: &dyn Storage,
+    name: WalFileName,
+    path: &Path,
+) -> Result<Pushed, RepoError> {
     let source = path.to_path_buf();
     let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
     let mut staged = storage.stage(&layout::wal_dir(name)).await?;
@@ -126,13 +145,21 @@ pub async fn push(
     // again, in case an earlier push stopped in between.
     restore_points::record(storage, &points).await?;
     if let Some(outcome) = archived {
-        return Ok(outcome);
+        return Ok(Pushed {
+            outcome,
+            sha256_hex: sha,
+        });
     }
     let key = layout::wal_object_key(name, &sha);
     match storage.put_staged(&key, staged, PutMode::Create).await {
         Ok(()) => {}
         // Same key means same hash: someone stored these very bytes a moment ago.
-        Err(StorageError::AlreadyExists { .. }) => return Ok(PushOutcome::AlreadyArchived),
+        Err(StorageError::AlreadyExists { .. }) => {
+            return Ok(Pushed {
+                outcome: PushOutcome::AlreadyArchived,
+                sha256_hex: sha,
+            })
+        }
         Err(e) => return Err(e.into()),
     }
     // A racing writer with other content may have slipped in on a server without conditional
@@ -145,7 +172,10 @@ pub async fn push(
             new: sha,
         });
     }
-    Ok(PushOutcome::Stored)
+    Ok(Pushed {
+        outcome: PushOutcome::Stored,
+        sha256_hex: sha,
+    })
 }
 
 /// All of `file`, mapped read-only, or `None` for an empty file (an empty mapping is an

@@ -50,12 +50,10 @@ impl S3Location {
     ) -> Result<Self, String> {
         let rest = url
             .strip_prefix("s3://")
-            .ok_or_else(|| format!("'{url}' is not an s3:// URL"))?;
+            .ok_or_else(|| "not an s3:// URL".to_string())?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(format!(
-                "'{url}' names no bucket: expected s3://bucket/prefix"
-            ));
+            return Err("the URL names no bucket: expected s3://bucket/prefix".into());
         }
         let prefix = prefix.trim_matches('/');
         let prefix = if prefix.is_empty() {
