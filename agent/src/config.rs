@@ -127,6 +127,8 @@ pub enum ConfigError {
     Repo { message: String },
     #[error("invalid value for `{key}`: {message}")]
     Value { key: &'static str, message: String },
+    #[error("config file {}: unknown key `{key}` (see docs/configuration.md)", path.display())]
+    UnknownKey { path: PathBuf, key: String },
 }
 
 impl Config {
@@ -199,6 +201,7 @@ impl Config {
         if !table.contains_key("repo") {
             return Err(ConfigError::NoRepo);
         }
+        check_types(&path_buf, &table)?;
         let config: Config =
             toml::Value::Table(table)
                 .try_into()
@@ -331,6 +334,44 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> String {
     )
 }
 
+/// Each known key's value has its type (and an integer fits a `u32`), so that a wrong value is
+/// reported by its key alone: toml's own message for it names neither key nor position.
+/// An unknown key is named only when it looks like a key (a short bare key), since a mangled
+/// line could put a secret where a key would be.
+fn check_types(path: &Path, table: &toml::Table) -> Result<(), ConfigError> {
+    for (key, value) in table {
+        let Some((name, kind)) = KEYS.iter().find(|(k, _)| k == key) else {
+            let shown = key.len() <= 40
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            return Err(ConfigError::UnknownKey {
+                path: path.to_path_buf(),
+                key: if shown {
+                    key.clone()
+                } else {
+                    "(not shown)".into()
+                },
+            });
+        };
+        let (ok, expected) = match kind {
+            Kind::Str => (value.is_str(), "a string"),
+            Kind::Bool => (value.is_bool(), "true or false"),
+            Kind::Int => (
+                value.as_integer().is_some_and(|i| u32::try_from(i).is_ok()),
+                "a whole number from 0 to 4294967295",
+            ),
+        };
+        if !ok {
+            return Err(ConfigError::Value {
+                key: name,
+                message: format!("expected {expected} (the value is not shown)"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A well-formed file whose keys or values are wrong, as one line: toml's message names the key
 /// and the expected type; anything it quotes (the offending value) is left out.
 fn value_error(e: &toml::de::Error) -> String {
@@ -339,11 +380,11 @@ fn value_error(e: &toml::de::Error) -> String {
     let mut quoted = false;
     for c in text.chars() {
         match c {
-            '"' | '\'' if !quoted => {
+            '"' | '\'' | '`' if !quoted => {
                 quoted = true;
                 out.push_str("(value not shown)");
             }
-            '"' | '\'' => quoted = false,
+            '"' | '\'' | '`' => quoted = false,
             _ if !quoted => out.push(c),
             _ => {}
         }

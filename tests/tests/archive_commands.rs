@@ -631,8 +631,13 @@ fn markers_vouch_only_for_the_repository_they_were_pushed_to() {
         archive_to(&b, n);
         f.mark_done(n);
     }
-    assert_eq!(archived_names(&a), names[..8], "repository a");
-    assert_eq!(archived_names(&b), names[..8], "repository b");
+    // Every call exited 0, so every name PostgreSQL marked done is in both (pushing ahead may
+    // have stored a few more).
+    for (label, repo) in [("a", &a), ("b", &b)] {
+        let stored = archived_names(repo);
+        let missing: Vec<&String> = names[..8].iter().filter(|n| !stored.contains(n)).collect();
+        assert!(missing.is_empty(), "repository {label} misses {missing:?}");
+    }
 
     // `repo` changed from a to b while markers for a are outstanding (9 pushed 10-12 ahead).
     archive_to(&a, &names[8]);
@@ -656,7 +661,11 @@ fn markers_vouch_only_for_the_repository_they_were_pushed_to() {
         let out = g.archive(n);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    assert_eq!(archived_names(&g.repo()), names[1..], "after emptying");
+    let stored = archived_names(&g.repo());
+    assert!(
+        names[1..].iter().all(|n| stored.contains(n)),
+        "after emptying: {stored:?}"
+    );
 }
 
 /// Issue 15, item 2: `pgpitr-restore` in the data directory of one cluster, configured with the
