@@ -1049,6 +1049,7 @@ fn expire_keeps_the_live_timeline_restorable_after_a_point_in_time_restore() {
     let b1 = backup(&env, &source);
     source.psql("DELETE FROM t");
     let b2 = backup(&env, &source);
+    source.psql("INSERT INTO t VALUES (0)");
     let seg = source.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
     source.psql("SELECT pg_switch_wal()");
     source.wait_archived(&seg);
