@@ -1115,7 +1115,7 @@ fn expire_keeps_the_live_timeline_restorable_after_a_point_in_time_restore() {
         ],
     ))
     .unwrap();
-    assert_eq!(expired_of(&dry), [b1.clone()], "{dry}");
+    assert_eq!(expired_of(&dry), [b1.as_str()], "{dry}");
     assert_eq!(reasons_of(&dry, &b0), ["restores the latest timeline 2"]);
     assert_eq!(dry["latest_timeline"], 2, "{dry}");
     assert_eq!(dry["latest_timeline_backup"], b0.as_str(), "{dry}");

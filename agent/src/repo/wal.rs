@@ -411,7 +411,10 @@ mod tests {
 
         // The second version is planted as the losing writer of a race would have stored it.
         assert_eq!(push(&storage, name, &a).await.unwrap(), PushOutcome::Stored);
-        assert_eq!(push(&elsewhere, name, &b).await.unwrap(), PushOutcome::Stored);
+        assert_eq!(
+            push(&elsewhere, name, &b).await.unwrap(),
+            PushOutcome::Stored
+        );
         let planted = &find(&elsewhere, name).await.unwrap()[0];
         let bytes = elsewhere.get(&planted.key).await.unwrap();
         storage
