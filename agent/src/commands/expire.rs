@@ -3,10 +3,10 @@
 //!
 //! Decisions come from pure functions: [`crate::retention::decide`] for backups (with the
 //! newest backup restorable on the latest timeline, [`crate::retention::live_timeline`], always
-//! kept), [`crate::retention::expirable_wal`] for WAL; packs go when no remaining manifest references
-//! them and they are older than the newest backup's start and than `--pack-min-age` (an
-//! interrupted backup's packs are reused by the next backup; the lock keeps a running backup
-//! out, the age rule also protects from one that does not take it).
+//! kept), [`crate::retention::expirable_wal`] for WAL; packs go when no remaining manifest
+//! references them and they are older than the newest backup's start and than
+//! `--pack-min-age` (an interrupted backup's packs are reused by the next backup; the lock keeps
+//! a running backup out, the age rule also protects from one that does not take it).
 //!
 //! Deletion order keeps the repository consistent at every instant, so a crash (or `kill -9`)
 //! anywhere leaves a repository that `pgpitr verify` passes and the next `expire` finishes:
