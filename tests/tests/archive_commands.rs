@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
-use pgpitr_tests::{bin, temp_dir};
+use pgpitr_tests::{bin, runtime, storage_of, temp_dir};
 
 const SEG: u32 = 1 << 20; // initdb --wal-segsize=1: segment sizes are read from WAL, never assumed
 const SYSID: u64 = 7_400_000_000_000_000_042;
@@ -240,6 +240,63 @@ fn archive_and_restore_contract_on_local_directory() {
 #[test]
 fn archive_and_restore_contract_on_s3() {
     archive_contract(&Fixture::s3());
+}
+
+/// Issue 15, item 7: a name stored with two contents (writers that raced on storage without
+/// conditional PUT) fails every push of it, whichever content it carries, since
+/// `pgpitr-restore` refuses the name (exit 202) and recovery would stop there.
+fn two_stored_versions_contract(f: &Fixture) {
+    use pgpitr::storage::{PutMode, Storage};
+    let name = f.write_segment(1, 11);
+    let out = f.archive(&name);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // The second content, stored as the losing writer of a race stores it: pushed into a
+    // scratch repository by the library, its object copied under its own key.
+    let scratch = temp_dir("scratch");
+    let other = scratch.path().join("other-content");
+    std::fs::write(&other, synthetic_segment(SYSID, SEG, 1, 99)).unwrap();
+    let store = storage_of(&f.env);
+    runtime().block_on(async {
+        let local = pgpitr::storage::local::LocalStorage::new(scratch.path());
+        let wal_name = name.parse().unwrap();
+        pgpitr::repo::wal::push(&local, wal_name, &other)
+            .await
+            .unwrap();
+        let planted = &pgpitr::repo::wal::find(&local, wal_name).await.unwrap()[0];
+        let bytes = local.get(&planted.key).await.unwrap();
+        store
+            .put(&planted.key, bytes, PutMode::Create)
+            .await
+            .unwrap();
+    });
+
+    for seed in [11, 99, 7] {
+        f.write_segment(1, seed);
+        let out = f.archive(&name);
+        assert_eq!(code(&out), 1, "content {seed}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "WAL file '{name}' is stored 2 times with different contents"
+            )),
+            "content {seed}: {}",
+            stderr(&out)
+        );
+    }
+    let out = f.restore(&name, "pg_wal/RECOVERYXLOG");
+    assert_eq!(code(&out), 202, "{}", stderr(&out));
+    assert!(stderr(&out).contains("stored 2 times"), "{}", stderr(&out));
+    assert!(!f.pgdata.join("pg_wal/RECOVERYXLOG").exists());
+}
+
+#[test]
+fn two_stored_versions_fail_every_push_on_local_directory() {
+    two_stored_versions_contract(&Fixture::local());
+}
+
+#[test]
+fn two_stored_versions_fail_every_push_on_s3() {
+    two_stored_versions_contract(&Fixture::s3());
 }
 
 #[test]

@@ -1024,3 +1024,148 @@ fn expire_and_verify_on_s3() {
     );
     phase("missing pack found");
 }
+
+/// Issue 15, item 5: after a point-in-time restore that replaced its source, expire keeps the
+/// backup that restores the live timeline. Backup b0 on timeline 1, a restore point, then two
+/// more backups b1 and b2 on timeline 1; the source stops and a restore to the restore point
+/// (promoted, `--archive-mode preserve`) goes on as timeline 2 in the same repository, whose
+/// history holds b0 only. `expire --keep-last 1` must keep b2 (the newest) and b0 (it restores
+/// timeline 2, the latest) and timeline 2's WAL, expire b1, and a restore to the latest
+/// timeline afterwards holds what was written on timeline 2.
+#[test]
+fn expire_keeps_the_live_timeline_restorable_after_a_point_in_time_restore() {
+    let began = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", began.elapsed().as_secs_f64());
+    let (_repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let mut source = archiving_cluster(env.clone(), "");
+    source.psql("CREATE TABLE t (i int)");
+    wait_for_repo_json(&source, &repo);
+    source.psql("INSERT INTO t SELECT g FROM generate_series(1, 100) g");
+    let b0 = backup(&env, &source);
+    source.psql("INSERT INTO t SELECT g FROM generate_series(101, 200) g");
+    source.psql("SELECT pg_create_restore_point('before_the_mistake')");
+    source.psql("DELETE FROM t WHERE i > 50");
+    let b1 = backup(&env, &source);
+    source.psql("DELETE FROM t");
+    let b2 = backup(&env, &source);
+    source.psql("INSERT INTO t VALUES (0)");
+    let seg = source.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
+    source.psql("SELECT pg_switch_wal()");
+    source.wait_archived(&seg);
+    source.stop();
+    assert_eq!(ids(&repo), [b0.clone(), b1.clone(), b2.clone()]);
+    phase("three backups on timeline 1, source stopped");
+
+    // The restore that replaces the source: timeline 2 leaves timeline 1 after b0, before b1.
+    let root = temp_dir("live");
+    let data = root.path().join("data");
+    let out = pgpitr_ok(
+        &env,
+        &[
+            "restore",
+            "--target-name",
+            "before_the_mistake",
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "preserve",
+            "--owner",
+            PG_USER,
+        ],
+    );
+    assert!(out.contains(&format!("restored backup {b0}")), "{out}");
+    let mut live = Cluster::adopt(15, root, data);
+    live.env = env.clone();
+    live.start();
+    assert!(
+        live.wait_for("SELECT pg_is_in_recovery()", "f", 300),
+        "the restore did not finish recovery:\n{}",
+        live.log()
+    );
+    assert_eq!(live.psql("SELECT count(*) FROM t"), "200");
+    live.psql("CREATE TABLE on_timeline_2 AS SELECT g AS n FROM generate_series(1, 50) g");
+    let seg = live.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
+    assert!(seg.starts_with("00000002"), "{seg}");
+    live.psql("SELECT pg_switch_wal()");
+    live.wait_archived(&seg);
+    let timeline_2_wal = |repo: &Path| -> Vec<String> {
+        keys(repo, "wal")
+            .into_iter()
+            .filter(|k| k.rsplit('/').next().unwrap().starts_with("00000002"))
+            .collect()
+    };
+    let wal_2 = timeline_2_wal(&repo);
+    assert!(wal_2.iter().any(|k| k.contains(&seg)), "{wal_2:?}");
+    phase("timeline 2 live and archived");
+
+    // Dry run: b1 alone goes; b0 stays for timeline 2.
+    let dry: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &[
+            "expire",
+            "--keep-last",
+            "1",
+            "--pack-min-age",
+            "0s",
+            "--dry-run",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(expired_of(&dry), [b1.as_str()], "{dry}");
+    assert_eq!(reasons_of(&dry, &b0), ["restores the latest timeline 2"]);
+    assert_eq!(dry["latest_timeline"], 2, "{dry}");
+    assert_eq!(dry["latest_timeline_backup"], b0.as_str(), "{dry}");
+
+    // For real, in text: the output says why b0 stays.
+    let out = pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+    );
+    assert!(
+        out.contains(&format!(
+            "latest timeline 2: backup {b0} is the newest that restores it; kept with the WAL it needs"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("keep    {b0}  (restores the latest timeline 2)")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("expired  {b1}")), "{out}");
+    assert_eq!(ids(&repo), [b0.clone(), b2.clone()]);
+    assert_eq!(timeline_2_wal(&repo), wal_2, "timeline 2's WAL was deleted");
+    pgpitr_ok(&env, &["verify"]);
+    live.stop();
+    phase("expired");
+
+    // The live timeline restores, with what was written on it.
+    let root = temp_dir("after-expire");
+    let data = root.path().join("data");
+    let out = pgpitr_ok(
+        &env,
+        &[
+            "restore",
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--owner",
+            PG_USER,
+        ],
+    );
+    assert!(out.contains(&format!("restored backup {b0}")), "{out}");
+    let mut again = Cluster::adopt(15, root, data);
+    again.start();
+    assert!(
+        again.wait_for("SELECT pg_is_in_recovery()", "f", 300),
+        "the restore of timeline 2 did not finish recovery:\n{}",
+        again.log()
+    );
+    assert_eq!(again.psql("SELECT count(*) FROM on_timeline_2"), "50");
+    assert_eq!(again.psql("SELECT count(*) FROM t"), "200");
+    phase("timeline 2 restored after expire");
+}

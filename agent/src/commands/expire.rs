@@ -1,11 +1,12 @@
 //! `pgpitr expire`: applies the retention policy (`--keep-*` options over the `keep_*`
 //! configuration keys) to the repository, holding the repository lock.
 //!
-//! Decisions come from pure functions: [`crate::retention::decide`] for backups,
-//! [`crate::retention::expirable_wal`] for WAL; packs go when no remaining manifest references
-//! them and they are older than the newest backup's start and than `--pack-min-age` (an
-//! interrupted backup's packs are reused by the next backup; the lock keeps a running backup
-//! out, the age rule also protects from one that does not take it).
+//! Decisions come from pure functions: [`crate::retention::decide`] for backups (with the
+//! newest backup restorable on the latest timeline, [`crate::retention::live_timeline`], always
+//! kept), [`crate::retention::expirable_wal`] for WAL; packs go when no remaining manifest
+//! references them and they are older than the newest backup's start and than
+//! `--pack-min-age` (an interrupted backup's packs are reused by the next backup; the lock keeps
+//! a running backup out, the age rule also protects from one that does not take it).
 //!
 //! Deletion order keeps the repository consistent at every instant, so a crash (or `kill -9`)
 //! anywhere leaves a repository that `pgpitr verify` passes and the next `expire` finishes:
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::pg::RestorePointRecord;
+use crate::pg::{RestorePointRecord, TimelineId};
 use crate::recovery::plan::BackupSummary;
 use crate::recovery::recoverable_windows;
 use crate::recovery::source::{partition_by_wal, RepoState};
@@ -102,6 +103,11 @@ pub struct ExpireReport {
     pub marked_keep: Vec<BackupId>,
     /// Every backup, newest first, with the verdict.
     pub backups: Vec<Verdict>,
+    /// The latest timeline (the one `recovery_target_timeline = 'latest'` follows).
+    pub latest_timeline: Option<TimelineId>,
+    /// The newest backup restorable on the latest timeline's history: always kept, with the WAL
+    /// it needs. `None` when there is none.
+    pub latest_timeline_backup: Option<BackupId>,
     pub expired_backups: Vec<BackupId>,
     pub wal_files: usize,
     pub wal_bytes: u64,
@@ -172,6 +178,8 @@ async fn run_locked(
         policy: policy.describe(),
         marked_keep: Vec::new(),
         backups: Vec::new(),
+        latest_timeline: None,
+        latest_timeline_backup: None,
         expired_backups: Vec::new(),
         wal_files: 0,
         wal_bytes: 0,
@@ -213,6 +221,9 @@ async fn run_locked(
             .into_iter()
             .flat_map(|w| w.restorable)
             .collect();
+    let live = retention::live_timeline(&summaries, &state.wal, &state.histories, seg_size);
+    report.latest_timeline = Some(live.timeline);
+    report.latest_timeline_backup = live.backup.clone();
     let facts: Vec<BackupFacts> = state
         .manifests
         .iter()
@@ -221,6 +232,8 @@ async fn run_locked(
             stop_time: m.stop_time,
             keep: m.keep,
             restorable: restorable.contains(&m.id),
+            restores_latest_timeline: (live.backup.as_ref() == Some(&m.id))
+                .then_some(live.timeline),
         })
         .collect();
     let verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
@@ -386,6 +399,15 @@ pub fn render(r: &ExpireReport) -> String {
         return out;
     }
     out.push_str(&format!("policy: {}\n", r.policy));
+    match (r.latest_timeline, &r.latest_timeline_backup) {
+        (Some(t), Some(id)) => out.push_str(&format!(
+            "latest timeline {t}: backup {id} is the newest that restores it; kept with the WAL it needs\n"
+        )),
+        (Some(t), None) => out.push_str(&format!(
+            "latest timeline {t}: no backup restores it (none on its history has all its own WAL archived)\n"
+        )),
+        (None, _) => {}
+    }
     for v in &r.backups {
         if v.keep {
             out.push_str(&format!("keep    {}  ({})\n", v.id, v.reasons.join(", ")));

@@ -86,8 +86,9 @@ pub fn pick(listing: &[ArchivedWal], name: WalFileName) -> Result<Option<&Archiv
 /// it returns `Ok` (the storage's `put` contract).
 ///
 /// # Errors
-/// [`RepoError::DifferentContent`] when `name` is archived with other bytes; an unreadable
-/// file; storage errors.
+/// [`RepoError::DifferentContent`] when `name` is archived with other bytes;
+/// [`RepoError::Ambiguous`] when it is archived with two or more different contents, whichever
+/// they are; an unreadable file; storage errors.
 pub async fn push(
     storage: &dyn Storage,
     name: WalFileName,
@@ -136,10 +137,7 @@ pub async fn store(
     .await
     .expect("compression task")?;
     let sha = hex::encode(written.sha256);
-    let archived = match find(storage, name).await?.into_iter().next() {
-        Some(existing) => Some(compare(name, &existing.sha256_hex, &sha)?),
-        None => None,
-    };
+    let archived = judge(name, &find(storage, name).await?, &sha)?;
     // Indexed before the file is stored, so an archived file's restore points are always known;
     // a file refused for other content indexes nothing. The same bytes pushed again are indexed
     // again, in case an earlier push stopped in between.
@@ -164,14 +162,7 @@ pub async fn store(
     }
     // A racing writer with other content may have slipped in on a server without conditional
     // PUT: look again, and if so report it rather than leave two versions unnoticed.
-    let versions = find(storage, name).await?;
-    if let Some(other) = versions.iter().find(|w| w.sha256_hex != sha) {
-        return Err(RepoError::DifferentContent {
-            name,
-            existing: other.sha256_hex.clone(),
-            new: sha,
-        });
-    }
+    judge(name, &find(storage, name).await?, &sha)?;
     Ok(Pushed {
         outcome: PushOutcome::Stored,
         sha256_hex: sha,
@@ -212,15 +203,41 @@ fn release(map: Option<&memmap2::Mmap>, range: std::ops::Range<usize>) {
     }
 }
 
-fn compare(name: WalFileName, existing: &str, new: &str) -> Result<PushOutcome, RepoError> {
-    if existing == new {
-        Ok(PushOutcome::AlreadyArchived)
-    } else {
-        Err(RepoError::DifferentContent {
+/// What the stored `versions` of `name` say about archiving content whose SHA-256 is `new`:
+/// `None` when nothing is stored yet, [`PushOutcome::AlreadyArchived`] when the one stored
+/// content is `new`. Every version counts, not the first listed: `pgpitr-restore` refuses a name
+/// stored with two contents ([`pick`]), so a push must never report success for such a name.
+/// The rule is the `archive_command` contract (PostgreSQL docs, "Continuous Archiving and
+/// Point-in-Time Recovery", 26.3.1): exit 0 only when the file is archived and restorable.
+///
+/// # Errors
+/// [`RepoError::Ambiguous`] when two or more different contents are stored (a race of writers on
+/// a server without conditional PUT), whatever `new` is; [`RepoError::DifferentContent`] when
+/// exactly one content is stored and it is not `new`.
+fn judge(
+    name: WalFileName,
+    versions: &[ArchivedWal],
+    new: &str,
+) -> Result<Option<PushOutcome>, RepoError> {
+    let mut contents: Vec<&str> = versions
+        .iter()
+        .filter(|w| w.name == name)
+        .map(|w| w.sha256_hex.as_str())
+        .collect();
+    contents.sort_unstable();
+    contents.dedup();
+    match contents[..] {
+        [] => Ok(None),
+        [existing] if existing == new => Ok(Some(PushOutcome::AlreadyArchived)),
+        [existing] => Err(RepoError::DifferentContent {
             name,
             existing: existing.to_string(),
             new: new.to_string(),
-        })
+        }),
+        _ => Err(RepoError::Ambiguous {
+            name,
+            count: contents.len(),
+        }),
     }
 }
 
@@ -370,6 +387,97 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(files.len(), 1, "{files:?}");
+    }
+
+    /// Issue 15, item 7: two versions of one name (writers racing on a server without
+    /// conditional PUT) make `pgpitr-restore` refuse the name, so no push of it may succeed,
+    /// whichever version is listed first.
+    #[tokio::test]
+    async fn a_push_counts_every_stored_version_of_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("repo"));
+        let elsewhere = LocalStorage::new(dir.path().join("elsewhere"));
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+        let name: WalFileName = "000000010000000000000003".parse().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        std::fs::write(&a, segment_with("a", 1)).unwrap();
+        std::fs::write(&b, segment_with("b", 1)).unwrap();
+        std::fs::write(&c, segment_with("c", 1)).unwrap();
+
+        // The second version is planted as the losing writer of a race would have stored it.
+        assert_eq!(push(&storage, name, &a).await.unwrap(), PushOutcome::Stored);
+        assert_eq!(
+            push(&elsewhere, name, &b).await.unwrap(),
+            PushOutcome::Stored
+        );
+        let planted = &find(&elsewhere, name).await.unwrap()[0];
+        let bytes = elsewhere.get(&planted.key).await.unwrap();
+        storage
+            .put(&planted.key, bytes, PutMode::Create)
+            .await
+            .unwrap();
+        let versions = find(&storage, name).await.unwrap();
+        assert_eq!(versions.len(), 2);
+        assert!(matches!(
+            pick(&versions, name),
+            Err(RepoError::Ambiguous { count: 2, .. })
+        ));
+
+        // Either stored content, or a third: refused as ambiguous, and nothing more is stored.
+        for file in [&a, &b, &c] {
+            let err = push(&storage, name, file).await.unwrap_err();
+            assert!(
+                matches!(err, RepoError::Ambiguous { count: 2, .. }),
+                "{}: {err}",
+                file.display()
+            );
+            assert!(err.to_string().contains("stored 2 times"), "{err}");
+        }
+        assert_eq!(find(&storage, name).await.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_push_is_judged_by_the_distinct_contents_stored() {
+        let name: WalFileName = "000000010000000000000003".parse().unwrap();
+        let version = |sha: &str| ArchivedWal {
+            name,
+            sha256_hex: sha.to_string(),
+            key: layout::wal_object_key(name, sha),
+            size: 1,
+        };
+        let (x, y, z) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        assert!(matches!(judge(name, &[], &x), Ok(None)));
+        assert!(matches!(
+            judge(name, &[version(&x)], &x),
+            Ok(Some(PushOutcome::AlreadyArchived))
+        ));
+        match judge(name, &[version(&y)], &x) {
+            Err(RepoError::DifferentContent { existing, new, .. }) => {
+                assert_eq!((existing, new), (y.clone(), x.clone()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Whichever comes first in the listing.
+        for versions in [
+            [version(&x), version(&y)],
+            [version(&y), version(&x)],
+            [version(&y), version(&z)],
+        ] {
+            assert!(matches!(
+                judge(name, &versions, &x),
+                Err(RepoError::Ambiguous { count: 2, .. })
+            ));
+        }
+        // One content listed twice is still one content.
+        assert!(matches!(
+            judge(name, &[version(&x), version(&x)], &x),
+            Ok(Some(PushOutcome::AlreadyArchived))
+        ));
     }
 
     #[tokio::test]

@@ -5,6 +5,10 @@
 //! - `keep: true` in its manifest (`pgpitr backup --keep`, `pgpitr expire --keep ID`);
 //! - the newest backup, always, and the newest restorable one (so that a policy like
 //!   `--keep-last 1` never trades the last restorable backup for one whose WAL is missing);
+//! - the newest backup restorable on the history of the latest timeline, always (found by
+//!   `retention::facts`): after a point-in-time restore that replaced its source, the newest
+//!   backups by time can lie on the abandoned timeline, and only an older one, taken before
+//!   the fork, restores the live cluster;
 //! - `keep_last N`: the N newest;
 //! - `keep_within D`: stopped within D before now;
 //! - grandfather-father-son: `keep_daily N` keeps the newest backup of each of the N newest UTC
@@ -19,6 +23,7 @@ use std::collections::BTreeSet;
 use jiff::Timestamp;
 use serde::Serialize;
 
+use crate::pg::TimelineId;
 use crate::repo::manifest::BackupId;
 
 /// A retention policy; every field `None` means "this rule keeps nothing".
@@ -129,6 +134,9 @@ pub struct BackupFacts {
     pub keep: bool,
     /// Its own WAL (start through stop segment) is archived on some timeline.
     pub restorable: bool,
+    /// `Some(T)` for the newest backup restorable on the history of the latest timeline `T`
+    /// ([`super::facts::live_timeline`]); `None` for every other.
+    pub restores_latest_timeline: Option<TimelineId>,
 }
 
 /// The verdict on one backup.
@@ -184,9 +192,16 @@ pub fn decide(
     if !sorted.is_empty() {
         keep(0, "newest".into());
     }
-    if let Some(i) = sorted.iter().position(|b| b.restorable) {
-        if i != 0 {
-            keep(i, "newest restorable".into());
+    let newest_restorable = sorted.iter().position(|b| b.restorable);
+    if let Some(i) = newest_restorable.filter(|&i| i != 0) {
+        keep(i, "newest restorable".into());
+    }
+    // Said only where it adds to the two rules above (on one timeline they keep it already).
+    for (i, b) in sorted.iter().enumerate() {
+        if let Some(t) = b.restores_latest_timeline {
+            if i != 0 && Some(i) != newest_restorable {
+                keep(i, format!("restores the latest timeline {t}"));
+            }
         }
     }
     if let Some(n) = policy.keep_last {
@@ -247,6 +262,7 @@ mod tests {
             stop_time: stop.parse().unwrap(),
             keep: false,
             restorable: true,
+            restores_latest_timeline: None,
         }
     }
 
@@ -283,6 +299,7 @@ mod tests {
                     stop_time: t,
                     keep: false,
                     restorable: true,
+                    restores_latest_timeline: None,
                 });
             }
         }
@@ -356,6 +373,36 @@ mod tests {
         assert_eq!(reasons("20261101T000000Z"), vec!["keep flag"]);
         assert_eq!(reasons("20261103T000000Z"), vec!["newest restorable"]);
         assert_eq!(reasons("20261104T000000Z"), vec!["newest", "last 1"]);
+    }
+
+    #[test]
+    fn the_backup_that_restores_the_latest_timeline_always_stays() {
+        // Issue 15, item 5: timeline 2 forked before b1 and b2 of timeline 1; b0 is the only
+        // backup on its history. `--keep-last 1` keeps b2 by age and b0 for timeline 2.
+        let now: Timestamp = "2026-11-23T14:00:00Z".parse().unwrap();
+        let mut all = vec![
+            b("20261101T000000Z", "2026-11-01T00:10:00Z"),
+            b("20261102T000000Z", "2026-11-02T00:10:00Z"),
+            b("20261103T000000Z", "2026-11-03T00:10:00Z"),
+        ];
+        all[0].restores_latest_timeline = Some(TimelineId(2));
+        let v = decide(&all, &policy(|p| p.keep_last = Some(1)), now).unwrap();
+        assert_eq!(kept(&v), vec!["20261101T000000Z", "20261103T000000Z"]);
+        let reasons = |id: &str| v.iter().find(|v| v.id.0 == id).unwrap().reasons.clone();
+        assert_eq!(
+            reasons("20261101T000000Z"),
+            vec!["restores the latest timeline 2"]
+        );
+        // The newest restoring the latest timeline is kept as the newest: no second reason.
+        all[0].restores_latest_timeline = None;
+        all[2].restores_latest_timeline = Some(TimelineId(1));
+        let v = decide(&all, &policy(|p| p.keep_last = Some(1)), now).unwrap();
+        assert_eq!(kept(&v), vec!["20261103T000000Z"]);
+        assert_eq!(v[0].reasons, vec!["newest", "last 1"]);
+        // Without it the policy alone decides.
+        all[2].restores_latest_timeline = None;
+        let v = decide(&all, &policy(|p| p.keep_last = Some(1)), now).unwrap();
+        assert_eq!(kept(&v), vec!["20261103T000000Z"]);
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   (checked explicitly, as a safety net).
 //!
 //! `.history` files are never deleted; with no kept backup nothing is deleted.
+//!
+//! The live timeline's WAL is kept through its backup: the newest backup restorable on the
+//! latest timeline is always among the kept ones (`retention::policy`), and the latest timeline
+//! is related to it, so nothing of that timeline from the backup's start on goes.
 
 use std::collections::HashSet;
 
@@ -193,6 +197,32 @@ mod tests {
         ];
         let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
         assert_eq!(got, (1..=4).map(|n| seg(1, n)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_live_timeline_keeps_its_wal_through_the_backup_before_its_fork() {
+        // Issue 15, item 5: timeline 2 left timeline 1 at segment 5, after backup b0 (segment 2)
+        // and before b2 (segment 9), the newest by time. Kept with b2 alone, all of timeline
+        // 2 sits below b2's start and goes; kept with b0 too, timeline 2 stays and so does
+        // timeline 1 from b0's start.
+        let wal = [
+            segs(1, 1, 10),
+            segs(2, 5, 7),
+            vec![file("00000002.history")],
+        ]
+        .concat();
+        let histories = vec![history(2, "1\t0/5000028\tx\n")];
+        let b0 = backup("b0", (1, 1), "0/2000028", "0/2000100");
+        let b2 = backup("b2", (1, 1), "0/9000028", "0/9000100");
+        let alone = names(&expirable_wal(
+            std::slice::from_ref(&b2),
+            &wal,
+            &histories,
+            SEG,
+        ));
+        assert!(alone.contains(&seg(2, 7)), "{alone:?}");
+        let got = names(&expirable_wal(&[b0, b2], &wal, &histories, SEG));
+        assert_eq!(got, vec![seg(1, 1)]);
     }
 
     #[test]
