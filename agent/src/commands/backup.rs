@@ -83,6 +83,9 @@ pub struct BackupArgs {
     /// repository; past it the backup fails (and leaves no manifest).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
+    /// Pause before the commit point (milliseconds; tests of a lock lost mid-run).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub commit_delay_ms: u64,
 }
 
 /// Why a backup failed. Each message says what to do.
@@ -324,6 +327,9 @@ async fn run_locked(
     // The lock is checked on both sides of the commit point (issue 15, item 4): an `expire`
     // after `pgpitr unlock` may have deleted packs this backup references; a manifest written
     // after the lock was lost is taken back.
+    if args.commit_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.commit_delay_ms)).await;
+    }
     if let Some(lock) = lock {
         lock.check().await?;
     }

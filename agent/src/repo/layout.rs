@@ -10,7 +10,7 @@
 //! backups/<backup-id>/manifest.json                 the backup's manifest: its commit point
 //! locks/<token>.lock                                the repository lock of a running backup/expire
 //! locks/<token>.beat                                that lock's heartbeat (rewritten, never the lock)
-//! locks/clock                                       rewritten to read the storage's clock
+//! locks/<token>.clock                               written, read and removed to learn storage time
 //! leases/<token>.lease                              a restore's claim on a backup and its WAL
 //! restore-points/<TLI>/<LSN>.json                   a restore point found in archived WAL
 //! ```
@@ -165,9 +165,20 @@ pub fn parse_beat_key(key: &str) -> Option<String> {
     is_lock_token(token).then(|| token.to_string())
 }
 
-/// `locks/clock`: rewritten and read back to learn the storage's time (its Last-Modified or
-/// mtime), so that ages are never judged by comparing two hosts' clocks.
-pub const CLOCK_KEY: &str = "locks/clock";
+const CLOCK_SUFFIX: &str = ".clock";
+
+/// `locks/<token>.clock`: written, read back and removed to learn the storage's time (its
+/// Last-Modified or mtime), so that ages are never judged by comparing two hosts' clocks. One
+/// per reader, so that concurrent readers never remove each other's.
+pub fn clock_key(token: &str) -> String {
+    format!("{LOCKS_ROOT}{token}{CLOCK_SUFFIX}")
+}
+
+/// The token of a `locks/<token>.clock` key; `None` for any other key.
+pub fn parse_clock_key(key: &str) -> Option<String> {
+    let token = key.strip_prefix(LOCKS_ROOT)?.strip_suffix(CLOCK_SUFFIX)?;
+    is_lock_token(token).then(|| token.to_string())
+}
 
 pub const LEASES_ROOT: &str = "leases/";
 const LEASE_SUFFIX: &str = ".lease";
@@ -311,8 +322,9 @@ mod tests {
         assert_eq!(parse_beat_key(&beat_key(t)).as_deref(), Some(t));
         assert_eq!(parse_lock_key(&beat_key(t)), None);
         assert_eq!(parse_beat_key(&lock_key(t)), None);
-        assert_eq!(parse_lock_key(CLOCK_KEY), None);
-        assert_eq!(parse_beat_key(CLOCK_KEY), None);
+        assert_eq!(parse_clock_key(&clock_key(t)).as_deref(), Some(t));
+        assert_eq!(parse_lock_key(&clock_key(t)), None);
+        assert_eq!(parse_beat_key(&clock_key(t)), None);
         assert_eq!(parse_lease_key(&lease_key(t)).as_deref(), Some(t));
         assert_eq!(parse_lease_key(&lock_key(t)), None);
     }

@@ -502,20 +502,24 @@ async fn write(storage: &dyn Storage, key: &str, info: &LockInfo) -> Result<(), 
         .await
 }
 
-/// "Now" by the storage's clock: rewrites [`layout::CLOCK_KEY`] and reads its time back
-/// (S3 Last-Modified, a local file's mtime); this host's clock when the backend cannot tell.
+/// "Now" by the storage's clock: writes `locks/<token>.clock`, reads its time back (S3
+/// Last-Modified, a local file's mtime) and removes it; this host's clock when the backend
+/// cannot tell.
 ///
 /// # Errors
 /// Storage errors (the write needs write access).
 pub async fn storage_now(storage: &dyn Storage) -> Result<jiff::Timestamp, StorageError> {
-    let body = Bytes::from(format!("{}\n", jiff::Timestamp::now()));
+    let local = jiff::Timestamp::now();
+    let key = layout::clock_key(&new_token(local));
     storage
-        .put(layout::CLOCK_KEY, body, PutMode::Overwrite)
+        .put(&key, Bytes::from(format!("{local}\n")), PutMode::Overwrite)
         .await?;
-    Ok(storage
-        .modified(layout::CLOCK_KEY)
-        .await?
-        .unwrap_or_else(jiff::Timestamp::now))
+    let read = storage.modified(&key).await;
+    // Removed even when the read failed; a leftover is removed by `pgpitr unlock`.
+    let removed = storage.delete(&key).await;
+    let now = read?.unwrap_or(local);
+    removed?;
+    Ok(now)
 }
 
 /// Every lock object, oldest token first, each with the storage's time of its newest write or
@@ -593,11 +597,22 @@ pub async fn break_locks(
             live.push(l.clone());
         }
     }
-    // Beats whose lock is gone (a heartbeat that raced with a removal).
+    // Beats whose lock is gone (a heartbeat that raced with a removal), and clock objects
+    // older than a minute (left by a process that died while reading the storage's clock).
     let held: std::collections::HashSet<&str> = live.iter().map(|l| l.token.as_str()).collect();
     for o in storage.list(layout::LOCKS_ROOT).await? {
         if let Some(token) = layout::parse_beat_key(&o.key) {
-            if !held.contains(token.as_str()) && storage.head(&layout::lock_key(&token)).await?.is_none() {
+            if !held.contains(token.as_str())
+                && storage.head(&layout::lock_key(&token)).await?.is_none()
+            {
+                storage.delete(&o.key).await?;
+            }
+        } else if layout::parse_clock_key(&o.key).is_some() {
+            let old = storage
+                .modified(&o.key)
+                .await?
+                .is_some_and(|t| now.duration_since(t).as_secs() > 60);
+            if old {
                 storage.delete(&o.key).await?;
             }
         }
@@ -1092,7 +1107,8 @@ mod tests {
         assert_eq!(broken.len(), 1);
         assert!(matches!(lock.check().await, Err(LockError::Lost { .. })));
         lock.release().await;
-        assert!(storage.list(layout::LOCKS_ROOT).await.unwrap().iter().all(|o| o.key == layout::CLOCK_KEY));
+        // Nothing is left in locks/: no lock, no beat, no clock object.
+        assert!(storage.list(layout::LOCKS_ROOT).await.unwrap().is_empty());
     }
 
     fn set_mtime(dir: &std::path::Path, key: &str, t: jiff::Timestamp) {
