@@ -9,7 +9,9 @@
 //! - an unscoped lease (a restore still choosing its backup) makes expire delete nothing;
 //! - a lease that appears while expire deletes stops it before its next batch;
 //! - an expire whose lock is removed while it deletes stops before its next batch;
-//! - `pgpitr verify` passes after each interruption.
+//! - `pgpitr verify` passes after each interruption;
+//! - on Garage: the storage's clock (Last-Modified), `.beat` objects, a lock removed under its
+//!   heartbeat staying removed, and a lease's scope.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -360,4 +362,78 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     assert_eq!(ids(&repo), [b2]);
     assert_eq!(count_files(repo.join(layout::LOCKS_ROOT)), 0);
     pgpitr_ok(&env, &["verify"]);
+}
+
+/// On Garage (S3): the storage's clock comes from Last-Modified and leaves no object behind;
+/// the heartbeat writes `.beat` objects and never brings back a lock removed under it; a
+/// restore's lease is listed and held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_clock_heartbeat_and_leases_on_garage() {
+    use pgpitr::repo::lock::{self, LockError, RepoLock};
+    use pgpitr::repo::{lease, lease::LeaseScope};
+    use pgpitr_tests::garage::{self, Garage};
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    std::env::set_var("AWS_ACCESS_KEY_ID", garage::KEY_ID);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage::SECRET);
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let env: Env = g
+        .env(&bucket, "leasetest")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("PGPITR_"))
+        .collect();
+    let config = pgpitr::config::Config::from_parts(None, None, &env).unwrap();
+    let storage = config.storage().await.unwrap();
+
+    let before = jiff::Timestamp::now();
+    let now = lock::storage_now(storage.as_ref()).await.unwrap();
+    // Garage runs on this host: its clock is ours, to the second (Last-Modified is in seconds).
+    assert!(
+        now.duration_since(before).abs().as_secs() <= 2,
+        "{before} vs {now}"
+    );
+    assert!(storage.list(layout::LOCKS_ROOT).await.unwrap().is_empty());
+
+    let held = RepoLock::acquire_beating(storage.clone(), "backup", Duration::from_millis(200))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let keys: Vec<String> = storage
+        .list(layout::LOCKS_ROOT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        keys.iter().any(|k| k.ends_with(".beat")) && keys.iter().any(|k| k == held.key()),
+        "{keys:?}"
+    );
+    held.check().await.unwrap();
+    let (broken, _) = lock::break_locks(storage.as_ref(), true).await.unwrap();
+    assert_eq!(broken.len(), 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(storage.head(held.key()).await.unwrap().is_none());
+    assert!(matches!(held.check().await, Err(LockError::Lost { .. })));
+    held.release().await;
+
+    let mut l = Lease::take(storage.clone(), Path::new("/srv/pg")).await.unwrap();
+    let found = lease::list(storage.as_ref()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].written.is_some());
+    let now = lock::storage_now(storage.as_ref()).await.unwrap();
+    assert!(lease::hold(&found, now).everything);
+    l.narrow(
+        LeaseScope {
+            backup: pgpitr::repo::manifest::BackupId("20261123T070000Z".into()),
+            start_timeline: pgpitr::pg::TimelineId(1),
+            start_lsn: pgpitr::pg::Lsn(0x0200_0028),
+        },
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let h = lease::hold(&lease::list(storage.as_ref()).await.unwrap(), now);
+    assert!(!h.everything && h.backups.len() == 1, "{h:?}");
+    assert_eq!(lease::remove_all(storage.as_ref()).await.unwrap().len(), 1);
 }
