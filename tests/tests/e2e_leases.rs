@@ -143,10 +143,7 @@ fn wait_until(what: &str, child: &mut Child, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ended before: {what}"
-        );
+        assert!(child.try_wait().unwrap().is_none(), "ended before: {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -194,7 +191,13 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     benv.push(("PGPITR_CONNINFO".into(), conninfo(&c)));
     let mut backup = pgpitr_cmd(
         &benv,
-        &["backup", "--checkpoint", "fast", "--commit-delay-ms", "3000"],
+        &[
+            "backup",
+            "--checkpoint",
+            "fast",
+            "--commit-delay-ms",
+            "3000",
+        ],
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -288,7 +291,10 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     assert_eq!(ids(&repo), [b1.clone(), b2.clone()]);
     assert_eq!(keys(&repo, "wal"), needed);
     let text_out = pgpitr_ok(&env, &["expire", "--keep-last", "1", "--dry-run"]);
-    assert!(text_out.contains("held back by lease leases/"), "{text_out}");
+    assert!(
+        text_out.contains("held back by lease leases/"),
+        "{text_out}"
+    );
     {
         let mut restored = Cluster::adopt(15, root, data);
         restored.start();
@@ -305,7 +311,10 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     assert!(out.contains("removed lease leases/"), "{out}");
     assert_eq!(count_files(repo.join("leases")), 0);
     let unscoped = take_lease(&env);
-    let out = pgpitr_ok(&env, &["expire", "--keep-last", "1", "--pack-min-age", "0s"]);
+    let out = pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+    );
     assert!(
         out.contains("nothing deleted") && out.contains(unscoped.key()),
         "{out}"
@@ -358,7 +367,10 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     assert!(all.contains("was lost"), "{all}");
     pgpitr_ok(&env, &["verify"]);
     // And undisturbed, the next one finishes.
-    pgpitr_ok(&env, &["expire", "--keep-last", "1", "--pack-min-age", "0s"]);
+    pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "1", "--pack-min-age", "0s"],
+    );
     assert_eq!(ids(&repo), [b2]);
     assert_eq!(count_files(repo.join(layout::LOCKS_ROOT)), 0);
     pgpitr_ok(&env, &["verify"]);
@@ -417,7 +429,9 @@ async fn storage_clock_heartbeat_and_leases_on_garage() {
     assert!(matches!(held.check().await, Err(LockError::Lost { .. })));
     held.release().await;
 
-    let mut l = Lease::take(storage.clone(), Path::new("/srv/pg")).await.unwrap();
+    let mut l = Lease::take(storage.clone(), Path::new("/srv/pg"))
+        .await
+        .unwrap();
     let found = lease::list(storage.as_ref()).await.unwrap();
     assert_eq!(found.len(), 1);
     assert!(found[0].written.is_some());

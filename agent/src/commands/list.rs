@@ -248,9 +248,11 @@ pub fn render(l: &Listing) -> String {
         }
     }
     if !l.leases.is_empty() {
-        s.push_str("
+        s.push_str(
+            "
 leases (expire keeps what they hold):
-");
+",
+        );
         for l in &l.leases {
             let _ = writeln!(s, "  {l}");
         }

@@ -186,7 +186,17 @@ pub async fn run(
     let mut lease = Lease::take(storage.clone(), &pgdata)
         .await
         .map_err(RestoreCommandError::Lease)?;
-    let result = run_leased(config, args, bin_dir, storage, &mut lease, owner, tablespace_map, pgdata).await;
+    let result = run_leased(
+        config,
+        args,
+        bin_dir,
+        storage,
+        &mut lease,
+        owner,
+        tablespace_map,
+        pgdata,
+    )
+    .await;
     match result {
         Ok(mut report) => {
             report.lease = Some((lease.key().to_string(), args.recovery_lease));

@@ -259,7 +259,11 @@ impl Lease {
     ///
     /// # Errors
     /// Storage errors.
-    pub async fn narrow(&mut self, scope: LeaseScope, valid_for: Duration) -> Result<(), StorageError> {
+    pub async fn narrow(
+        &mut self,
+        scope: LeaseScope,
+        valid_for: Duration,
+    ) -> Result<(), StorageError> {
         self.info.scope = Some(scope);
         self.info.valid_for_secs = valid_for.as_secs();
         self.info.written = jiff::Timestamp::now();
@@ -303,7 +307,12 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn found(token: &str, written: &str, valid_for_secs: u64, scope: Option<(&str, u64)>) -> FoundLease {
+    fn found(
+        token: &str,
+        written: &str,
+        valid_for_secs: u64,
+        scope: Option<(&str, u64)>,
+    ) -> FoundLease {
         FoundLease {
             key: layout::lease_key(token),
             info: Ok(LeaseInfo {
@@ -349,12 +358,25 @@ mod tests {
     fn a_scoped_lease_holds_its_backup_and_the_wal_from_its_start() {
         let seg = WalSegSize::DEFAULT;
         let now = ts("2026-11-23T10:30:00Z");
-        let a = found("1-1-a", "2026-11-23T10:00:00Z", 7 * 86400, Some(("B2", 5 * SEG + 40)));
-        let b = found("1-1-b", "2026-11-23T10:00:00Z", 7 * 86400, Some(("B1", 3 * SEG + 40)));
+        let a = found(
+            "1-1-a",
+            "2026-11-23T10:00:00Z",
+            7 * 86400,
+            Some(("B2", 5 * SEG + 40)),
+        );
+        let b = found(
+            "1-1-b",
+            "2026-11-23T10:00:00Z",
+            7 * 86400,
+            Some(("B1", 3 * SEG + 40)),
+        );
         let lapsed = found("1-1-c", "2026-11-01T10:00:00Z", 86400, Some(("B0", SEG)));
         let h = hold(&[a.clone(), lapsed.clone()], now);
         assert!(!h.everything);
-        assert_eq!(h.backups.iter().map(|b| b.0.as_str()).collect::<Vec<_>>(), ["B2"]);
+        assert_eq!(
+            h.backups.iter().map(|b| b.0.as_str()).collect::<Vec<_>>(),
+            ["B2"]
+        );
         assert!(!h.holds_wal(4, seg) && h.holds_wal(5, seg) && h.holds_wal(900, seg));
         // Two leases: both backups, WAL from the lower start.
         let h = hold(&[a, b, lapsed], now);
@@ -378,13 +400,20 @@ mod tests {
     async fn a_restore_takes_narrows_and_removes_its_lease() {
         let dir = tempfile::tempdir().unwrap();
         let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
-        let mut lease = Lease::take(storage.clone(), Path::new("/srv/pg")).await.unwrap();
-        let now = crate::repo::lock::storage_now(storage.as_ref()).await.unwrap();
+        let mut lease = Lease::take(storage.clone(), Path::new("/srv/pg"))
+            .await
+            .unwrap();
+        let now = crate::repo::lock::storage_now(storage.as_ref())
+            .await
+            .unwrap();
         let h = hold(&list(storage.as_ref()).await.unwrap(), now);
         assert!(h.everything);
         let known: HashSet<String> = HashSet::new();
         assert_eq!(
-            new_lease(storage.as_ref(), &known).await.unwrap().as_deref(),
+            new_lease(storage.as_ref(), &known)
+                .await
+                .unwrap()
+                .as_deref(),
             Some(lease.key())
         );
         let scope = LeaseScope {
@@ -392,7 +421,10 @@ mod tests {
             start_timeline: TimelineId(1),
             start_lsn: Lsn(SEG),
         };
-        lease.narrow(scope, Duration::from_secs(86400)).await.unwrap();
+        lease
+            .narrow(scope, Duration::from_secs(86400))
+            .await
+            .unwrap();
         let found = list(storage.as_ref()).await.unwrap();
         let h = hold(&found, now);
         assert!(!h.everything && h.backups.len() == 1 && h.wal_from == Some(Lsn(SEG)));

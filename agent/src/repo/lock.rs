@@ -782,7 +782,10 @@ mod tests {
         };
         // This very process: alive.
         assert_eq!(stamped(me, stamp.clone()).dead_holder("h"), None);
-        assert_eq!(stamped(me, stamp.clone()).stale_by_heartbeat(now, "h"), None);
+        assert_eq!(
+            stamped(me, stamp.clone()).stale_by_heartbeat(now, "h"),
+            None
+        );
         // Our pid, but started at another time: the holder is gone, the pid was reused.
         let reused = stamped(
             me,
@@ -1023,7 +1026,12 @@ mod tests {
         async fn check_writable(&self) -> crate::storage::StorageResult<()> {
             self.inner.check_writable().await
         }
-        async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> crate::storage::StorageResult<()> {
+        async fn put(
+            &self,
+            key: &str,
+            data: Bytes,
+            mode: PutMode,
+        ) -> crate::storage::StorageResult<()> {
             self.inner.put(key, data, mode).await
         }
         async fn get(&self, key: &str) -> crate::storage::StorageResult<Bytes> {
@@ -1047,13 +1055,19 @@ mod tests {
             }
             Ok(found)
         }
-        async fn list(&self, prefix: &str) -> crate::storage::StorageResult<Vec<crate::storage::ObjectMeta>> {
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> crate::storage::StorageResult<Vec<crate::storage::ObjectMeta>> {
             self.inner.list(prefix).await
         }
         async fn delete(&self, key: &str) -> crate::storage::StorageResult<()> {
             self.inner.delete(key).await
         }
-        async fn modified(&self, key: &str) -> crate::storage::StorageResult<Option<jiff::Timestamp>> {
+        async fn modified(
+            &self,
+            key: &str,
+        ) -> crate::storage::StorageResult<Option<jiff::Timestamp>> {
             self.inner.modified(key).await
         }
     }
@@ -1147,13 +1161,20 @@ mod tests {
         // An old lock object kept alive by a fresh beat: live too.
         set_mtime(dir.path(), &key, now - day);
         storage
-            .put(&layout::beat_key(&behind.token), Bytes::from_static(b"x"), PutMode::Overwrite)
+            .put(
+                &layout::beat_key(&behind.token),
+                Bytes::from_static(b"x"),
+                PutMode::Overwrite,
+            )
             .await
             .unwrap();
         let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
         assert!(broken.is_empty() && live.len() == 1, "{broken:?}");
         storage.delete(&key).await.unwrap();
-        storage.delete(&layout::beat_key(&behind.token)).await.unwrap();
+        storage
+            .delete(&layout::beat_key(&behind.token))
+            .await
+            .unwrap();
 
         // A dead holder whose clock ran a day ahead: its heartbeat time is in the future, but
         // the storage last heard of it an hour ago. Stale.
@@ -1169,7 +1190,10 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("stale") && msg.contains("storage's clock"), "{msg}");
+        assert!(
+            msg.contains("stale") && msg.contains("storage's clock"),
+            "{msg}"
+        );
         let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
         assert_eq!(broken.len(), 1, "{live:?}");
         assert!(live.is_empty());
