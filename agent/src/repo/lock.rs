@@ -220,7 +220,12 @@ pub struct FoundLock {
 impl FoundLock {
     pub fn describe(&self) -> String {
         match &self.info {
-            Ok(i) => i.describe(),
+            // The last heartbeat as the storage saw it (its `.beat` or lock object), when known.
+            Ok(i) => LockInfo {
+                heartbeat: self.last_seen.unwrap_or(i.heartbeat),
+                ..i.clone()
+            }
+            .describe(),
             Err(e) => format!("an unreadable lock object ({e})"),
         }
     }
@@ -489,7 +494,8 @@ async fn break_dead(
             info.pid,
             info.host,
             now.duration_since(info.started).as_secs(),
-            now.duration_since(info.heartbeat).as_secs(),
+            now.duration_since(l.last_seen.unwrap_or(info.heartbeat))
+                .as_secs(),
         );
     }
     Ok(left)
