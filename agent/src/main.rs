@@ -42,7 +42,8 @@ enum Command {
     Expire(commands::expire::ExpireArgs),
     /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity.
     Verify(commands::verify::VerifyArgs),
-    /// Break the repository lock left by a backup or expire that died.
+    /// Break the repository lock left by a backup or expire that died; `--leases` removes the
+    /// leases of restores.
     Unlock(commands::unlock::UnlockArgs),
 }
 
@@ -177,7 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unlock(args) => {
             let (config, rt) = load(config_path)?;
             let broken = rt.block_on(commands::unlock::run(&config, &args))?;
-            if broken.is_empty() {
+            if broken.is_empty() && !args.leases {
                 println!("no lock to break");
             }
             Ok(ExitCode::SUCCESS)

@@ -500,8 +500,8 @@ fn expire_policies_restore_verify_and_crash() {
     assert!(keys(&crash_repo, "locks").is_empty());
 }
 
-/// Writes a lock object as a `pgpitr expire` on `host` would, with a heartbeat `age` old;
-/// returns its key.
+/// Writes a lock object as a `pgpitr expire` on `host` would, last written (heartbeat and
+/// mtime) `age` ago; returns its key.
 fn forge_lock(repo: &Path, host: &str, age: Duration) -> String {
     use pgpitr::repo::lock::LockInfo;
     let now = jiff::Timestamp::now();
@@ -520,6 +520,13 @@ fn forge_lock(repo: &Path, host: &str, age: Duration) -> String {
     let path = repo.join(&key);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, serde_json::to_vec(&info).unwrap()).unwrap();
+    // Staleness is judged by the storage's clock: the object was last written `age` ago.
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::from(heartbeat))
+        .unwrap();
     key
 }
 

@@ -83,6 +83,9 @@ pub struct BackupArgs {
     /// repository; past it the backup fails (and leaves no manifest).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
+    /// Pause before the commit point (milliseconds; tests of a lock lost mid-run).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub commit_delay_ms: u64,
 }
 
 /// Why a backup failed. Each message says what to do.
@@ -152,14 +155,20 @@ pub async fn run(config: &Config, args: &BackupArgs) -> Result<BackupManifest, B
         Some(_) => Some(RepoLock::acquire(storage, "backup").await?),
         None => None,
     };
-    let result = run_unlocked(config, args).await;
+    let result = run_locked(config, args, lock.as_ref()).await;
     if let Some(lock) = lock {
         lock.release().await;
     }
     result
 }
 
-async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManifest, BackupError> {
+/// The backup, under `lock` (`None` only for a repository created by this backup, which no
+/// other process knows yet).
+async fn run_locked(
+    config: &Config,
+    args: &BackupArgs,
+    lock: Option<&RepoLock>,
+) -> Result<BackupManifest, BackupError> {
     // 1. The repository.
     let storage = config.storage().await?;
     storage.check_writable().await?;
@@ -315,13 +324,30 @@ async fn run_unlocked(config: &Config, args: &BackupArgs) -> Result<BackupManife
         new_bytes: ingested.stats.new_bytes,
     };
     let body = serde_json::to_vec(&manifest).expect("serialisable");
+    // The lock is checked on both sides of the commit point (issue 15, item 4): an `expire`
+    // after `pgpitr unlock` may have deleted packs this backup references; a manifest written
+    // after the lock was lost is taken back.
+    if args.commit_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.commit_delay_ms)).await;
+    }
+    if let Some(lock) = lock {
+        lock.check().await?;
+    }
+    let manifest_key = layout::backup_manifest_key(&id);
     storage
-        .put(
-            &layout::backup_manifest_key(&id),
-            Bytes::from(body),
-            PutMode::Create,
-        )
+        .put(&manifest_key, Bytes::from(body), PutMode::Create)
         .await?;
+    if let Some(lock) = lock {
+        if let Err(e) = lock.check().await {
+            if let Err(d) = storage.delete(&manifest_key).await {
+                tracing::error!(
+                    "cannot remove {manifest_key} after losing the repository lock: {d}; remove \
+                     it by hand, its packs may be gone"
+                );
+            }
+            return Err(e.into());
+        }
+    }
     tracing::info!(
         "backup {id} complete: {} files, {} ({} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
         manifest.files.len(),

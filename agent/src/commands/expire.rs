@@ -14,6 +14,12 @@
 //! 2. WAL no kept backup needs, oldest position first;
 //! 3. unreferenced packs: the index first (a pack without index is ignored by backups), then
 //!    the pack.
+//!
+//! Deletions go in batches of `--delete-batch` (64). Before each batch `expire` checks that it
+//! still holds the repository lock ([`RepoLock::check`]) and that no restore took a lease since
+//! it planned ([`lease::new_lease`]); otherwise it stops (issue 15, items 4 and 6). Active leases
+//! ([`crate::repo::lease`]) hold back what a restore reads: a leased backup is kept with its
+//! packs and every WAL file from its start; an unscoped lease makes `expire` delete nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -27,10 +33,11 @@ use crate::recovery::plan::BackupSummary;
 use crate::recovery::recoverable_windows;
 use crate::recovery::source::{partition_by_wal, RepoState};
 use crate::repo::layout::{self, PackObject};
-use crate::repo::lock::{LockError, RepoLock};
+use crate::repo::lease;
+use crate::repo::lock::{self, LockError, RepoLock};
 use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::wal::ArchivedWal;
-use crate::repo::{restore_points, RepoError};
+use crate::repo::RepoError;
 use crate::retention::{self, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
 use crate::storage::{PutMode, StorageError};
 
@@ -68,7 +75,13 @@ pub struct ExpireArgs {
     /// Pause between deletions (milliseconds), to spare a busy object store.
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub delete_delay_ms: u64,
+    /// Deletions between two checks of the lock and of the leases.
+    #[arg(long, value_name = "N", default_value_t = DELETE_BATCH, hide = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delete_batch: u32,
 }
+
+/// Deletions between two checks of the lock and of the leases (issue 15, items 4 and 6).
+pub const DELETE_BATCH: u32 = 64;
 
 fn parse_id(s: &str) -> Result<BackupId, String> {
     BackupId::parse(s).map_err(|e| e.to_string())
@@ -86,6 +99,8 @@ pub enum ExpireError {
     Policy(#[from] PolicyError),
     #[error("backup {0} does not exist (see `pgpitr list`)")]
     UnknownBackup(BackupId),
+    #[error("a restore took the lease {0} while expire was deleting: expire stopped, what it deleted leaves the repository consistent; hint: run it again after the restore (the lease holds what the restore needs)")]
+    NewLease(String),
 }
 
 impl From<StorageError> for ExpireError {
@@ -117,6 +132,10 @@ pub struct ExpireReport {
     pub young_packs_kept: usize,
     /// Bytes freed (or that would be).
     pub freed_bytes: u64,
+    /// The active leases of restores, which hold things back (see `repo::lease`).
+    pub leases: Vec<String>,
+    /// An unscoped lease is active: nothing was (or would be) deleted.
+    pub held_by_lease: bool,
 }
 
 /// The policy from `args` over `config`.
@@ -158,7 +177,7 @@ pub async fn run(config: &Config, args: &ExpireArgs) -> Result<ExpireReport, Exp
     } else {
         Some(RepoLock::acquire(storage.clone(), "expire").await?)
     };
-    let result = run_locked(&storage, &policy, args).await;
+    let result = run_locked(&storage, &policy, args, lock.as_ref()).await;
     if let Some(lock) = lock {
         lock.release().await;
     }
@@ -169,6 +188,7 @@ async fn run_locked(
     storage: &crate::storage::DynStorage,
     policy: &RetentionPolicy,
     args: &ExpireArgs,
+    lock: Option<&RepoLock>,
 ) -> Result<ExpireReport, ExpireError> {
     let storage = storage.as_ref();
     let mut state = RepoState::load(storage).await?;
@@ -187,6 +207,8 @@ async fn run_locked(
         pack_bytes: 0,
         young_packs_kept: 0,
         freed_bytes: 0,
+        leases: Vec::new(),
+        held_by_lease: false,
     };
 
     // --keep ID: mark first (an overwrite of the whole manifest object).
@@ -236,7 +258,26 @@ async fn run_locked(
                 .then_some(live.timeline),
         })
         .collect();
-    let verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
+    let mut verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
+
+    // Leases of restores, judged by the storage's clock (a dry run writes nothing, so it uses
+    // this host's). Listed again before every batch of deletions.
+    let leases = lease::list(storage).await?;
+    let known_leases: HashSet<String> = leases.iter().map(|l| l.key.clone()).collect();
+    let storage_now = if args.dry_run {
+        jiff::Timestamp::now()
+    } else {
+        lock::storage_now(storage).await?
+    };
+    let hold = lease::hold(&leases, storage_now);
+    report.leases = hold.leases.clone();
+    report.held_by_lease = hold.everything;
+    for v in verdicts.iter_mut() {
+        if hold.everything || hold.backups.contains(&v.id) {
+            v.keep = true;
+            v.reasons.push("leased by a restore".into());
+        }
+    }
     let kept_ids: HashSet<&BackupId> = verdicts.iter().filter(|v| v.keep).map(|v| &v.id).collect();
     let (kept, expired): (Vec<&BackupManifest>, Vec<&BackupManifest>) = state
         .manifests
@@ -259,7 +300,12 @@ async fn run_locked(
 
     // WAL.
     let kept_summaries: Vec<BackupSummary> = kept.iter().map(|m| BackupSummary::from(*m)).collect();
-    let wal = retention::expirable_wal(&kept_summaries, &state.wal, &state.histories, seg_size);
+    let mut wal = retention::expirable_wal(&kept_summaries, &state.wal, &state.histories, seg_size);
+    wal.retain(|w| {
+        w.name
+            .segment()
+            .is_some_and(|s| !hold.holds_wal(s.segno(seg_size), seg_size))
+    });
     report.wal_files = wal.len();
     report.wal_bytes = wal.iter().map(|w| w.size).sum();
     report.freed_bytes += report.wal_bytes;
@@ -283,7 +329,7 @@ async fn run_locked(
         by_pack.entry(id).or_default().push((o.key, o.size));
     }
     let mut packs: Vec<(String, Vec<(String, u64)>)> = Vec::new();
-    if let Some(newest_start) = newest_start {
+    if let (Some(newest_start), false) = (newest_start, hold.everything) {
         let mut ids: Vec<&String> = by_pack
             .keys()
             .filter(|id| !referenced.contains(id.as_str()))
@@ -322,42 +368,25 @@ async fn run_locked(
         return Ok(report);
     }
 
-    // Delete, in the crash-safe order.
-    let pause = Duration::from_millis(args.delete_delay_ms);
-    let breathe = || async move {
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-    };
+    // Delete, in the crash-safe order, in batches; before each batch the lock and the leases
+    // are checked again.
+    let mut steps: Vec<(String, Option<String>)> = Vec::new();
     let mut expired_sorted = expired.clone();
     expired_sorted.sort_by(|a, b| a.id.cmp(&b.id));
     for m in &expired_sorted {
-        storage.delete(&layout::backup_manifest_key(&m.id)).await?;
-        storage
-            .delete(&layout::pg_backup_manifest_key(&m.id))
-            .await?;
-        tracing::info!("expired backup {}", m.id);
-        breathe().await;
+        steps.push((layout::backup_manifest_key(&m.id), None));
+        steps.push((
+            layout::pg_backup_manifest_key(&m.id),
+            Some(format!("expired backup {}", m.id)),
+        ));
     }
-    let mut wal = wal;
     wal.sort_by_key(|w| {
         (
             w.name.segment().map(|s| s.segno(seg_size)).unwrap_or(0),
             w.name,
         )
     });
-    for w in &wal {
-        storage.delete(&w.key).await?;
-        tracing::debug!("deleted {}", w.key);
-        breathe().await;
-    }
-    if !wal.is_empty() {
-        tracing::info!(
-            "deleted {} WAL file(s), {}",
-            wal.len(),
-            human_bytes(report.wal_bytes)
-        );
-    }
+    steps.extend(wal.iter().map(|w| (w.key.clone(), None)));
     // Restore points in WAL no longer archived: a name target could not reach them.
     let gone: HashSet<&str> = wal.iter().map(|w| w.key.as_str()).collect();
     let remaining: Vec<ArchivedWal> = state
@@ -368,13 +397,40 @@ async fn run_locked(
         .collect();
     let (_, orphaned) = partition_by_wal(&state.restore_points, &remaining, seg_size);
     let orphaned: Vec<RestorePointRecord> = orphaned.into_iter().cloned().collect();
-    restore_points::remove(storage, &orphaned).await?;
-    for (id, objects) in &packs {
-        for (key, _) in objects {
-            storage.delete(key).await?;
-            breathe().await;
+    steps.extend(
+        orphaned
+            .iter()
+            .map(|p| (layout::restore_point_key(p.timeline, p.lsn), None)),
+    );
+    for (_, objects) in &packs {
+        steps.extend(objects.iter().map(|(key, _)| (key.clone(), None)));
+    }
+
+    let pause = Duration::from_millis(args.delete_delay_ms);
+    for batch in steps.chunks(args.delete_batch.max(1) as usize) {
+        if let Some(lock) = lock {
+            lock.check().await?;
         }
-        tracing::debug!("deleted pack {id}");
+        if let Some(key) = lease::new_lease(storage, &known_leases).await? {
+            return Err(ExpireError::NewLease(key));
+        }
+        for (key, done) in batch {
+            storage.delete(key).await?;
+            tracing::debug!("deleted {key}");
+            if let Some(done) = done {
+                tracing::info!("{done}");
+            }
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+    if !wal.is_empty() {
+        tracing::info!(
+            "deleted {} WAL file(s), {}",
+            wal.len(),
+            human_bytes(report.wal_bytes)
+        );
     }
     if !packs.is_empty() {
         tracing::info!(
@@ -407,6 +463,14 @@ pub fn render(r: &ExpireReport) -> String {
             "latest timeline {t}: no backup restores it (none on its history has all its own WAL archived)\n"
         )),
         (None, _) => {}
+    }
+    for l in &r.leases {
+        out.push_str(&format!("held back by lease {l}\n"));
+    }
+    if r.held_by_lease {
+        out.push_str(
+            "nothing deleted: a restore has not chosen its backup yet (unscoped lease); run expire again later\n",
+        );
     }
     for v in &r.backups {
         if v.keep {

@@ -12,7 +12,7 @@ use crate::recovery::source::{load_histories, load_manifests, partition_by_wal};
 use crate::recovery::{archived_wal_ranges, recoverable_windows, BackupSummary};
 use crate::recovery::{RecoverableWindow, TimelineWal};
 use crate::repo::manifest::BackupId;
-use crate::repo::{layout, restore_points, wal, RepoError, RepoIdentity};
+use crate::repo::{layout, lease, restore_points, wal, RepoError, RepoIdentity};
 use crate::storage::StorageError;
 
 use super::backup::human_bytes;
@@ -65,6 +65,8 @@ pub struct Listing {
     pub wal: Vec<TimelineWal>,
     pub windows: Vec<RecoverableWindow>,
     pub restore_points: Vec<RestorePointRecord>,
+    /// Active leases of restores, which `expire` honours (see `repo::lease`), described.
+    pub leases: Vec<String>,
 }
 
 /// Reads the listing.
@@ -103,11 +105,18 @@ pub async fn run(config: &Config) -> Result<Listing, ListError> {
             new_bytes: m.new_bytes,
         })
         .collect();
+    // Read-only: judged by this host's clock (expire judges by the storage's).
+    let leases = lease::hold(
+        &lease::list(storage.as_ref()).await?,
+        jiff::Timestamp::now(),
+    )
+    .leases;
     Ok(Listing {
         backups,
         wal,
         windows,
         restore_points,
+        leases,
     })
 }
 
@@ -238,6 +247,16 @@ pub fn render(l: &Listing) -> String {
             );
         }
     }
+    if !l.leases.is_empty() {
+        s.push_str(
+            "
+leases (expire keeps what they hold):
+",
+        );
+        for l in &l.leases {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
     s
 }
 
@@ -254,8 +273,10 @@ mod tests {
             wal: Vec::new(),
             windows: Vec::new(),
             restore_points: Vec::new(),
+            leases: Vec::new(),
         });
         assert!(text.contains("no backups"), "{text}");
+        assert!(!text.contains("leases"), "{text}");
         assert!(text.contains("none: no backup"), "{text}");
         assert!(!text.contains("restore points"), "{text}");
     }
@@ -272,7 +293,12 @@ mod tests {
                 timeline: TimelineId(2),
                 time: "2026-11-23T19:57:47Z".parse().unwrap(),
             }],
+            leases: vec!["leases/x.lease (restore …): backup B".into()],
         });
+        assert!(
+            text.contains("leases (expire keeps what they hold):\n  leases/x.lease"),
+            "{text}"
+        );
         assert!(
             text.contains("restore points:\n  2026-11-23 19:57:47 UTC  timeline 2    0/600040D8  \"nightly 'x'\"\n"),
             "{text}"

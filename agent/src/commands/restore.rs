@@ -3,6 +3,13 @@
 //! ([`crate::recovery::restore`]), and with `--start` starts PostgreSQL on it and waits for the
 //! end of recovery ([`crate::recovery::start`]).
 //!
+//! Before it reads anything, `restore` writes a lease (`leases/<token>.lease`, see
+//! [`crate::repo::lease`]) that stops `expire` from deleting anything; once the plan is made it
+//! narrows the lease to the chosen backup and the WAL from its start, for `--recovery-lease`
+//! (default 7 days), so that the recovery through `pgpitr-restore` that follows keeps what it
+//! reads (issue 15, item 6). A restore that fails before the data directory is written removes
+//! its lease.
+//!
 //! Ownership: a restore run as root writes files owned by root; `--owner USER` hands them to
 //! USER, and `--start` as root requires `--owner` (PostgreSQL refuses to run as root) and runs
 //! the server as that user. Run as the PostgreSQL user itself, neither is needed.
@@ -15,6 +22,9 @@ use crate::recovery::settings::{ArchiveMode, TargetAction};
 use crate::recovery::start::{self, StartError, StartOptions, StartOutcome};
 use crate::recovery::target::quote_setting;
 use crate::recovery::RecoveryPlan;
+use crate::repo::lease::{Lease, LeaseScope};
+use crate::retention::KeepWithin;
+use crate::storage::StorageError;
 
 use super::backup::human_bytes;
 use super::plan::{load_and_plan, PlanCommandError, TargetArgs};
@@ -66,6 +76,11 @@ pub struct RestoreArgs {
     /// Stop waiting for the end of recovery after this many seconds (the server keeps running).
     #[arg(long, value_name = "SECONDS", requires = "start")]
     pub start_timeout: Option<u64>,
+    /// How long the restore's lease keeps the chosen backup and its WAL from `pgpitr expire`
+    /// after the restore, for the recovery that reads them through pgpitr-restore: 7d, 12h.
+    /// `pgpitr unlock --leases` ends it earlier.
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    pub recovery_lease: KeepWithin,
 }
 
 fn parse_tablespace_map(s: &str) -> Result<(u32, PathBuf), String> {
@@ -91,6 +106,8 @@ pub enum RestoreCommandError {
     Plan(#[from] PlanCommandError),
     #[error("backup {0} is listed but its manifest could not be read")]
     NoManifest(String),
+    #[error("cannot write the restore's lease, which keeps expire from deleting what the restore reads: {0}; hint: the restore needs write access to leases/ in the repository (nothing was written)")]
+    Lease(StorageError),
     #[error("--start as root needs --owner USER: PostgreSQL refuses to run as root (nothing was written)")]
     StartNeedsOwner,
     #[error("--tablespace-map {0}=…: given twice")]
@@ -126,6 +143,8 @@ pub struct RestoreReport {
     pub restored: Restored,
     pub owner: Option<String>,
     pub start: Option<StartOutcome>,
+    /// The lease left for the recovery, and how long it holds.
+    pub lease: Option<(String, KeepWithin)>,
 }
 
 impl RestoreReport {
@@ -164,6 +183,46 @@ pub async fn run(
     let pgdata = absolute(&args.pgdata);
 
     let storage = config.storage().await?;
+    let mut lease = Lease::take(storage.clone(), &pgdata)
+        .await
+        .map_err(RestoreCommandError::Lease)?;
+    let result = run_leased(
+        config,
+        args,
+        bin_dir,
+        storage,
+        &mut lease,
+        owner,
+        tablespace_map,
+        pgdata,
+    )
+    .await;
+    match result {
+        Ok(mut report) => {
+            report.lease = Some((lease.key().to_string(), args.recovery_lease));
+            Ok(report)
+        }
+        // The data directory exists: the recovery may still be started by hand.
+        Err(e @ RestoreCommandError::Start { .. }) => Err(e),
+        Err(e) => {
+            lease.remove().await;
+            Err(e)
+        }
+    }
+}
+
+/// The restore, under `lease`.
+#[allow(clippy::too_many_arguments)]
+async fn run_leased(
+    config: &Config,
+    args: &RestoreArgs,
+    bin_dir: &Path,
+    storage: crate::storage::DynStorage,
+    lease: &mut Lease,
+    owner: Option<Owner>,
+    tablespace_map: std::collections::HashMap<u32, PathBuf>,
+    pgdata: PathBuf,
+) -> Result<RestoreReport, RestoreCommandError> {
     let (state, plan) = load_and_plan(storage.as_ref(), &args.target).await?;
     for n in &plan.notes {
         tracing::warn!("{n}");
@@ -196,6 +255,18 @@ pub async fn run(
     } else {
         None
     };
+
+    lease
+        .narrow(
+            LeaseScope {
+                backup: manifest.id.clone(),
+                start_timeline: manifest.start_timeline,
+                start_lsn: manifest.start_lsn,
+            },
+            std::time::Duration::from_secs(args.recovery_lease.seconds),
+        )
+        .await
+        .map_err(RestoreCommandError::Lease)?;
 
     let req = RestoreRequest {
         config,
@@ -238,6 +309,7 @@ pub async fn run(
         restored,
         owner: owner.map(|o| o.name),
         start,
+        lease: None,
     })
 }
 
@@ -286,6 +358,12 @@ pub fn render(r: &RestoreReport) -> String {
         "repository for restore_command: {}\n",
         w.config_file.display()
     ));
+    if let Some((key, until)) = &r.lease {
+        out.push_str(&format!(
+            "lease: {key} keeps backup {} and its WAL from expire for {until}; `pgpitr unlock --leases` ends it once recovery is done\n",
+            p.backup.id
+        ));
+    }
     match &r.start {
         None => {
             let who = match (&r.owner, is_root()) {

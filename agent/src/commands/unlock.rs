@@ -1,8 +1,10 @@
 //! `pgpitr unlock`: breaks the repository lock left by a `backup` or `expire` that died (see
 //! [`crate::repo::lock`] for when a lock is stale). Prints every lock it breaks; a live lock is
-//! broken only with `--force`.
+//! broken only with `--force`. `--leases` instead removes every restore's lease
+//! ([`crate::repo::lease`]), once the recoveries they protect are done.
 
 use crate::config::{Config, ConfigError};
+use crate::repo::lease;
 use crate::repo::lock::{self, BrokenLock};
 use crate::repo::RepoError;
 use crate::storage::StorageError;
@@ -12,6 +14,10 @@ pub struct UnlockArgs {
     /// Also break a lock whose holder looks alive (make sure it is not running).
     #[arg(long)]
     pub force: bool,
+    /// Remove every restore's lease instead (leases/), once the recoveries are done; locks are
+    /// left alone.
+    #[arg(long, conflicts_with = "force")]
+    pub leases: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +36,23 @@ impl From<StorageError> for UnlockError {
     }
 }
 
-/// Breaks stale locks (all locks with `--force`) and returns what it broke.
+/// Breaks stale locks (all locks with `--force`) and returns what it broke; with `--leases`,
+/// removes the leases instead (and returns no lock).
 ///
 /// # Errors
 /// [`UnlockError::Live`] when a live lock remains (after breaking the stale ones).
 pub async fn run(config: &Config, args: &UnlockArgs) -> Result<Vec<BrokenLock>, UnlockError> {
     let storage = config.storage().await?;
+    if args.leases {
+        let removed = lease::remove_all(storage.as_ref()).await?;
+        for l in &removed {
+            println!("removed lease {}", l.describe());
+        }
+        if removed.is_empty() {
+            println!("no lease to remove");
+        }
+        return Ok(Vec::new());
+    }
     let (broken, live) = lock::break_locks(storage.as_ref(), args.force).await?;
     for b in &broken {
         println!("{}", render_one(b));

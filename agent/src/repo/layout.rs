@@ -9,6 +9,9 @@
 //! backups/<backup-id>/backup_manifest               PostgreSQL's own backup manifest
 //! backups/<backup-id>/manifest.json                 the backup's manifest: its commit point
 //! locks/<token>.lock                                the repository lock of a running backup/expire
+//! locks/<token>.beat                                that lock's heartbeat (rewritten, never the lock)
+//! locks/<token>.clock                               written, read and removed to learn storage time
+//! leases/<token>.lease                              a restore's claim on a backup and its WAL
 //! restore-points/<TLI>/<LSN>.json                   a restore point found in archived WAL
 //! ```
 //!
@@ -148,6 +151,50 @@ pub fn parse_lock_key(key: &str) -> Option<String> {
     is_lock_token(token).then(|| token.to_string())
 }
 
+const BEAT_SUFFIX: &str = ".beat";
+
+/// `locks/<token>.beat`: the heartbeat of lock `token`, rewritten by its holder while the lock
+/// object exists (the lock object itself is written once; see `repo::lock`).
+pub fn beat_key(token: &str) -> String {
+    format!("{LOCKS_ROOT}{token}{BEAT_SUFFIX}")
+}
+
+/// The token of a `locks/<token>.beat` key; `None` for any other key.
+pub fn parse_beat_key(key: &str) -> Option<String> {
+    let token = key.strip_prefix(LOCKS_ROOT)?.strip_suffix(BEAT_SUFFIX)?;
+    is_lock_token(token).then(|| token.to_string())
+}
+
+const CLOCK_SUFFIX: &str = ".clock";
+
+/// `locks/<token>.clock`: written, read back and removed to learn the storage's time (its
+/// Last-Modified or mtime), so that ages are never judged by comparing two hosts' clocks. One
+/// per reader, so that concurrent readers never remove each other's.
+pub fn clock_key(token: &str) -> String {
+    format!("{LOCKS_ROOT}{token}{CLOCK_SUFFIX}")
+}
+
+/// The token of a `locks/<token>.clock` key; `None` for any other key.
+pub fn parse_clock_key(key: &str) -> Option<String> {
+    let token = key.strip_prefix(LOCKS_ROOT)?.strip_suffix(CLOCK_SUFFIX)?;
+    is_lock_token(token).then(|| token.to_string())
+}
+
+pub const LEASES_ROOT: &str = "leases/";
+const LEASE_SUFFIX: &str = ".lease";
+
+/// `leases/<token>.lease`: one restore's claim on what it reads (see `repo::lease`). Tokens
+/// are built like lock tokens.
+pub fn lease_key(token: &str) -> String {
+    format!("{LEASES_ROOT}{token}{LEASE_SUFFIX}")
+}
+
+/// The token of a `leases/<token>.lease` key; `None` for any other key.
+pub fn parse_lease_key(key: &str) -> Option<String> {
+    let token = key.strip_prefix(LEASES_ROOT)?.strip_suffix(LEASE_SUFFIX)?;
+    is_lock_token(token).then(|| token.to_string())
+}
+
 pub const RESTORE_POINTS_ROOT: &str = "restore-points/";
 
 /// `restore-points/<TLI>/<LSN>.json`: the restore point whose record begins at `lsn` on
@@ -272,5 +319,13 @@ mod tests {
         assert_eq!(parse_lock_key(&lock_key(t)).as_deref(), Some(t));
         assert_eq!(parse_lock_key("locks/a/b.lock"), None);
         assert_eq!(parse_lock_key("locks/.tmp.lock"), None);
+        assert_eq!(parse_beat_key(&beat_key(t)).as_deref(), Some(t));
+        assert_eq!(parse_lock_key(&beat_key(t)), None);
+        assert_eq!(parse_beat_key(&lock_key(t)), None);
+        assert_eq!(parse_clock_key(&clock_key(t)).as_deref(), Some(t));
+        assert_eq!(parse_lock_key(&clock_key(t)), None);
+        assert_eq!(parse_beat_key(&clock_key(t)), None);
+        assert_eq!(parse_lease_key(&lease_key(t)).as_deref(), Some(t));
+        assert_eq!(parse_lease_key(&lock_key(t)), None);
     }
 }

@@ -21,11 +21,26 @@
 //! A and B cannot win. Losing together is possible under a tight race; both then fail clearly,
 //! which is safe.
 //!
-//! # Stale locks
+//! # The lock object is written once; the heartbeat is a separate object
 //!
-//! The holder rewrites its object every [`HEARTBEAT`] with a fresh `heartbeat` time. A lock is
-//! stale when its holder ran on this host and is no longer alive, or when its heartbeat is older
-//! than [`STALE_AFTER`] (the holder is on another host, or its pid was reused).
+//! A lock object is written exactly once, by [`RepoLock::acquire`]. While it holds the lock the
+//! holder writes `locks/<token>.beat` every [`HEARTBEAT`], and only after a HEAD shows that its
+//! lock object still exists: a lock that `pgpitr unlock` removed is never re-created (a
+//! HEAD-then-overwrite of the lock object itself could resurrect it). When the HEAD finds the
+//! lock gone, the holder records the lock as lost, and [`RepoLock::check`] — called at every
+//! commit point (`manifest.json` of a backup, each delete batch of `expire`) — fails with
+//! [`LockError::Lost`]; so does a holder that could not refresh its beat for [`TRUST_FOR`].
+//! Issue 15, item 4.
+//!
+//! # Stale locks, by the storage's clock
+//!
+//! A lock's last sign of life is the storage's own time of its newest write: the
+//! Last-Modified (S3) or mtime (local) of its `.beat` object, else of the lock object. "Now" is
+//! read from the same clock: [`storage_now`] rewrites `locks/clock` and reads its time back. A
+//! lock is stale when its holder ran on this host and is no longer alive, or when its last sign
+//! of life is older than [`STALE_AFTER`] by the storage's clock. The `heartbeat` time a lock
+//! object records is the holder's clock and only informs messages: two hosts' clocks are never
+//! compared. Backends that cannot tell an object's time fall back to this host's clock.
 //!
 //! A lock whose holder is **certainly dead** — same host name, and (when the lock records them)
 //! the same boot and pid namespace as ours, and its pid no longer exists or now belongs to a
@@ -48,10 +63,15 @@ use serde::{Deserialize, Serialize};
 use super::layout;
 use crate::storage::{DynStorage, PutMode, Storage, StorageError};
 
-/// How often the holder refreshes its lock object.
+/// How often the holder writes its `.beat` object.
 pub const HEARTBEAT: Duration = Duration::from_secs(60);
-/// A lock whose heartbeat is older than this is stale, whatever host it came from.
+/// A lock whose last sign of life (by the storage's clock) is older than this is stale,
+/// whatever host it came from.
 pub const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
+/// A holder that could not write its beat for this long no longer counts on its lock: another
+/// process may soon judge it stale. Half of [`STALE_AFTER`], so that a commit point is refused
+/// well before anyone may break the lock.
+pub const TRUST_FOR: Duration = Duration::from_secs(STALE_AFTER.as_secs() / 2);
 /// How long the oldest of several contenders waits for the others to back off.
 const CONTEND_WAIT: Duration = Duration::from_millis(500);
 const CONTEND_TRIES: u32 = 4;
@@ -65,6 +85,8 @@ pub struct LockInfo {
     pub host: String,
     pub pid: u32,
     pub started: jiff::Timestamp,
+    /// The holder's clock when it wrote the object (`started`; locks written by pgpitr before
+    /// the `.beat` object rewrote it). Shown in messages, never compared with another clock.
     pub heartbeat: jiff::Timestamp,
     /// Who the holder process is beyond its pid, so that a reused pid is not taken for the
     /// holder. Absent when `/proc` could not be read, and in locks written by pgpitr before it
@@ -148,9 +170,15 @@ impl LockInfo {
     }
 
     /// Why this lock is stale, or `None` while its holder may be alive. Wider than
-    /// [`LockInfo::dead_holder`]: also a heartbeat older than [`STALE_AFTER`], and a lock taken
-    /// under this host name in another boot; these are broken only by `pgpitr unlock`.
-    pub fn stale_reason(&self, now: jiff::Timestamp, this_host: &str) -> Option<String> {
+    /// [`LockInfo::dead_holder`]: also a last sign of life older than [`STALE_AFTER`], and a lock
+    /// taken under this host name in another boot; these are broken only by `pgpitr unlock`.
+    /// `last_seen` and `now` are both the storage's clock (see the module docs).
+    pub fn stale_reason(
+        &self,
+        last_seen: jiff::Timestamp,
+        now: jiff::Timestamp,
+        this_host: &str,
+    ) -> Option<String> {
         if let Some(why) = self.dead_holder(this_host) {
             return Some(why);
         }
@@ -165,10 +193,10 @@ impl LockInfo {
                 );
             }
         }
-        let age = now.duration_since(self.heartbeat);
+        let age = now.duration_since(last_seen);
         if age.as_secs() > STALE_AFTER.as_secs() as i64 {
             return Some(format!(
-                "no heartbeat for {} s (more than {} s)",
+                "no heartbeat for {} s by the storage's clock (more than {} s)",
                 age.as_secs(),
                 STALE_AFTER.as_secs()
             ));
@@ -184,20 +212,30 @@ pub struct FoundLock {
     pub token: String,
     /// `Err` with the reason when the object cannot be read or decoded.
     pub info: Result<LockInfo, String>,
+    /// The storage's time of the newest write of the lock or its `.beat` object; `None` when
+    /// the backend cannot tell.
+    pub last_seen: Option<jiff::Timestamp>,
 }
 
 impl FoundLock {
     pub fn describe(&self) -> String {
         match &self.info {
-            Ok(i) => i.describe(),
+            // The last heartbeat as the storage saw it (its `.beat` or lock object), when known.
+            Ok(i) => LockInfo {
+                heartbeat: self.last_seen.unwrap_or(i.heartbeat),
+                ..i.clone()
+            }
+            .describe(),
             Err(e) => format!("an unreadable lock object ({e})"),
         }
     }
 
-    /// Why it is stale; an unreadable object is stale (no live holder writes garbage).
+    /// Why it is stale; an unreadable object is stale (no live holder writes garbage). `now`
+    /// is the storage's clock ([`storage_now`]); without a [`FoundLock::last_seen`], the
+    /// holder's own heartbeat time stands in.
     pub fn stale_reason(&self, now: jiff::Timestamp, this_host: &str) -> Option<String> {
         match &self.info {
-            Ok(i) => i.stale_reason(now, this_host),
+            Ok(i) => i.stale_reason(self.last_seen.unwrap_or(i.heartbeat), now, this_host),
             Err(e) => Some(format!("unreadable: {e}")),
         }
     }
@@ -211,8 +249,42 @@ pub enum LockError {
         key: String,
         stale: Option<String>,
     },
+    /// This process no longer holds its lock: it was removed (`pgpitr unlock`), or could not be
+    /// refreshed for [`TRUST_FOR`]. Returned at commit points, which are then not passed.
+    #[error("the repository lock {key} was lost ({why}); stopped before the next commit point; hint: check for another pgpitr backup or expire, then run this again")]
+    Lost { key: String, why: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// What the heartbeat task tells the holder.
+#[derive(Debug)]
+struct Beat {
+    /// Why the lock is lost, once it is.
+    lost: std::sync::Mutex<Option<String>>,
+    /// When the lock or its beat was last written (this process's monotonic clock).
+    refreshed: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Beat {
+    fn lose(&self, why: &str) {
+        let mut lost = self.lost.lock().expect("not poisoned");
+        if lost.is_none() {
+            *lost = Some(why.to_string());
+        }
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.lost.lock().expect("not poisoned").clone()
+    }
+
+    fn refreshed(&self) {
+        *self.refreshed.lock().expect("not poisoned") = std::time::Instant::now();
+    }
+
+    fn since_refresh(&self) -> Duration {
+        self.refreshed.lock().expect("not poisoned").elapsed()
+    }
 }
 
 /// A held repository lock. Call [`RepoLock::release`] when done; a process that dies leaves a
@@ -221,6 +293,8 @@ pub enum LockError {
 pub struct RepoLock {
     storage: DynStorage,
     key: String,
+    beat_key: String,
+    beat: std::sync::Arc<Beat>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
@@ -230,13 +304,28 @@ impl RepoLock {
     /// # Errors
     /// [`LockError::Held`] naming the holder (and whether its lock looks stale); storage errors.
     pub async fn acquire(storage: DynStorage, command: &str) -> Result<RepoLock, LockError> {
+        Self::acquire_beating(storage, command, HEARTBEAT).await
+    }
+
+    /// [`RepoLock::acquire`] with a heartbeat every `every` (tests use a short one).
+    pub async fn acquire_beating(
+        storage: DynStorage,
+        command: &str,
+        every: Duration,
+    ) -> Result<RepoLock, LockError> {
         let host = hostname();
+        let found = list(storage.as_ref()).await?;
+        // Staleness is only computed for a message; read the storage's clock only then.
+        let now = if found.is_empty() {
+            jiff::Timestamp::now()
+        } else {
+            storage_now(storage.as_ref()).await?
+        };
         let held = |other: &FoundLock| LockError::Held {
             holder: other.describe(),
             key: other.key.clone(),
-            stale: other.stale_reason(jiff::Timestamp::now(), &host),
+            stale: other.stale_reason(now, &host),
         };
-        let found = list(storage.as_ref()).await?;
         if let Some(other) = break_dead(storage.as_ref(), found, &host).await?.first() {
             return Err(held(other));
         }
@@ -251,7 +340,12 @@ impl RepoLock {
             process: ProcessStamp::current(),
         };
         let key = layout::lock_key(&info.token);
+        let beat_key = layout::beat_key(&info.token);
         write(storage.as_ref(), &key, &info).await?;
+        let beat = std::sync::Arc::new(Beat {
+            lost: std::sync::Mutex::new(None),
+            refreshed: std::sync::Mutex::new(std::time::Instant::now()),
+        });
         let mut tries = 0;
         loop {
             // Another contender may have died since the first listing: its object is broken
@@ -283,14 +377,21 @@ impl RepoLock {
         }
         tracing::debug!("took the repository lock {key}");
         let heartbeat = {
-            let (storage, key, mut info) = (storage.clone(), key.clone(), info.clone());
+            let (storage, key, beat_key, beat) =
+                (storage.clone(), key.clone(), beat_key.clone(), beat.clone());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(HEARTBEAT).await;
+                    tokio::time::sleep(every).await;
+                    // HEAD first, and never write the lock object itself: a lock removed by
+                    // `pgpitr unlock` stays removed.
                     match storage.head(&key).await {
                         Ok(Some(_)) => {}
                         Ok(None) => {
-                            tracing::error!("the repository lock {key} was broken by someone else");
+                            tracing::error!(
+                                "the repository lock {key} was removed by someone else; this \
+                                 process stops at its next commit point"
+                            );
+                            beat.lose("it was removed, e.g. by `pgpitr unlock`");
                             return;
                         }
                         Err(e) => {
@@ -298,9 +399,10 @@ impl RepoLock {
                             continue;
                         }
                     }
-                    info.heartbeat = jiff::Timestamp::now();
-                    if let Err(e) = write(storage.as_ref(), &key, &info).await {
-                        tracing::warn!("cannot refresh the repository lock: {e}");
+                    let body = Bytes::from(jiff::Timestamp::now().to_string());
+                    match storage.put(&beat_key, body, PutMode::Overwrite).await {
+                        Ok(()) => beat.refreshed(),
+                        Err(e) => tracing::warn!("cannot refresh the repository lock: {e}"),
                     }
                 }
             })
@@ -308,8 +410,38 @@ impl RepoLock {
         Ok(RepoLock {
             storage,
             key,
+            beat_key,
+            beat,
             heartbeat,
         })
+    }
+
+    /// Checks, right now, that this process still holds its lock: the lock object exists (a
+    /// HEAD), the heartbeat has not found it gone, and it was refreshed within [`TRUST_FOR`].
+    /// Called before every commit point.
+    ///
+    /// # Errors
+    /// [`LockError::Lost`] with the reason; storage errors of the HEAD.
+    pub async fn check(&self) -> Result<(), LockError> {
+        let lost = |why: String| LockError::Lost {
+            key: self.key.clone(),
+            why,
+        };
+        if let Some(why) = self.beat.lost() {
+            return Err(lost(why));
+        }
+        if self.storage.head(&self.key).await?.is_none() {
+            self.beat.lose("it was removed, e.g. by `pgpitr unlock`");
+            return Err(lost("it was removed, e.g. by `pgpitr unlock`".into()));
+        }
+        let since = self.beat.since_refresh();
+        if since > TRUST_FOR {
+            return Err(lost(format!(
+                "its heartbeat could not be written for {} s",
+                since.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// The lock object's key.
@@ -322,11 +454,13 @@ impl RepoLock {
     pub async fn release(self) {
         self.heartbeat.abort();
         let _ = self.heartbeat.await;
-        if let Err(e) = self.storage.delete(&self.key).await {
-            tracing::warn!(
-                "cannot remove the repository lock {}: {e}; remove it with `pgpitr unlock`",
-                self.key
-            );
+        // The lock first: a beat without its lock means nothing (`unlock` removes it).
+        for key in [&self.key, &self.beat_key] {
+            if let Err(e) = self.storage.delete(key).await {
+                tracing::warn!(
+                    "cannot remove the repository lock {key}: {e}; remove it with `pgpitr unlock`"
+                );
+            }
         }
     }
 }
@@ -350,6 +484,7 @@ async fn break_dead(
             continue;
         };
         storage.delete(&l.key).await?;
+        storage.delete(&layout::beat_key(&l.token)).await?;
         let now = jiff::Timestamp::now();
         tracing::warn!(
             "broke the stale repository lock {} of {} (pid {} on host {}, taken {} s ago, last \
@@ -359,7 +494,8 @@ async fn break_dead(
             info.pid,
             info.host,
             now.duration_since(info.started).as_secs(),
-            now.duration_since(info.heartbeat).as_secs(),
+            now.duration_since(l.last_seen.unwrap_or(info.heartbeat))
+                .as_secs(),
         );
     }
     Ok(left)
@@ -372,13 +508,39 @@ async fn write(storage: &dyn Storage, key: &str, info: &LockInfo) -> Result<(), 
         .await
 }
 
-/// Every lock object, oldest token first.
+/// "Now" by the storage's clock: writes `locks/<token>.clock`, reads its time back (S3
+/// Last-Modified, a local file's mtime) and removes it; this host's clock when the backend
+/// cannot tell.
+///
+/// # Errors
+/// Storage errors (the write needs write access).
+pub async fn storage_now(storage: &dyn Storage) -> Result<jiff::Timestamp, StorageError> {
+    let local = jiff::Timestamp::now();
+    let key = layout::clock_key(&new_token(local));
+    storage
+        .put(&key, Bytes::from(format!("{local}\n")), PutMode::Overwrite)
+        .await?;
+    let read = storage.modified(&key).await;
+    // Removed even when the read failed; a leftover is removed by `pgpitr unlock`.
+    let removed = storage.delete(&key).await;
+    let now = read?.unwrap_or(local);
+    removed?;
+    Ok(now)
+}
+
+/// Every lock object, oldest token first, each with the storage's time of its newest write or
+/// of its `.beat` ([`FoundLock::last_seen`]).
 ///
 /// # Errors
 /// Storage errors (a lock deleted between list and read is skipped).
 pub async fn list(storage: &dyn Storage) -> Result<Vec<FoundLock>, StorageError> {
+    let objects = storage.list(layout::LOCKS_ROOT).await?;
+    let beats: std::collections::HashSet<String> = objects
+        .iter()
+        .filter_map(|o| layout::parse_beat_key(&o.key))
+        .collect();
     let mut out = Vec::new();
-    for o in storage.list(layout::LOCKS_ROOT).await? {
+    for o in objects {
         let Some(token) = layout::parse_lock_key(&o.key) else {
             continue;
         };
@@ -387,10 +549,17 @@ pub async fn list(storage: &dyn Storage) -> Result<Vec<FoundLock>, StorageError>
             Err(StorageError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
+        let mut last_seen = storage.modified(&o.key).await?;
+        if beats.contains(&token) {
+            if let Some(t) = storage.modified(&layout::beat_key(&token)).await? {
+                last_seen = Some(last_seen.map_or(t, |l| l.max(t)));
+            }
+        }
         out.push(FoundLock {
             key: o.key,
             token,
             info,
+            last_seen,
         });
     }
     out.sort_by(|a, b| a.token.cmp(&b.token));
@@ -416,27 +585,49 @@ pub async fn break_locks(
     force: bool,
 ) -> Result<(Vec<BrokenLock>, Vec<FoundLock>), StorageError> {
     let host = hostname();
-    let now = jiff::Timestamp::now();
+    let now = storage_now(storage).await?;
     let mut broken = Vec::new();
     let mut live = Vec::new();
-    for l in list(storage).await? {
+    let found = list(storage).await?;
+    for l in &found {
         let stale = l.stale_reason(now, &host);
         if stale.is_some() || force {
             storage.delete(&l.key).await?;
+            storage.delete(&layout::beat_key(&l.token)).await?;
             broken.push(BrokenLock {
                 key: l.key.clone(),
                 holder: l.describe(),
                 stale,
             });
         } else {
-            live.push(l);
+            live.push(l.clone());
+        }
+    }
+    // Beats whose lock is gone (a heartbeat that raced with a removal), and clock objects
+    // older than a minute (left by a process that died while reading the storage's clock).
+    let held: std::collections::HashSet<&str> = live.iter().map(|l| l.token.as_str()).collect();
+    for o in storage.list(layout::LOCKS_ROOT).await? {
+        if let Some(token) = layout::parse_beat_key(&o.key) {
+            if !held.contains(token.as_str())
+                && storage.head(&layout::lock_key(&token)).await?.is_none()
+            {
+                storage.delete(&o.key).await?;
+            }
+        } else if layout::parse_clock_key(&o.key).is_some() {
+            let old = storage
+                .modified(&o.key)
+                .await?
+                .is_some_and(|t| now.duration_since(t).as_secs() > 60);
+            if old {
+                storage.delete(&o.key).await?;
+            }
         }
     }
     Ok((broken, live))
 }
 
 /// `<nanoseconds, 20 digits>-<pid>-<8 hex digits>`: unique, and sorting by time.
-fn new_token(now: jiff::Timestamp) -> String {
+pub(crate) fn new_token(now: jiff::Timestamp) -> String {
     use sha2::{Digest, Sha256};
     let nanos = now.as_nanosecond().max(0) as u128;
     let mut h = Sha256::new();
@@ -516,6 +707,17 @@ mod tests {
     use crate::storage::local::LocalStorage;
     use std::sync::Arc;
 
+    /// Judged as if the object's storage time were the holder's heartbeat.
+    trait ByHeartbeat {
+        fn stale_by_heartbeat(&self, now: jiff::Timestamp, host: &str) -> Option<String>;
+    }
+
+    impl ByHeartbeat for LockInfo {
+        fn stale_by_heartbeat(&self, now: jiff::Timestamp, host: &str) -> Option<String> {
+            self.stale_reason(self.heartbeat, now, host)
+        }
+    }
+
     fn info(host: &str, pid: u32, heartbeat: &str) -> LockInfo {
         let t: jiff::Timestamp = heartbeat.parse().unwrap();
         LockInfo {
@@ -551,17 +753,17 @@ mod tests {
         let me = std::process::id();
         // This process: alive, fresh.
         assert_eq!(
-            info("h", me, "2026-11-23T09:59:00Z").stale_reason(now, "h"),
+            info("h", me, "2026-11-23T09:59:00Z").stale_by_heartbeat(now, "h"),
             None
         );
         // Same host, a pid that cannot exist.
         assert!(info("h", 0, "2026-11-23T09:59:00Z")
-            .stale_reason(now, "h")
+            .stale_by_heartbeat(now, "h")
             .unwrap()
             .contains("not running"));
         // Other host: only the heartbeat's age counts.
         assert_eq!(
-            info("other", 0, "2026-11-23T09:59:00Z").stale_reason(now, "h"),
+            info("other", 0, "2026-11-23T09:59:00Z").stale_by_heartbeat(now, "h"),
             None
         );
         assert_eq!(
@@ -569,7 +771,7 @@ mod tests {
             None
         );
         assert!(info("other", 0, "2026-11-23T09:00:00Z")
-            .stale_reason(now, "h")
+            .stale_by_heartbeat(now, "h")
             .unwrap()
             .contains("no heartbeat"));
     }
@@ -586,7 +788,10 @@ mod tests {
         };
         // This very process: alive.
         assert_eq!(stamped(me, stamp.clone()).dead_holder("h"), None);
-        assert_eq!(stamped(me, stamp.clone()).stale_reason(now, "h"), None);
+        assert_eq!(
+            stamped(me, stamp.clone()).stale_by_heartbeat(now, "h"),
+            None
+        );
         // Our pid, but started at another time: the holder is gone, the pid was reused.
         let reused = stamped(
             me,
@@ -615,7 +820,7 @@ mod tests {
             },
         );
         assert_eq!(other_ns.dead_holder("h"), None);
-        assert_eq!(other_ns.stale_reason(now, "h"), None);
+        assert_eq!(other_ns.stale_by_heartbeat(now, "h"), None);
         // Another boot: not broken automatically, but `pgpitr unlock` may break it.
         let other_boot = stamped(
             pid,
@@ -626,7 +831,7 @@ mod tests {
         );
         assert_eq!(other_boot.dead_holder("h"), None);
         assert!(other_boot
-            .stale_reason(now, "h")
+            .stale_by_heartbeat(now, "h")
             .unwrap()
             .contains("restarted"));
     }
@@ -785,7 +990,13 @@ mod tests {
             token: "00000000000000000004-7-other".into(),
             ..info("another-host", 0, "2026-11-23T09:00:00Z")
         };
-        plant(storage.as_ref(), &old).await;
+        let old_key = plant(storage.as_ref(), &old).await;
+        // The storage last heard of it an hour ago (its own clock, not the holder's).
+        set_mtime(
+            dir.path(),
+            &old_key,
+            jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1),
+        );
         let msg = RepoLock::acquire(storage.clone(), "expire")
             .await
             .unwrap_err()
@@ -803,5 +1014,194 @@ mod tests {
             .unwrap()
             .release()
             .await;
+    }
+
+    /// A storage that removes `armed` right after answering a HEAD that found it: `pgpitr
+    /// unlock` running between the heartbeat's HEAD and its write.
+    #[derive(Debug)]
+    struct RemovedAfterHead {
+        inner: LocalStorage,
+        armed: std::sync::Mutex<Option<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Storage for RemovedAfterHead {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn check_writable(&self) -> crate::storage::StorageResult<()> {
+            self.inner.check_writable().await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            data: Bytes,
+            mode: PutMode,
+        ) -> crate::storage::StorageResult<()> {
+            self.inner.put(key, data, mode).await
+        }
+        async fn get(&self, key: &str) -> crate::storage::StorageResult<Bytes> {
+            self.inner.get(key).await
+        }
+        async fn get_range(
+            &self,
+            key: &str,
+            range: std::ops::Range<u64>,
+        ) -> crate::storage::StorageResult<Bytes> {
+            self.inner.get_range(key, range).await
+        }
+        async fn head(
+            &self,
+            key: &str,
+        ) -> crate::storage::StorageResult<Option<crate::storage::ObjectMeta>> {
+            let found = self.inner.head(key).await?;
+            let armed = self.armed.lock().unwrap().take_if(|k| k.as_str() == key);
+            if let (Some(_), Some(k)) = (&found, armed) {
+                self.inner.delete(&k).await?;
+            }
+            Ok(found)
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> crate::storage::StorageResult<Vec<crate::storage::ObjectMeta>> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> crate::storage::StorageResult<()> {
+            self.inner.delete(key).await
+        }
+        async fn modified(
+            &self,
+            key: &str,
+        ) -> crate::storage::StorageResult<Option<jiff::Timestamp>> {
+            self.inner.modified(key).await
+        }
+    }
+
+    /// Issue 15, item 4: the heartbeat used to HEAD the lock and then rewrite it, so a lock
+    /// removed in between came back. Now it writes only the `.beat` object, finds the lock gone
+    /// at its next HEAD and the holder's next commit point fails.
+    #[tokio::test]
+    async fn the_heartbeat_never_resurrects_a_removed_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let racy = Arc::new(RemovedAfterHead {
+            inner: LocalStorage::new(dir.path().to_path_buf()),
+            armed: std::sync::Mutex::new(None),
+        });
+        let storage: DynStorage = racy.clone();
+        let lock = RepoLock::acquire_beating(storage.clone(), "backup", Duration::from_millis(50))
+            .await
+            .unwrap();
+        let written = storage.get(lock.key()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        // Beats come as a separate object; the lock object is untouched.
+        assert!(storage.head(&lock.beat_key).await.unwrap().is_some());
+        assert_eq!(storage.get(lock.key()).await.unwrap(), written);
+        lock.check().await.unwrap();
+
+        *racy.armed.lock().unwrap() = Some(lock.key().to_string());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(racy.armed.lock().unwrap().is_none(), "the heartbeat ran");
+        assert!(
+            storage.head(lock.key()).await.unwrap().is_none(),
+            "the removed lock was written again"
+        );
+        let err = lock.check().await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, LockError::Lost { .. }), "{msg}");
+        assert!(msg.contains("was lost") && !msg.contains('\n'), "{msg}");
+        // Another process can take the lock now; `unlock` clears the orphaned beat.
+        let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
+        assert!(broken.is_empty() && live.is_empty());
+        assert!(storage.head(&lock.beat_key).await.unwrap().is_none());
+        lock.release().await;
+    }
+
+    #[tokio::test]
+    async fn check_fails_once_the_lock_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        let lock = RepoLock::acquire(storage.clone(), "expire").await.unwrap();
+        lock.check().await.unwrap();
+        let (broken, _) = break_locks(storage.as_ref(), true).await.unwrap();
+        assert_eq!(broken.len(), 1);
+        assert!(matches!(lock.check().await, Err(LockError::Lost { .. })));
+        lock.release().await;
+        // Nothing is left in locks/: no lock, no beat, no clock object.
+        assert!(storage.list(layout::LOCKS_ROOT).await.unwrap().is_empty());
+    }
+
+    fn set_mtime(dir: &std::path::Path, key: &str, t: jiff::Timestamp) {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join(key))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::from(t)).unwrap();
+    }
+
+    /// Issue 15, item 4: staleness used to compare the holder's heartbeat time with the
+    /// checker's clock. Now both sides of the comparison are the storage's clock.
+    #[tokio::test]
+    async fn staleness_is_judged_by_the_storage_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage: DynStorage = Arc::new(LocalStorage::new(dir.path().to_path_buf()));
+        let now = jiff::Timestamp::now();
+        let day = jiff::SignedDuration::from_hours(24);
+
+        // A live holder whose clock runs a day behind ours (ours runs ahead): its heartbeat
+        // time looks a day old, its object is fresh. Live.
+        let behind = LockInfo {
+            token: "00000000000000000005-7-behind".into(),
+            heartbeat: now - day,
+            started: now - day,
+            ..info("another-host", 1, "2026-11-23T09:59:00Z")
+        };
+        let key = plant(storage.as_ref(), &behind).await;
+        let msg = RepoLock::acquire(storage.clone(), "expire")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("wait") && !msg.contains("stale"), "{msg}");
+        let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
+        assert!(broken.is_empty() && live.len() == 1, "{broken:?}");
+        // An old lock object kept alive by a fresh beat: live too.
+        set_mtime(dir.path(), &key, now - day);
+        storage
+            .put(
+                &layout::beat_key(&behind.token),
+                Bytes::from_static(b"x"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
+        assert!(broken.is_empty() && live.len() == 1, "{broken:?}");
+        storage.delete(&key).await.unwrap();
+        storage
+            .delete(&layout::beat_key(&behind.token))
+            .await
+            .unwrap();
+
+        // A dead holder whose clock ran a day ahead: its heartbeat time is in the future, but
+        // the storage last heard of it an hour ago. Stale.
+        let ahead = LockInfo {
+            token: "00000000000000000006-7-ahead".into(),
+            heartbeat: now + day,
+            started: now + day,
+            ..info("another-host", 1, "2026-11-23T09:59:00Z")
+        };
+        let key = plant(storage.as_ref(), &ahead).await;
+        set_mtime(dir.path(), &key, now - jiff::SignedDuration::from_hours(1));
+        let msg = RepoLock::acquire(storage.clone(), "expire")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("stale") && msg.contains("storage's clock"),
+            "{msg}"
+        );
+        let (broken, live) = break_locks(storage.as_ref(), false).await.unwrap();
+        assert_eq!(broken.len(), 1, "{live:?}");
+        assert!(live.is_empty());
     }
 }

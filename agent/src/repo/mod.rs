@@ -7,6 +7,7 @@ pub mod error;
 pub mod identity;
 pub mod json_objects;
 pub mod layout;
+pub mod lease;
 pub mod lock;
 pub mod manifest;
 pub mod part_index;
