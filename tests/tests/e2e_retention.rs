@@ -1107,6 +1107,9 @@ fn expire_keeps_the_live_timeline_restorable_after_a_point_in_time_restore() {
     let wal_2 = timeline_2_wal(&repo);
     assert!(wal_2.iter().any(|k| k.contains(&seg)), "{wal_2:?}");
     phase("timeline 2 live and archived");
+    // The restore's lease would keep b0 anyway; without it the timeline rule alone must.
+    let out = pgpitr_ok(&env, &["unlock", "--leases"]);
+    assert!(out.contains("lease"), "{out}");
 
     // Dry run: b1 alone goes; b0 stays for timeline 2.
     let dry: serde_json::Value = serde_json::from_str(&pgpitr_ok(
