@@ -227,6 +227,33 @@ impl Cluster {
         }
     }
 
+    /// Waits up to 120 s until no WAL file waits to be archived (no `.ready` in
+    /// `pg_wal/archive_status`): a backup's `.backup` history file, for one, is archived after
+    /// the backup has returned, so a listing of the repository taken right after a backup may
+    /// miss it.
+    pub fn wait_archive_idle(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let ready: Vec<String> = std::fs::read_dir(self.pg_wal().join("archive_status"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                        .filter(|n| n.ends_with(".ready"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if ready.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still waiting to be archived: {ready:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     pub fn pg_wal(&self) -> PathBuf {
         self.data.join("pg_wal")
     }

@@ -160,9 +160,12 @@ fn rows_then_backup(env: &Env, c: &Cluster, from: i64, to: i64) -> String {
     }
     let mut env = env.clone();
     env.push(("PGPITR_CONNINFO".into(), conninfo(c)));
-    pgpitr_ok(&env, &["backup", "--checkpoint", "fast"])
+    let id = pgpitr_ok(&env, &["backup", "--checkpoint", "fast"])
         .trim()
-        .to_string()
+        .to_string();
+    // Its `.backup` history file too, so that listings taken next are complete.
+    c.wait_archive_idle();
+    id
 }
 
 /// A lease as `pgpitr restore` writes it first (unscoped), taken by this process.
@@ -250,6 +253,7 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
 
     // 3. expire --keep-last 1 keeps the leased backup and the WAL from its start; the restored
     //    cluster then recovers with the WAL it needs.
+    c.wait_archive_idle();
     let wal_before = keys(&repo, "wal");
     let first = &manifests(&repo)[0];
     let b1_start = pgpitr::pg::WalSegmentName::containing(

@@ -112,7 +112,10 @@ fn backup_with(env: &Env, c: &Cluster, extra: &[&str]) -> String {
     env.push(("PGPITR_CONNINFO".into(), conninfo(c)));
     let mut args = vec!["backup", "--checkpoint", "fast", "--label", "retention"];
     args.extend_from_slice(extra);
-    pgpitr_ok(&env, &args).trim().to_string()
+    let id = pgpitr_ok(&env, &args).trim().to_string();
+    // Its `.backup` history file too, so that listings taken next are complete.
+    c.wait_archive_idle();
+    id
 }
 
 /// The committed backups' manifests, oldest first (read from the directory).
