@@ -226,6 +226,16 @@ def main():
 
     garage = start_garage(root)
     for rnd in range(ROUNDS):
+        # --- the machine's own limit: copy each segment into a file and fsync it, one process
+        # per segment (dd conv=fsync: cp + fsync in one process), as a WAL command at best does ---
+        lim = f"{root}/limit-{rnd}"
+        os.makedirs(lim)
+        settle()
+        t, r = zip(*[timed(["dd", f"if={wal}/{n}", f"of={lim}/{n}", "bs=1M", "conv=fsync", "status=none"])
+                     for n in names])
+        record("the machine's limit: cp + fsync (dd conv=fsync), one segment per call", t, r)
+        shutil.rmtree(lim)
+
         # --- pgpitr, synchronous (no batching, no prefetch) ---
         repo = f"{root}/pgpitr-repo-{rnd}"
         os.makedirs(repo)
@@ -315,6 +325,12 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for label, (med, mean, rss, n) in results.items():
         print(f"| {label} | {med:.1f} | {mean:.1f} | {1000 / mean:.0f} | {rss / 1024:.1f} |")
+    limit = results["the machine's limit: cp + fsync (dd conv=fsync), one segment per call"][0]
+    print("\n| median ratio | to pgBackRest (target ≤ 0.5) | to cp + fsync |")
+    print("|---|---:|---:|")
+    for ours, theirs in (("pgpitr-archive, one segment per call", "pgBackRest archive-push (lz4)"),
+                         ("pgpitr-restore, one segment per call", "pgBackRest archive-get")):
+        print(f"| {ours} | {results[ours][0] / results[theirs][0]:.2f} | {results[ours][0] / limit:.2f} |")
     shutil.rmtree(root, ignore_errors=True)
 
 
