@@ -15,7 +15,10 @@
 //!   are waited for (fresh heartbeat) or broken only by `pgpitr unlock` (stale heartbeat);
 //! - a second backup while one runs fails with a message naming the holder;
 //! - on S3: expire shrinks the manifests, packs and WAL as it should, verify passes and then
-//!   catches a deleted pack.
+//!   catches a deleted pack; an incomplete multipart upload is a warning of verify and is
+//!   aborted by expire once older than `--staging-grace`;
+//! - leftover `.tmp.*` staging files in a local repository: warnings of verify, removed by
+//!   expire once older than `--staging-grace`, never younger ones.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -1004,6 +1007,42 @@ fn expire_and_verify_on_s3() {
 
     pgpitr_ok(&env, &["verify"]);
     phase("verified");
+
+    // A backup killed mid-upload leaves its pack's multipart upload open: verify warns and
+    // passes; expire keeps it while younger than --staging-grace, then aborts it.
+    let pack_id = "ab".repeat(32);
+    let upload = runtime().block_on(g.leave_upload_open(
+        &bucket,
+        &format!("retention/{}", layout::pack_key(&pack_id)),
+        1000,
+    ));
+    let out = pgpitr_ok(&env, &["verify"]);
+    assert!(
+        out.contains(&format!(
+            "WARNING {} (upload {upload}): leftover staging object, 1000 B,",
+            layout::pack_key(&pack_id)
+        )) && out.contains("no problems"),
+        "{out}"
+    );
+    let out = pgpitr_ok(&env, &["expire", "--keep-last", "2"]);
+    assert!(
+        out.contains("1 leftover staging object(s) kept for now"),
+        "{out}"
+    );
+    assert_eq!(runtime().block_on(store.list_staging()).unwrap().len(), 1);
+    // Not a race against a deadline: the upload must be at least 2 s old by Garage's clock
+    // (the storage's "now" has whole seconds) for a grace of 1 s to pass it.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "2", "--staging-grace", "1s"],
+    );
+    assert!(
+        out.contains("removed 1 leftover staging object(s) of killed writers (1000 B)"),
+        "{out}"
+    );
+    assert!(runtime().block_on(store.list_staging()).unwrap().is_empty());
+    phase("leftover multipart upload aborted");
 
     // A pack of the newest backup deleted behind pgpitr's back: verify names it and fails.
     let pack_key = layout::pack_key(

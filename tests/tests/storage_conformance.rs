@@ -173,54 +173,18 @@ async fn s3_on_garage_conforms() {
 /// it, and aborting one that is gone succeeds.
 #[tokio::test]
 async fn s3_incomplete_multipart_uploads_are_listed_and_aborted() {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
     let g = Garage::shared();
     let bucket = g.bucket();
     std::env::set_var("AWS_ACCESS_KEY_ID", garage::KEY_ID);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", garage::SECRET);
     std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(garage::REGION))
-            .endpoint_url(&g.endpoint)
-            .force_path_style(true)
-            .credentials_provider(Credentials::new(
-                garage::KEY_ID,
-                garage::SECRET,
-                None,
-                None,
-                "test",
-            ))
-            .build(),
-    );
     let before = jiff::Timestamp::now();
     let mut uploads = Vec::new();
     for (key, part) in [
         ("repo/packs/ab/abcd.pack", 3000usize),
         ("other/packs/ab/abcd.pack", 10),
     ] {
-        let id = client
-            .create_multipart_upload()
-            .bucket(&bucket)
-            .key(key)
-            .send()
-            .await
-            .unwrap()
-            .upload_id()
-            .unwrap()
-            .to_string();
-        client
-            .upload_part()
-            .bucket(&bucket)
-            .key(key)
-            .upload_id(&id)
-            .part_number(1)
-            .body(vec![7u8; part].into())
-            .send()
-            .await
-            .unwrap();
-        uploads.push(id);
+        uploads.push(g.leave_upload_open(&bucket, key, part).await);
     }
     let loc = S3Location::parse(
         &format!("s3://{bucket}/repo"),
@@ -242,7 +206,8 @@ async fn s3_incomplete_multipart_uploads_are_listed_and_aborted() {
     assert!(s.list_staging().await.unwrap().is_empty());
     s.remove_staging(&left[0]).await.unwrap();
     // The upload outside the prefix is untouched.
-    let other = client
+    let other = g
+        .client()
         .list_multipart_uploads()
         .bucket(&bucket)
         .send()
