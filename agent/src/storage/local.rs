@@ -201,11 +201,12 @@ impl LocalStorage {
                     })
                 }
             };
+            // An mtime that cannot be read counts as "now": never judged abandoned.
             let modified = meta
                 .modified()
                 .ok()
                 .and_then(|t| jiff::Timestamp::try_from(t).ok())
-                .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                .unwrap_or_else(jiff::Timestamp::now);
             out.push(StagingObject {
                 key,
                 upload_id: None,

@@ -43,7 +43,8 @@ pub struct StagingObject {
     /// Bytes written so far (local: the file's size; S3: the sum of the uploaded parts).
     pub size: u64,
     /// By the storage's clock: local, the file's mtime (its last write); S3, the upload's
-    /// `Initiated` time.
+    /// `Initiated` time. This host's "now" when the backend cannot tell, so that such an object
+    /// never looks abandoned.
     pub modified: jiff::Timestamp,
 }
 

@@ -421,7 +421,8 @@ impl Storage for S3Storage {
                 let modified = upload
                     .initiated()
                     .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())
-                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                    // Without an Initiated time: "now", never judged abandoned.
+                    .unwrap_or_else(jiff::Timestamp::now);
                 out.push(StagingObject {
                     key: key.to_string(),
                     upload_id: Some(id.to_string()),
