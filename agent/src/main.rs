@@ -38,9 +38,11 @@ enum Command {
     Restore(commands::restore::RestoreArgs),
     /// Check the configuration, storage, connection, server settings and that WAL arrives.
     Check(commands::check::CheckArgs),
-    /// Delete backups, WAL and packs that the retention policy no longer keeps.
+    /// Delete backups, WAL and packs that the retention policy no longer keeps, and killed
+    /// writers' staging objects older than --staging-grace.
     Expire(commands::expire::ExpireArgs),
-    /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity.
+    /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity; warn about
+    /// killed writers' staging objects (which do not fail it).
     Verify(commands::verify::VerifyArgs),
     /// Break the repository lock left by a backup or expire that died; `--leases` removes the
     /// leases of restores.

@@ -157,6 +157,48 @@ impl Garage {
         name
     }
 
+    /// A client of this server with the test key, for what pgpitr never does itself (leaving a
+    /// multipart upload open, as a killed writer does).
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new(REGION))
+                .endpoint_url(&self.endpoint)
+                .force_path_style(true)
+                .credentials_provider(Credentials::new(KEY_ID, SECRET, None, None, "test"))
+                .build(),
+        )
+    }
+
+    /// Starts a multipart upload of `key` in `bucket`, uploads one part of `part_len` bytes and
+    /// leaves it open, as a writer killed mid-upload does; returns the upload id.
+    pub async fn leave_upload_open(&self, bucket: &str, key: &str, part_len: usize) -> String {
+        let client = self.client();
+        let id = client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+            .upload_id()
+            .unwrap()
+            .to_string();
+        client
+            .upload_part()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .part_number(1)
+            .body(vec![7u8; part_len].into())
+            .send()
+            .await
+            .unwrap();
+        id
+    }
+
     /// The environment that points pgpitr at `s3://bucket/prefix` on this server, with the
     /// credentials in the standard AWS variables (never in a config file or argv).
     pub fn env(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {

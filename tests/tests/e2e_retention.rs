@@ -15,7 +15,10 @@
 //!   are waited for (fresh heartbeat) or broken only by `pgpitr unlock` (stale heartbeat);
 //! - a second backup while one runs fails with a message naming the holder;
 //! - on S3: expire shrinks the manifests, packs and WAL as it should, verify passes and then
-//!   catches a deleted pack.
+//!   catches a deleted pack; an incomplete multipart upload is a warning of verify and is
+//!   aborted by expire once older than `--staging-grace`;
+//! - leftover `.tmp.*` staging files in a local repository: warnings of verify, removed by
+//!   expire once older than `--staging-grace`, never younger ones.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -1008,6 +1011,42 @@ fn expire_and_verify_on_s3() {
     pgpitr_ok(&env, &["verify"]);
     phase("verified");
 
+    // A backup killed mid-upload leaves its pack's multipart upload open: verify warns and
+    // passes; expire keeps it while younger than --staging-grace, then aborts it.
+    let pack_id = "ab".repeat(32);
+    let upload = runtime().block_on(g.leave_upload_open(
+        &bucket,
+        &format!("retention/{}", layout::pack_key(&pack_id)),
+        1000,
+    ));
+    let out = pgpitr_ok(&env, &["verify"]);
+    assert!(
+        out.contains(&format!(
+            "WARNING {} (upload {upload}): leftover staging object, 1000 B,",
+            layout::pack_key(&pack_id)
+        )) && out.contains("no problems"),
+        "{out}"
+    );
+    let out = pgpitr_ok(&env, &["expire", "--keep-last", "2"]);
+    assert!(
+        out.contains("1 leftover staging object(s) kept for now"),
+        "{out}"
+    );
+    assert_eq!(runtime().block_on(store.list_staging()).unwrap().len(), 1);
+    // Not a race against a deadline: the upload must be at least 2 s old by Garage's clock
+    // (the storage's "now" has whole seconds) for a grace of 1 s to pass it.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "2", "--staging-grace", "1s"],
+    );
+    assert!(
+        out.contains("removed 1 leftover staging object(s) of killed writers (1000 B)"),
+        "{out}"
+    );
+    assert!(runtime().block_on(store.list_staging()).unwrap().is_empty());
+    phase("leftover multipart upload aborted");
+
     // A pack of the newest backup deleted behind pgpitr's back: verify names it and fails.
     let pack_key = layout::pack_key(
         &all[2]
@@ -1181,4 +1220,138 @@ fn expire_keeps_the_live_timeline_restorable_after_a_point_in_time_restore() {
     assert_eq!(again.psql("SELECT count(*) FROM on_timeline_2"), "50");
     assert_eq!(again.psql("SELECT count(*) FROM t"), "200");
     phase("timeline 2 restored after expire");
+}
+
+/// Sets `path`'s mtime to `ago` before now.
+fn set_age(path: &Path, ago: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - ago)
+        .unwrap();
+}
+
+/// Killed writers' staging files (planted, with the names `pgpitr-archive` and `pgpitr backup`
+/// give them, beside real WAL objects and packs): `verify` warns about each with its age and
+/// still exits 0; `expire --dry-run` only reports; `expire` removes those older than
+/// `--staging-grace` (24h by default, then 1h) and never a younger one.
+#[test]
+fn leftover_staging_files_are_reported_by_verify_and_removed_by_expire_after_their_grace() {
+    let (_repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let c = archiving_cluster(env.clone(), "");
+    c.psql("CREATE TABLE t AS SELECT g AS i FROM generate_series(1, 10000) g");
+    wait_for_repo_json(&c, &repo);
+    let id = backup(&env, &c);
+    let clean = pgpitr_ok(&env, &["verify"]);
+    assert!(
+        clean.contains("no problems") && !clean.contains("WARNING"),
+        "{clean}"
+    );
+
+    let dir_of = |sub: &str, suffix: &str| -> PathBuf {
+        walkdir(repo.join(sub))
+            .into_iter()
+            .find(|p| {
+                p.to_string_lossy().ends_with(suffix) && !p.to_string_lossy().contains("history")
+            })
+            .unwrap_or_else(|| panic!("no {suffix} under {sub}"))
+            .parent()
+            .unwrap()
+            .to_path_buf()
+    };
+    let wal_dir = dir_of("wal", ".lz4");
+    let pack_dir = dir_of("packs", ".pack");
+    let day = Duration::from_secs(86_400);
+    let planted = [
+        // A killed `pgpitr-archive`, three days ago.
+        (wal_dir.join(".tmp.4242.281474976710656"), 700_000, 3 * day),
+        // A killed backup's pack, two days ago.
+        (pack_dir.join(".tmp.4343.562949953421312"), 2 << 20, 2 * day),
+        // Two hours old: within the default grace, not within 1h.
+        (wal_dir.join(".tmp.4444.1"), 1000, Duration::from_secs(7200)),
+    ];
+    for (path, len, age) in &planted {
+        std::fs::write(path, vec![0x5au8; *len]).unwrap();
+        set_age(path, *age);
+    }
+    let rel = |p: &Path| {
+        p.strip_prefix(&repo)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    // verify: a warning per leftover with its age, the summary, and success.
+    let out = pgpitr(&env, &["verify"]);
+    let all = text(&out);
+    assert!(out.status.success(), "verify failed on leftovers: {all}");
+    for (path, _, _) in &planted {
+        assert!(
+            all.contains(&format!("WARNING {}: leftover staging object", rel(path))),
+            "{all}"
+        );
+    }
+    assert!(
+        all.contains("3d0h old") && all.contains("2d0h old"),
+        "{all}"
+    );
+    assert!(
+        all.contains("3 leftover staging object(s)")
+            && all.contains("verify does not fail on them")
+            && all.contains("no problems"),
+        "{all}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&env, &["verify", "--json"])).unwrap();
+    assert_eq!(json["staging"].as_array().unwrap().len(), 3, "{json}");
+
+    // expire --dry-run reports the two older than 24h and removes nothing.
+    let out = pgpitr_ok(&env, &["expire", "--keep-last", "5", "--dry-run"]);
+    assert!(
+        out.contains("would remove 2 leftover staging object(s)")
+            && out.contains("1 leftover staging object(s) kept for now"),
+        "{out}"
+    );
+    assert!(planted.iter().all(|(p, _, _)| p.exists()));
+
+    // expire: the two old ones go, the young one stays.
+    let out = pgpitr_ok(&env, &["expire", "--keep-last", "5"]);
+    assert!(
+        out.contains("removed 2 leftover staging object(s) of killed writers (2.7 MiB)")
+            && out.contains("1 leftover staging object(s) kept for now"),
+        "{out}"
+    );
+    assert!(!planted[0].0.exists() && !planted[1].0.exists());
+    assert!(planted[2].0.exists());
+    let json: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "5", "--dry-run", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(
+        json["staging_removed"].as_array().unwrap().len(),
+        0,
+        "{json}"
+    );
+    assert_eq!(json["staging_young_kept"], 1, "{json}");
+
+    // A shorter grace takes the two-hour-old one too; then verify is clean again and the
+    // backup is untouched.
+    let out = pgpitr_ok(
+        &env,
+        &["expire", "--keep-last", "5", "--staging-grace", "1h"],
+    );
+    assert!(
+        out.contains("removed 1 leftover staging object(s)"),
+        "{out}"
+    );
+    assert!(!planted[2].0.exists());
+    let clean = pgpitr_ok(&env, &["verify"]);
+    assert!(
+        clean.contains("no problems") && !clean.contains("WARNING"),
+        "{clean}"
+    );
+    assert_eq!(ids(&repo), vec![id]);
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use pgpitr::storage::local::LocalStorage;
 use pgpitr::storage::s3::{S3Location, S3Storage, MULTIPART_THRESHOLD};
-use pgpitr::storage::{DynStorage, PutMode, StorageError};
+use pgpitr::storage::{DynStorage, PutMode, Storage, StorageError};
 use pgpitr_tests::garage::{self, Garage};
 
 async fn conformance(s: DynStorage) {
@@ -125,6 +125,11 @@ async fn conformance(s: DynStorage) {
     drop(staged);
     assert_eq!(keys(s.list("st/").await.unwrap()), ["st/a/obj"]);
 
+    // every write above committed or cleaned up after itself: no staging object is left
+    // (S3: the multipart upload of the large object was completed, not left open)
+    let left = s.list_staging().await.unwrap();
+    assert!(left.is_empty(), "{loc}: {left:?}");
+
     // keys that could escape are refused before any I/O
     for bad in ["../x", "/abs", "a/../../b", ""] {
         assert!(
@@ -161,6 +166,59 @@ async fn s3_on_garage_conforms() {
     )
     .unwrap();
     conformance(Arc::new(S3Storage::connect(loc).await)).await;
+}
+
+/// A writer killed in the middle of a multipart upload leaves it open: `list_staging` shows it
+/// (under the prefix only) with the bytes uploaded and its start time, `remove_staging` aborts
+/// it, and aborting one that is gone succeeds.
+#[tokio::test]
+async fn s3_incomplete_multipart_uploads_are_listed_and_aborted() {
+    let g = Garage::shared();
+    let bucket = g.bucket();
+    std::env::set_var("AWS_ACCESS_KEY_ID", garage::KEY_ID);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", garage::SECRET);
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let before = jiff::Timestamp::now();
+    let mut uploads = Vec::new();
+    for (key, part) in [
+        ("repo/packs/ab/abcd.pack", 3000usize),
+        ("other/packs/ab/abcd.pack", 10),
+    ] {
+        uploads.push(g.leave_upload_open(&bucket, key, part).await);
+    }
+    let loc = S3Location::parse(
+        &format!("s3://{bucket}/repo"),
+        Some(g.endpoint.clone()),
+        garage::REGION.into(),
+        true,
+    )
+    .unwrap();
+    let s = S3Storage::connect(loc).await;
+    let left = s.list_staging().await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].key, "packs/ab/abcd.pack");
+    assert_eq!(left[0].upload_id.as_deref(), Some(uploads[0].as_str()));
+    assert_eq!(left[0].size, 3000);
+    let skew = left[0].modified.duration_since(before).as_secs().abs();
+    assert!(skew < 300, "Initiated {} vs {before}", left[0].modified);
+
+    s.remove_staging(&left[0]).await.unwrap();
+    assert!(s.list_staging().await.unwrap().is_empty());
+    s.remove_staging(&left[0]).await.unwrap();
+    // The upload outside the prefix is untouched.
+    let other = g
+        .client()
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = other
+        .uploads()
+        .iter()
+        .filter_map(|u| u.upload_id())
+        .collect();
+    assert_eq!(ids, [uploads[1].as_str()]);
 }
 
 #[tokio::test]

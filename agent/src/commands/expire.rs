@@ -19,7 +19,14 @@
 //! still holds the repository lock ([`RepoLock::check`]) and that no restore took a lease since
 //! it planned ([`lease::new_lease`]); otherwise it stops (issue 15, items 4 and 6). Active leases
 //! ([`crate::repo::lease`]) hold back what a restore reads: a leased backup is kept with its
-//! packs and every WAL file from its start; an unscoped lease makes `expire` delete nothing.
+//! packs and every WAL file from its start; an unscoped lease makes `expire` delete no backup,
+//! WAL file or pack.
+//!
+//! Last, still under the lock, leftover staging objects of killed writers
+//! ([`crate::repo::staging`]) older than `--staging-grace` (24h) by the storage's clock are
+//! removed (local: unlinked; S3: the multipart upload aborted). Younger ones may be a live
+//! writer's (`pgpitr-archive` and `pgpitr backup` do not take the lock) and are never touched.
+//! No restore reads them, so leases do not hold them back.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -36,6 +43,7 @@ use crate::repo::layout::{self, PackObject};
 use crate::repo::lease;
 use crate::repo::lock::{self, LockError, RepoLock};
 use crate::repo::manifest::{BackupId, BackupManifest};
+use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::ArchivedWal;
 use crate::repo::RepoError;
 use crate::retention::{self, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
@@ -72,6 +80,10 @@ pub struct ExpireArgs {
     /// Unreferenced packs younger than this stay (they may belong to a backup in progress).
     #[arg(long, value_name = "DURATION", default_value = "1h")]
     pub pack_min_age: KeepWithin,
+    /// Leftover staging objects of killed writers (`.tmp.*` files, incomplete S3 multipart
+    /// uploads) older than this are removed; younger ones may be a live writer's.
+    #[arg(long, value_name = "DURATION", default_value = staging::DEFAULT_GRACE)]
+    pub staging_grace: KeepWithin,
     /// Pause between deletions (milliseconds), to spare a busy object store.
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub delete_delay_ms: u64,
@@ -134,8 +146,13 @@ pub struct ExpireReport {
     pub freed_bytes: u64,
     /// The active leases of restores, which hold things back (see `repo::lease`).
     pub leases: Vec<String>,
-    /// An unscoped lease is active: nothing was (or would be) deleted.
+    /// An unscoped lease is active: no backup, WAL file or pack was (or would be) deleted.
     pub held_by_lease: bool,
+    /// Leftover staging objects older than `--staging-grace`, removed (or that would be).
+    pub staging_removed: Vec<Leftover>,
+    pub staging_bytes: u64,
+    /// Leftover staging objects kept: not older than `--staging-grace`.
+    pub staging_young_kept: usize,
 }
 
 /// The policy from `args` over `config`.
@@ -177,7 +194,12 @@ pub async fn run(config: &Config, args: &ExpireArgs) -> Result<ExpireReport, Exp
     } else {
         Some(RepoLock::acquire(storage.clone(), "expire").await?)
     };
-    let result = run_locked(&storage, &policy, args, lock.as_ref()).await;
+    let mut result = run_locked(&storage, &policy, args, lock.as_ref()).await;
+    if let Ok(report) = &mut result {
+        if let Err(e) = remove_staging(storage.as_ref(), args, lock.as_ref(), report).await {
+            result = Err(e);
+        }
+    }
     if let Some(lock) = lock {
         lock.release().await;
     }
@@ -209,6 +231,9 @@ async fn run_locked(
         freed_bytes: 0,
         leases: Vec::new(),
         held_by_lease: false,
+        staging_removed: Vec::new(),
+        staging_bytes: 0,
+        staging_young_kept: 0,
     };
 
     // --keep ID: mark first (an overwrite of the whole manifest object).
@@ -442,6 +467,55 @@ async fn run_locked(
     Ok(report)
 }
 
+/// Removes the leftover staging objects older than `--staging-grace` by the storage's clock
+/// (with `--dry-run`, by this host's, and only reports), checking the lock before each batch.
+///
+/// # Errors
+/// Storage errors, a lost lock.
+async fn remove_staging(
+    storage: &dyn crate::storage::Storage,
+    args: &ExpireArgs,
+    lock: Option<&RepoLock>,
+    report: &mut ExpireReport,
+) -> Result<(), ExpireError> {
+    let now = if args.dry_run {
+        jiff::Timestamp::now()
+    } else {
+        lock::storage_now(storage).await?
+    };
+    let (old, young) = staging::abandoned(
+        staging::survey(storage, now).await?,
+        args.staging_grace.seconds,
+    );
+    report.staging_young_kept = young.len();
+    report.staging_bytes = old.iter().map(|l| l.size).sum();
+    report.freed_bytes += report.staging_bytes;
+    if !args.dry_run {
+        for batch in old.chunks(args.delete_batch.max(1) as usize) {
+            if let Some(lock) = lock {
+                lock.check().await?;
+            }
+            for l in batch {
+                storage.remove_staging(l.object()).await?;
+                tracing::debug!(
+                    "removed leftover staging object {} ({} old)",
+                    l.key,
+                    staging::human_age(l.age_seconds)
+                );
+            }
+        }
+        if !old.is_empty() {
+            tracing::info!(
+                "removed {} leftover staging object(s), {}",
+                old.len(),
+                human_bytes(report.staging_bytes)
+            );
+        }
+    }
+    report.staging_removed = old;
+    Ok(())
+}
+
 /// The report as text.
 pub fn render(r: &ExpireReport) -> String {
     let mut out = String::new();
@@ -452,6 +526,7 @@ pub fn render(r: &ExpireReport) -> String {
         ));
     }
     if r.policy.is_empty() {
+        render_staging(r, &mut out);
         return out;
     }
     out.push_str(&format!("policy: {}\n", r.policy));
@@ -500,5 +575,24 @@ pub fn render(r: &ExpireReport) -> String {
             r.young_packs_kept
         ));
     }
+    render_staging(r, &mut out);
     out
+}
+
+/// The lines about leftover staging objects, when there are any.
+fn render_staging(r: &ExpireReport, out: &mut String) {
+    if !r.staging_removed.is_empty() {
+        out.push_str(&format!(
+            "{} {} leftover staging object(s) of killed writers ({}), older than --staging-grace\n",
+            if r.dry_run { "would remove" } else { "removed" },
+            r.staging_removed.len(),
+            human_bytes(r.staging_bytes)
+        ));
+    }
+    if r.staging_young_kept > 0 {
+        out.push_str(&format!(
+            "{} leftover staging object(s) kept for now: not older than --staging-grace (a writer may still use them)\n",
+            r.staging_young_kept
+        ));
+    }
 }

@@ -12,6 +12,11 @@
 //! - WAL continuity, per history that holds each selected backup ([`crate::recovery::plan`]'s
 //!   rules, as for `pgpitr plan`): the backup's own WAL, then everything up to the newest
 //!   archived segment of that history, without a gap.
+//!
+//! Leftover staging objects (a killed writer's `.tmp.*` file, an incomplete S3 multipart
+//! upload: [`crate::repo::staging`]) are reported as warnings with their size and age; they are
+//! not part of any backup or WAL file, so they never fail `verify` (`pgpitr expire` removes
+//! them once older than `--staging-grace`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -24,9 +29,12 @@ use crate::pg::{TimelineHistory, WalFileName, WalSegmentName};
 use crate::recovery::plan::{walk, BackupSummary, Timelines, WalIndex};
 use crate::repo::layout::{self, PackObject};
 use crate::repo::manifest::{BackupId, BackupManifest};
+use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::{self, ArchivedWal};
 use crate::repo::{codec, RepoError, RepoIdentity};
 use crate::storage::{Storage, StorageError};
+
+use super::backup::human_bytes;
 
 /// Objects read at once.
 const PARALLEL: usize = 4;
@@ -76,9 +84,15 @@ pub struct VerifyReport {
     pub chunks: usize,
     pub wal_files: usize,
     pub problems: Vec<Problem>,
+    /// Leftover staging objects, aged by this host's clock: warnings, not problems.
+    pub staging: Vec<Leftover>,
+    /// Why the staging objects could not be listed (a warning too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staging_error: Option<String>,
 }
 
 impl VerifyReport {
+    /// No problems; leftover staging objects do not count.
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }
@@ -407,12 +421,21 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
         }
     }
 
+    // Leftovers of killed writers: warnings only, as is a listing that fails (S3 credentials
+    // without the right to list multipart uploads).
+    let (leftovers, staging_error) = match staging::survey(storage, jiff::Timestamp::now()).await {
+        Ok(l) => (l, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+
     Ok(VerifyReport {
         backups: selected.iter().map(|m| m.id.clone()).collect(),
         packs: packs_read,
         chunks: chunk_count,
         wal_files,
         problems: problems.0.into_iter().collect(),
+        staging: leftovers,
+        staging_error,
     })
 }
 
@@ -444,6 +467,30 @@ pub fn render(r: &VerifyReport) -> String {
     let mut out = String::new();
     for p in &r.problems {
         out.push_str(&format!("PROBLEM {}: {}\n", p.key, p.message));
+    }
+    for l in &r.staging {
+        out.push_str(&format!(
+            "WARNING {}{}: leftover staging object, {}, {} old\n",
+            l.key,
+            l.upload_id
+                .as_deref()
+                .map(|id| format!(" (upload {id})"))
+                .unwrap_or_default(),
+            human_bytes(l.size),
+            staging::human_age(l.age_seconds)
+        ));
+    }
+    if let Some(e) = &r.staging_error {
+        out.push_str(&format!(
+            "WARNING cannot list leftover staging objects: {e}\n"
+        ));
+    }
+    if !r.staging.is_empty() {
+        out.push_str(&format!(
+            "warning: {} leftover staging object(s), {}, from writers that were killed; not part of any backup or WAL file, so verify does not fail on them; `pgpitr expire` removes those older than --staging-grace\n",
+            r.staging.len(),
+            human_bytes(r.staging.iter().map(|l| l.size).sum())
+        ));
     }
     out.push_str(&format!(
         "checked {} backup(s), {} chunk(s) in {} pack(s), {} WAL file(s): {}\n",

@@ -1,6 +1,7 @@
 //! The repository: what pgpitr keeps in storage and how it is laid out. `layout` builds every
 //! key; `identity` owns `repo.json` (which cluster the repository belongs to); `codec` is the
-//! lz4 + SHA-256 envelope of stored files; `wal` is the WAL archive.
+//! lz4 + SHA-256 envelope of stored files; `wal` is the WAL archive; `staging` the
+//! objects killed writers leave behind.
 
 pub mod codec;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod lock;
 pub mod manifest;
 pub mod part_index;
 pub mod restore_points;
+pub mod staging;
 mod u64_string;
 pub mod wal;
 

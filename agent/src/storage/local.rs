@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{validate_key, ObjectMeta, PutMode, Staged, Storage, StorageError, StorageResult};
+use super::{
+    validate_key, ObjectMeta, PutMode, Staged, StagingObject, Storage, StorageError, StorageResult,
+};
 
-/// Temporary files start with this; `list` never shows them.
-const TEMP_PREFIX: &str = ".tmp.";
+/// Temporary files start with this; `list` never shows them, `list_staging` shows only them.
+pub const TEMP_PREFIX: &str = ".tmp.";
 
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
@@ -153,6 +155,88 @@ impl LocalStorage {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    /// The `.tmp.*` files anywhere under the root, with their size and mtime. A file or
+    /// directory removed during the walk (a writer committing) is skipped.
+    fn list_staging_blocking(&self) -> StorageResult<Vec<StagingObject>> {
+        if !self.root.is_dir() {
+            return Err(self.io_error("", io::ErrorKind::NotFound.into()));
+        }
+        let mut out = Vec::new();
+        for entry in walkdir::WalkDir::new(&self.root).follow_links(false) {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(StorageError::Permanent {
+                        key: String::new(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            if !entry.file_type().is_file()
+                || !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+            {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(&self.root).expect("under root");
+            let Some(key) = rel
+                .to_str()
+                .map(|s| s.replace(std::path::MAIN_SEPARATOR, "/"))
+            else {
+                continue;
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(StorageError::Permanent {
+                        key,
+                        message: e.to_string(),
+                    })
+                }
+            };
+            // An mtime that cannot be read counts as "now": never judged abandoned.
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| jiff::Timestamp::try_from(t).ok())
+                .unwrap_or_else(jiff::Timestamp::now);
+            out.push(StagingObject {
+                key,
+                upload_id: None,
+                size: meta.len(),
+                modified,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Unlinks the temporary file `staging.key` (refused unless its name starts with
+    /// [`TEMP_PREFIX`]) and fsyncs its directory.
+    fn remove_staging_blocking(&self, staging: &StagingObject) -> StorageResult<()> {
+        let key = staging.key.as_str();
+        let name = key.rsplit('/').next().unwrap_or(key);
+        if !name.starts_with(TEMP_PREFIX) || staging.upload_id.is_some() {
+            return Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: "not a temporary file of a local repository".into(),
+            });
+        }
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                fsync_dir(path.parent().expect("has parent")).map_err(|e| self.io_error(key, e))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_error(key, e)),
+        }
     }
 }
 
@@ -395,6 +479,16 @@ impl Storage for LocalStorage {
         .await
     }
 
+    async fn list_staging(&self) -> StorageResult<Vec<StagingObject>> {
+        let this = self.clone();
+        blocking(move || this.list_staging_blocking()).await
+    }
+
+    async fn remove_staging(&self, staging: &StagingObject) -> StorageResult<()> {
+        let (this, staging) = (self.clone(), staging.clone());
+        blocking(move || this.remove_staging_blocking(&staging)).await
+    }
+
     async fn delete(&self, key: &str) -> StorageResult<()> {
         let path = self.path(key)?;
         let (this, key) = (self.clone(), key.to_string());
@@ -412,6 +506,83 @@ impl Storage for LocalStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets `path`'s mtime to `secs_ago` seconds before now.
+    fn age(path: &Path, secs_ago: u64) {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn leftover_temporary_files_are_listed_anywhere_with_size_and_mtime_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path());
+        s.put(
+            "wal/0000000100000000/seg-ab.lz4",
+            Bytes::from_static(b"x"),
+            PutMode::Create,
+        )
+        .await
+        .unwrap();
+        assert!(s.list_staging().await.unwrap().is_empty());
+        // A writer killed mid-write: its staged file is never dropped.
+        let mut staged = s.stage("wal/0000000100000000/").await.unwrap();
+        std::io::Write::write_all(&mut staged, b"partial wal").unwrap();
+        std::mem::forget(staged);
+        fs::create_dir_all(dir.path().join("packs/ab")).unwrap();
+        let pack = dir.path().join("packs/ab/.tmp.77.1");
+        fs::write(&pack, vec![0u8; 4096]).unwrap();
+        age(&pack, 3 * 86_400);
+        fs::write(dir.path().join(".tmp.probe.9.9"), b"").unwrap();
+
+        let found = s.list_staging().await.unwrap();
+        let keys: Vec<&str> = found.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert_eq!(keys[0], ".tmp.probe.9.9");
+        assert_eq!(keys[1], "packs/ab/.tmp.77.1");
+        assert!(
+            keys[2].starts_with("wal/0000000100000000/.tmp."),
+            "{keys:?}"
+        );
+        assert_eq!(found[1].size, 4096);
+        assert_eq!(found[2].size, 11);
+        assert!(found.iter().all(|o| o.upload_id.is_none()));
+        let now = jiff::Timestamp::now();
+        let old = now.duration_since(found[1].modified).as_secs();
+        assert!((3 * 86_400 - 60..=3 * 86_400 + 60).contains(&old), "{old}");
+        assert!(now.duration_since(found[2].modified).as_secs() < 3600);
+        // `list` still never shows them.
+        assert_eq!(s.list("").await.unwrap().len(), 1);
+
+        s.remove_staging(&found[1]).await.unwrap();
+        assert!(!pack.exists());
+        s.remove_staging(&found[1]).await.unwrap(); // already gone
+        assert_eq!(s.list_staging().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn only_temporary_files_can_be_removed_as_staging_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path());
+        s.put("repo.json", Bytes::from_static(b"{}"), PutMode::Create)
+            .await
+            .unwrap();
+        for key in ["repo.json", "../.tmp.x", "a/.tmp./../repo.json"] {
+            let not_staging = StagingObject {
+                key: key.into(),
+                upload_id: None,
+                size: 2,
+                modified: jiff::Timestamp::UNIX_EPOCH,
+            };
+            assert!(s.remove_staging(&not_staging).await.is_err(), "{key}");
+        }
+        assert!(dir.path().join("repo.json").exists());
+    }
 
     #[test]
     fn small_objects_are_read_and_large_ones_mapped_and_both_come_back_whole() {

@@ -30,6 +30,24 @@ pub struct ObjectMeta {
     pub size: u64,
 }
 
+/// An object a writer started and never finished: a local repository's temporary file
+/// (`.tmp.*`) or an incomplete S3 multipart upload. A writer killed before its commit leaves one
+/// for good; none is ever part of a backup or of the WAL archive, and no reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingObject {
+    /// Local: the temporary file's own path under the root (`wal/0000000100000000/.tmp.<pid>.<n>`);
+    /// S3: the key the upload was for, under the prefix.
+    pub key: String,
+    /// The S3 upload id; `None` for a local temporary file.
+    pub upload_id: Option<String>,
+    /// Bytes written so far (local: the file's size; S3: the sum of the uploaded parts).
+    pub size: u64,
+    /// By the storage's clock: local, the file's mtime (its last write); S3, the upload's
+    /// `Initiated` time. This host's "now" when the backend cannot tell, so that such an object
+    /// never looks abandoned.
+    pub modified: jiff::Timestamp,
+}
+
 /// Storage errors, split by what the caller can do about them.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -122,6 +140,31 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// Every staging object under the repository ([`StagingObject`]), sorted by key: local, the
+    /// `.tmp.*` files anywhere under the root; S3, the incomplete multipart uploads under the
+    /// prefix. A live writer's staging object is listed too: callers judge by
+    /// [`StagingObject::modified`]. The default (a backend that stages nothing) lists none.
+    ///
+    /// # Errors
+    /// Storage errors of the listing (a missing repository directory or bucket, access denied).
+    async fn list_staging(&self) -> StorageResult<Vec<StagingObject>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes a staging object that [`Storage::list_staging`] returned (local: unlink; S3:
+    /// AbortMultipartUpload). One already gone succeeds. A writer still using it fails at its
+    /// commit and stores nothing: no object is ever left partial.
+    ///
+    /// # Errors
+    /// Storage errors; [`StorageError::Permanent`] for an object that is not a staging object
+    /// of this backend (a local name without the `.tmp.` prefix, an S3 one without upload id).
+    async fn remove_staging(&self, staging: &StagingObject) -> StorageResult<()> {
+        Err(StorageError::Permanent {
+            key: staging.key.clone(),
+            message: "this storage has no staging objects".into(),
+        })
     }
 }
 

@@ -17,7 +17,9 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
-use super::{validate_key, ObjectMeta, PutMode, Storage, StorageError, StorageResult};
+use super::{
+    validate_key, ObjectMeta, PutMode, StagingObject, Storage, StorageError, StorageResult,
+};
 
 /// Objects larger than this are uploaded in parts of [`PART_SIZE`].
 pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
@@ -211,6 +213,35 @@ impl S3Storage {
     }
 }
 
+impl S3Storage {
+    /// Bytes uploaded so far by the incomplete upload `upload_id` of `full` (ListParts).
+    async fn uploaded_bytes(&self, key: &str, full: &str, upload_id: &str) -> StorageResult<u64> {
+        let mut pages = self
+            .client
+            .list_parts()
+            .bucket(&self.location.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .into_paginator()
+            .send();
+        let mut total = 0u64;
+        while let Some(page) = pages.next().await {
+            let page = match page.map_err(|e| map_err(key, e)) {
+                Ok(p) => p,
+                // Completed or aborted since it was listed.
+                Err(StorageError::NotFound { .. }) => return Ok(0),
+                Err(e) => return Err(e),
+            };
+            total += page
+                .parts()
+                .iter()
+                .map(|p| p.size().unwrap_or(0).max(0) as u64)
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+}
+
 /// Maps an SDK error (after the SDK's own retries) to what the caller can act on. The message
 /// holds the service's error code and text, never a credential.
 fn map_err<E>(key: &str, e: SdkError<E, HttpResponse>) -> StorageError
@@ -360,6 +391,82 @@ impl Storage for S3Storage {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    async fn list_staging(&self) -> StorageResult<Vec<StagingObject>> {
+        let bucket = &self.location.bucket;
+        let mut out = Vec::new();
+        let (mut key_marker, mut upload_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(bucket)
+                .prefix(&self.location.prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_marker.take())
+                .send()
+                .await
+                .map_err(|e| map_err("", e))?;
+            for upload in page.uploads() {
+                let (Some(full), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                let Some(key) = full.strip_prefix(self.location.prefix.as_str()) else {
+                    continue;
+                };
+                if validate_key(key).is_err() {
+                    continue;
+                }
+                let modified = upload
+                    .initiated()
+                    .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())
+                    // Without an Initiated time: "now", never judged abandoned.
+                    .unwrap_or_else(jiff::Timestamp::now);
+                out.push(StagingObject {
+                    key: key.to_string(),
+                    upload_id: Some(id.to_string()),
+                    size: self.uploaded_bytes(key, full, id).await?,
+                    modified,
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            upload_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && upload_marker.is_none() {
+                break;
+            }
+        }
+        out.sort_by(|a, b| (&a.key, &a.upload_id).cmp(&(&b.key, &b.upload_id)));
+        Ok(out)
+    }
+
+    async fn remove_staging(&self, staging: &StagingObject) -> StorageResult<()> {
+        let key = staging.key.as_str();
+        let Some(upload_id) = &staging.upload_id else {
+            return Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: "not an S3 multipart upload (no upload id)".into(),
+            });
+        };
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err(key, e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
     }
 
     async fn delete(&self, key: &str) -> StorageResult<()> {
