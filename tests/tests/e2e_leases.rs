@@ -199,7 +199,7 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
             "--checkpoint",
             "fast",
             "--commit-delay-ms",
-            "3000",
+            "8000",
         ],
     )
     .stdout(Stdio::piped())
@@ -337,7 +337,7 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
         "--delete-batch",
         "1",
         "--delete-delay-ms",
-        "300",
+        "1000",
     ];
     let mut expire = pgpitr_cmd(&env, &expire_slowly)
         .stdout(Stdio::piped())
@@ -405,7 +405,7 @@ async fn storage_clock_heartbeat_and_leases_on_garage() {
     let now = lock::storage_now(storage.as_ref()).await.unwrap();
     // Garage runs on this host: its clock is ours, to the second (Last-Modified is in seconds).
     assert!(
-        now.duration_since(before).abs().as_secs() <= 2,
+        now.duration_since(before).abs().as_secs() <= 10,
         "{before} vs {now}"
     );
     assert!(storage.list(layout::LOCKS_ROOT).await.unwrap().is_empty());
@@ -413,18 +413,23 @@ async fn storage_clock_heartbeat_and_leases_on_garage() {
     let held = RepoLock::acquire_beating(storage.clone(), "backup", Duration::from_millis(200))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let keys: Vec<String> = storage
-        .list(layout::LOCKS_ROOT)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    assert!(
-        keys.iter().any(|k| k.ends_with(".beat")) && keys.iter().any(|k| k == held.key()),
-        "{keys:?}"
-    );
+    // The heartbeat writes a beat beside the lock (polled: a loaded machine may be slow).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let keys: Vec<String> = storage
+            .list(layout::LOCKS_ROOT)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert!(keys.iter().any(|k| k == held.key()), "{keys:?}");
+        if keys.iter().any(|k| k.ends_with(".beat")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no beat: {keys:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     held.check().await.unwrap();
     let (broken, _) = lock::break_locks(storage.as_ref(), true).await.unwrap();
     assert_eq!(broken.len(), 1);
