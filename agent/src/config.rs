@@ -540,7 +540,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(500))]
+        #![proptest_config(crate::proptest_config::config(2000))]
 
         #[test]
         fn every_valid_config_round_trips_through_toml(c in config()) {

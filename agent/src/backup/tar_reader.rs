@@ -682,7 +682,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(150))]
+        #![proptest_config(crate::proptest_config::config(1000))]
 
         #[test]
         fn every_member_comes_back_with_its_size_and_crc(

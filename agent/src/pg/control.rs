@@ -114,7 +114,7 @@ mod proptests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(500))]
+        #![proptest_config(crate::proptest_config::config(2000))]
 
         #[test]
         fn arbitrary_bytes_of_any_length_give_a_typed_error(

@@ -170,7 +170,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(500))]
+        #![proptest_config(crate::proptest_config::config(3000))]
 
         #[test]
         fn every_consistent_history_round_trips(h in history()) {

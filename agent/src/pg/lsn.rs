@@ -92,7 +92,7 @@ mod proptests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(4000))]
 
         #[test]
         fn every_lsn_round_trips_through_text(v in any::<u64>()) {

@@ -619,7 +619,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(300))]
+        #![proptest_config(crate::proptest_config::config(2000))]
 
         #[test]
         fn written_restore_points_are_found_whatever_the_feed_sizes(

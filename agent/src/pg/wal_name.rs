@@ -326,7 +326,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(4000))]
 
         #[test]
         fn every_name_round_trips_through_text(name in wal_file_name()) {

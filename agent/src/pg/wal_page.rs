@@ -121,7 +121,7 @@ mod proptests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(4000))]
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {

@@ -1075,7 +1075,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(300))]
+        #![proptest_config(crate::proptest_config::config(2000))]
 
         #[test]
         fn every_object_round_trips_both_ways(plain in plain()) {

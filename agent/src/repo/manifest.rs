@@ -263,7 +263,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(300))]
+        #![proptest_config(crate::proptest_config::config(2000))]
 
         #[test]
         fn every_manifest_round_trips_through_json(m in manifest()) {

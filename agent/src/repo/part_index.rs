@@ -222,7 +222,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(4000))]
 
         #[test]
         fn every_index_round_trips_after_any_frames(

@@ -389,7 +389,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(3000))]
 
         #[test]
         fn every_server_error_is_classified_and_keeps_its_message(

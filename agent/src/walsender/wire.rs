@@ -369,7 +369,7 @@ mod proptests {
     }
 
     proptest! {
-        #![proptest_config(crate::proptest_config::config(1000))]
+        #![proptest_config(crate::proptest_config::config(3000))]
 
         #[test]
         fn arbitrary_bytes_end_in_a_protocol_or_io_error(
