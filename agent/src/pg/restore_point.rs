@@ -582,37 +582,42 @@ mod proptests {
             })
     }
 
-    /// Records to write: a restore point (name, time) or another record of that many bytes.
-    fn records() -> impl Strategy<Value = Vec<Result<(String, i64), usize>>> {
+    /// A record to write: a restore point (name, time) or another with that many data bytes.
+    #[derive(Debug, Clone)]
+    enum Rec {
+        RestorePoint(String, i64),
+        Other(usize),
+    }
+
+    fn records() -> impl Strategy<Value = Vec<Rec>> {
         proptest::collection::vec(
             prop_oneof![
-                ("[a-zA-Z0-9_.-]{1,63}", -(1i64 << 50)..(1i64 << 50)).prop_map(Ok),
-                (0usize..20_000).prop_map(Err),
+                ("[a-zA-Z0-9_.-]{1,63}", -(1i64 << 50)..(1i64 << 50))
+                    .prop_map(|(name, micros)| Rec::RestorePoint(name, micros)),
+                (0usize..20_000).prop_map(Rec::Other),
             ],
             0..12,
         )
     }
 
-    fn write(records: &[Result<(String, i64), usize>]) -> (Vec<u8>, Vec<(String, u64)>) {
-        let encoded: Vec<Result<(String, Vec<u8>), Vec<u8>>> = records
+    /// The WAL of `records`, and the name and LSN of each restore point in it.
+    fn write(records: &[Rec]) -> (Vec<u8>, Vec<(String, u64)>) {
+        let encoded: Vec<(Option<&str>, Vec<u8>)> = records
             .iter()
             .map(|r| match r {
-                Ok((name, micros)) => Ok((name.clone(), restore_point(name, *micros))),
-                Err(len) => Err(record(10, 0x00, &vec![0x5A; *len])),
+                Rec::RestorePoint(name, micros) => {
+                    (Some(name.as_str()), restore_point(name, *micros))
+                }
+                Rec::Other(len) => (None, record(10, 0x00, &vec![0x5A; *len])),
             })
             .collect();
-        let total: usize = encoded
-            .iter()
-            .map(|r| r.as_ref().map_or_else(Vec::len, |(_, b)| b.len()) + 64)
-            .sum();
+        let total: usize = encoded.iter().map(|(_, b)| b.len() + 64).sum();
         let mut w = WalWriter::new(total / 8000 + 2);
         let mut expected = Vec::new();
-        for r in &encoded {
-            match r {
-                Ok((name, bytes)) => expected.push((name.clone(), w.record(bytes))),
-                Err(bytes) => {
-                    w.record(bytes);
-                }
+        for (name, bytes) in &encoded {
+            let lsn = w.record(bytes);
+            if let Some(name) = name {
+                expected.push((name.to_string(), lsn));
             }
         }
         (w.bytes(), expected)
