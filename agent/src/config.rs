@@ -481,3 +481,112 @@ mod tests {
         }
     }
 }
+
+/// Hostile configuration files and variables: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A password to look for in error messages.
+    const SECRET: &str = "Zq7SecretPw";
+
+    fn config() -> impl Strategy<Value = Config> {
+        (
+            (
+                "/[a-zA-Z0-9_./ -]{0,30}",
+                proptest::option::of("https?://[a-z0-9.]{1,20}(:[0-9]{1,5})?"),
+                "[a-z0-9-]{1,12}",
+                any::<bool>(),
+                "\\PC{0,40}",
+                proptest::option::of("/[a-zA-Z0-9_./-]{0,30}"),
+            ),
+            (0u32..=1024, 1u32..=256, 0u32..=1024, 1u32..=256),
+            (
+                proptest::option::of(any::<u32>()),
+                proptest::option::of("[0-9]{1,6}[smhdw]"),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+            ),
+        )
+            .prop_map(
+                |(
+                    (repo, s3_endpoint, s3_region, s3_force_path_style, conninfo, spool_dir),
+                    (archive_batch, archive_parallel, restore_prefetch, restore_parallel),
+                    (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
+                )| Config {
+                    repo,
+                    s3_endpoint,
+                    s3_region,
+                    s3_force_path_style,
+                    conninfo,
+                    spool_dir: spool_dir.map(PathBuf::from),
+                    archive_batch,
+                    archive_parallel,
+                    restore_prefetch,
+                    restore_parallel,
+                    keep_last,
+                    keep_within,
+                    keep_daily,
+                    keep_weekly,
+                    keep_monthly,
+                },
+            )
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_parts(Some(Path::new("/etc/pgpitr/pgpitr.toml")), Some(text), &[])
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn every_valid_config_round_trips_through_toml(c in config()) {
+            let text = toml::to_string(&c).unwrap();
+            prop_assert_eq!(parse(&text).unwrap(), c);
+        }
+
+        #[test]
+        fn arbitrary_text_is_a_config_or_a_typed_error(
+            text in "\\PC{0,200}|(repo|conninfo|keep_last|archive_batch|[a-z_]{1,12}) ?= ?(\"\\PC{0,20}\"?|'[ -~]{0,20}'?|-?[0-9]{1,12}|true|\\[\\PC{0,10}\\]?)\n{0,3}",
+        ) {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn mutated_files_never_show_the_password_in_an_error(
+            c in config(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let c = Config { conninfo: format!("host=db password={SECRET} user=backup"), ..c };
+            let mut bytes = toml::to_string(&c).unwrap().into_bytes();
+            for (at, b) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = b;
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = parse(&text) {
+                prop_assert!(!e.to_string().contains(SECRET), "{}", e);
+            }
+        }
+
+        #[test]
+        fn arbitrary_variables_never_panic_and_are_not_quoted(
+            key in prop::sample::select(KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
+            value in "Zq7\\PC{0,20}",
+        ) {
+            let env = vec![
+                ("PGPITR_REPO".to_string(), "/var/lib/pgpitr".to_string()),
+                (format!("PGPITR_{}", key.to_ascii_uppercase()), value.clone()),
+            ];
+            if let Err(e) = Config::from_parts(None, None, &env) {
+                // `repo` and `keep_within` name the value they refuse, and hold no secret.
+                if key != "repo" && key != "keep_within" {
+                    prop_assert!(!e.to_string().contains(&value), "{}", e);
+                }
+            }
+        }
+    }
+}

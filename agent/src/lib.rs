@@ -10,6 +10,8 @@ pub mod heap;
 pub mod logging;
 pub mod pg;
 pub mod pgsql;
+#[cfg(test)]
+pub(crate) mod proptest_config;
 pub mod recovery;
 pub mod repo;
 pub mod retention;

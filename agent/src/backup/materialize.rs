@@ -120,6 +120,7 @@ pub async fn materialize(
                 if entry.crc32c.is_none() && entry.sha256.is_none() {
                     return Err(corrupt(format!("file '{}' has no checksum", entry.path)));
                 }
+                check_chunk_refs(entry).map_err(corrupt)?;
                 files.push((path, entry.clone()));
             }
         }
@@ -142,6 +143,29 @@ fn sync_filesystem(dir: &Path) -> Result<(), RepoError> {
     // SAFETY: syncfs only reads the descriptor, which `d` keeps open for the call.
     if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
         return Err(RepoError::io(dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Checks the chunk refs of a file of a manifest read from the repository before any is
+/// fetched: each holds at most one chunk of plain bytes at a pack range that can exist, and
+/// together they make up the file's size (so that no offset or sum overflows later).
+fn check_chunk_refs(entry: &FileEntry) -> Result<(), String> {
+    let mut size = 0u64;
+    for c in &entry.chunks {
+        if c.plain_length > CHUNK_SIZE as u64 || c.offset.checked_add(c.length).is_none() {
+            return Err(format!(
+                "chunk {} of '{}' lies out of range ({} plain bytes, {} bytes at {})",
+                c.sha256, entry.path, c.plain_length, c.length, c.offset
+            ));
+        }
+        size += c.plain_length;
+    }
+    if size != entry.size {
+        return Err(format!(
+            "the chunks of '{}' hold {size} bytes, its size is {}",
+            entry.path, entry.size
+        ));
     }
     Ok(())
 }
@@ -406,6 +430,37 @@ mod tests {
             offset: 0,
             length: 0,
             plain_length,
+        }
+    }
+
+    /// A damaged or hostile `manifest.json`: a chunk at an offset near 2^64 overflowed the end
+    /// of its pack range (a panic in debug builds, a wrong range in release builds).
+    #[test]
+    fn chunk_refs_out_of_range_are_refused_before_any_fetch() {
+        let entry = |chunks: Vec<crate::repo::manifest::ChunkRef>, size| FileEntry {
+            path: "base/1/2".into(),
+            size,
+            mode: 0o600,
+            mtime: 0,
+            sha256: None,
+            crc32c: Some("00000000".into()),
+            kind: FileKind::File,
+            link_target: None,
+            chunks,
+        };
+        assert!(check_chunk_refs(&entry(vec![chunk(10), chunk(20)], 30)).is_ok());
+        assert!(check_chunk_refs(&entry(vec![], 0)).is_ok());
+        let far = crate::repo::manifest::ChunkRef {
+            offset: u64::MAX - 5,
+            length: 10,
+            ..chunk(10)
+        };
+        for bad in [
+            entry(vec![far], 10),
+            entry(vec![chunk(CHUNK_SIZE as u64 + 1)], CHUNK_SIZE as u64 + 1),
+            entry(vec![chunk(10)], 11),
+        ] {
+            assert!(check_chunk_refs(&bad).is_err(), "{bad:?}");
         }
     }
 

@@ -566,3 +566,203 @@ mod tests {
         assert!(worker.join().unwrap().is_err());
     }
 }
+
+/// A hostile BASE_BACKUP tar stream: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::super::pack::ChunkSet;
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    /// Runs [`ingest`] over `archives` (tablespace, tar bytes), sent `piece` bytes per message.
+    /// A panic of the reader thread fails the test.
+    fn ingest_all(
+        archives: &[(Option<u32>, Vec<u8>)],
+        piece: usize,
+    ) -> Result<Ingested, IngestError> {
+        let (pack_tx, pack_rx) = mpsc::channel(64);
+        let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
+        let (tx, rx) = mpsc::channel(4);
+        let reader = std::thread::spawn(move || ingest(rx, packer, 1));
+        // A send fails once the reader has stopped with an error: the rest is not needed.
+        'send: for (tablespace, bytes) in archives {
+            let start = ArchiveMsg::Start {
+                tablespace: *tablespace,
+            };
+            if tx.blocking_send(start).is_err() {
+                break;
+            }
+            for p in bytes.chunks(piece.max(1)) {
+                if tx
+                    .blocking_send(ArchiveMsg::Data(vec![Bytes::copy_from_slice(p)]))
+                    .is_err()
+                {
+                    break 'send;
+                }
+            }
+            if tx.blocking_send(ArchiveMsg::End).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let out = reader.join().expect("the tar reader panicked");
+        drop(pack_rx);
+        out
+    }
+
+    fn assert_safe(files: &[FileEntry]) -> Result<(), TestCaseError> {
+        for f in files {
+            prop_assert!(
+                !f.path.is_empty() && !f.path.starts_with('/'),
+                "{:?}",
+                f.path
+            );
+            prop_assert!(
+                f.path
+                    .split('/')
+                    .all(|c| !c.is_empty() && c != ".." && c != "."),
+                "{:?}",
+                f.path
+            );
+            prop_assert!(!f.path.chars().any(char::is_control), "{:?}", f.path);
+        }
+        Ok(())
+    }
+
+    /// Files of a data directory: relative names (some over tar's 100 bytes) and contents.
+    fn members() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
+        proptest::collection::btree_map(
+            "[a-zA-Z0-9_]{1,40}(/[a-zA-Z0-9_][a-zA-Z0-9_.]{0,39}){0,3}",
+            proptest::collection::vec(any::<u8>(), 0..3000),
+            0..8,
+        )
+    }
+
+    fn tar_of(files: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_mtime(1_700_000_000);
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// One tar header block with arbitrary name, type, size and mode fields (a valid header
+    /// checksum, so that the reader goes past it), then arbitrary bytes.
+    fn hostile_member() -> impl Strategy<Value = Vec<u8>> {
+        (
+            proptest::collection::vec(any::<u8>(), 0..100),
+            prop::sample::select(b"0 1 2 3 4 5 6 7 x g L K S D V M N".to_vec()),
+            prop_oneof![
+                any::<u64>(),
+                0u64..4096,
+                Just(u64::MAX),
+                Just(1u64 << 32),
+                Just(8u64 << 30),
+            ],
+            proptest::collection::vec(any::<u8>(), 0..8),
+            proptest::collection::vec(any::<u8>(), 0..2048),
+        )
+            .prop_map(|(name, kind, size, mode, data)| {
+                let mut h = tar::Header::new_gnu();
+                h.as_old_mut().name[..name.len()].copy_from_slice(&name);
+                h.set_entry_type(tar::EntryType::new(kind));
+                h.set_size(size);
+                h.as_old_mut().mode[..mode.len()].copy_from_slice(&mode);
+                h.set_cksum();
+                let mut out = h.as_bytes().to_vec();
+                out.extend_from_slice(&data);
+                out
+            })
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(1000))]
+
+        #[test]
+        fn every_member_comes_back_with_its_size_and_crc(
+            files in members(),
+            tablespace in proptest::option::of(1u32..),
+            piece in 1usize..5000,
+        ) {
+            let out = ingest_all(&[(tablespace, tar_of(&files))], piece).unwrap();
+            let prefix = tablespace.map(|oid| format!("pg_tblspc/{oid}/")).unwrap_or_default();
+            let got: BTreeMap<String, (u64, Option<String>)> = out
+                .files
+                .into_iter()
+                .map(|f| (f.path, (f.size, f.crc32c)))
+                .collect();
+            let want: BTreeMap<String, (u64, Option<String>)> = files
+                .iter()
+                .map(|(name, data)| {
+                    let crc = format!("{:08x}", crc32c::crc32c(data));
+                    (format!("{prefix}{name}"), (data.len() as u64, Some(crc)))
+                })
+                .collect();
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn arbitrary_bytes_give_a_typed_error_or_safe_members(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            piece in 1usize..2000,
+        ) {
+            if let Ok(out) = ingest_all(&[(None, bytes)], piece) {
+                assert_safe(&out.files)?;
+            }
+        }
+
+        #[test]
+        fn hostile_headers_give_a_typed_error_or_safe_members(
+            members in proptest::collection::vec(hostile_member(), 1..4),
+            piece in 1usize..3000,
+        ) {
+            if let Ok(out) = ingest_all(&[(None, members.concat())], piece) {
+                assert_safe(&out.files)?;
+            }
+        }
+
+        #[test]
+        fn mutated_archives_give_a_typed_error_or_safe_members(
+            files in members(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = tar_of(&files);
+            for (at, b) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = b;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            if let Ok(out) = ingest_all(&[(None, bytes)], 4096) {
+                assert_safe(&out.files)?;
+            }
+        }
+
+        #[test]
+        fn member_paths_are_relative_and_without_dot_dot_or_control_characters(
+            path in "(/|\\./|\\.\\./)?([a-zA-Z0-9_.\n\t -]{0,12}/){0,4}[a-zA-Z0-9_.\n -]{0,12}",
+            tablespace in proptest::option::of(any::<u32>()),
+        ) {
+            if let Ok(Some(p)) = member_path(Path::new(&path), tablespace) {
+                let entry = FileEntry {
+                    path: p,
+                    size: 0,
+                    mode: 0,
+                    mtime: 0,
+                    sha256: None,
+                    crc32c: None,
+                    kind: FileKind::File,
+                    link_target: None,
+                    chunks: Vec::new(),
+                };
+                assert_safe(&[entry])?;
+            }
+        }
+    }
+}

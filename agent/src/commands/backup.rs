@@ -810,3 +810,81 @@ mod tests {
         assert!(cross_check(m(3, "x").as_bytes(), &[]).is_err());
     }
 }
+
+/// Hostile `backup_manifest` from the server: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::repo::manifest::FileEntry;
+    use proptest::prelude::*;
+
+    fn files() -> impl Strategy<Value = Vec<FileEntry>> {
+        proptest::collection::btree_map("[a-zA-Z0-9_/]{1,30}", (any::<u64>(), any::<u32>()), 0..6)
+            .prop_map(|m| {
+                m.into_iter()
+                    .map(|(path, (size, crc))| FileEntry {
+                        path,
+                        size,
+                        mode: 0o600,
+                        mtime: 0,
+                        sha256: None,
+                        crc32c: Some(format!("{crc:08x}")),
+                        kind: Default::default(),
+                        link_target: None,
+                        chunks: Vec::new(),
+                    })
+                    .collect()
+            })
+    }
+
+    /// The manifest a little-endian server writes for `files`.
+    fn render(files: &[FileEntry]) -> String {
+        let entries: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| {
+                let crc = u32::from_str_radix(f.crc32c.as_deref().unwrap(), 16).unwrap();
+                serde_json::json!({
+                    "Path": f.path,
+                    "Size": f.size,
+                    "Last-Modified": "2026-12-03 20:00:00 GMT",
+                    "Checksum-Algorithm": "CRC32C",
+                    "Checksum": format!("{:08x}", crc.swap_bytes()),
+                })
+            })
+            .collect();
+        serde_json::json!({"PostgreSQL-Backup-Manifest-Version": 1, "Files": entries}).to_string()
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn the_servers_manifest_of_the_stored_files_matches(files in files()) {
+            prop_assert!(cross_check(render(&files).as_bytes(), &files).is_ok());
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_a_mismatch(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            prop_assert!(matches!(
+                cross_check(&bytes, &[]),
+                Err(BackupError::ManifestMismatch(_))
+            ));
+        }
+
+        #[test]
+        fn mutated_manifests_match_or_are_a_mismatch(
+            files in files(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut bytes = render(&files).into_bytes();
+            for (at, b) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = b;
+            }
+            match cross_check(&bytes, &files) {
+                Ok(()) | Err(BackupError::ManifestMismatch(_)) => {}
+                Err(e) => prop_assert!(false, "{}", e),
+            }
+        }
+    }
+}

@@ -68,7 +68,7 @@ mod tests {
 
     /// A `pg_control` as PostgreSQL writes it: the struct (here `len` bytes ending in the CRC),
     /// then zeros to 8192 bytes.
-    fn synthetic(sysid: u64, version: u32, len: usize) -> Vec<u8> {
+    pub(super) fn synthetic(sysid: u64, version: u32, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; CONTROL_FILE_SIZE];
         b[0..8].copy_from_slice(&sysid.to_le_bytes());
         b[8..12].copy_from_slice(&version.to_le_bytes());
@@ -103,5 +103,56 @@ mod tests {
             ControlFile::parse(&synthetic(42, 1201, 296)),
             Err(ControlFileError::Version(1201))
         );
+    }
+}
+
+/// Hostile `pg_control` files: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::tests::synthetic;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn arbitrary_bytes_of_any_length_give_a_typed_error(
+            bytes in proptest::collection::vec(any::<u8>(), 0..9000),
+        ) {
+            match ControlFile::parse(&bytes) {
+                Err(ControlFileError::Size(n)) => prop_assert_eq!(n, bytes.len()),
+                Err(_) => prop_assert_eq!(bytes.len(), CONTROL_FILE_SIZE),
+                Ok(_) => prop_assert!(false, "random bytes accepted"),
+            }
+        }
+
+        #[test]
+        fn arbitrary_file_sized_bytes_never_panic(
+            head in proptest::collection::vec(any::<u8>(), 0..1100),
+            version in any::<u32>(),
+        ) {
+            let mut bytes = vec![0u8; CONTROL_FILE_SIZE];
+            bytes[..head.len()].copy_from_slice(&head);
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            let _ = ControlFile::parse(&bytes);
+        }
+
+        #[test]
+        fn a_flipped_bit_in_the_struct_is_caught(
+            sysid in any::<u64>(),
+            version in 1300u32..2000,
+            words in 5usize..256,
+            bit in any::<prop::sample::Index>(),
+        ) {
+            let len = words * 4;
+            let good = synthetic(sysid, version, len);
+            let parsed = ControlFile::parse(&good).unwrap();
+            prop_assert_eq!(parsed, ControlFile { system_identifier: sysid, control_version: version });
+            let bit = bit.index(len * 8);
+            let mut torn = good.clone();
+            torn[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(ControlFile::parse(&torn).is_err());
+        }
     }
 }

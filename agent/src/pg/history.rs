@@ -129,3 +129,80 @@ mod tests {
         }
     }
 }
+
+/// Hostile `.history` files: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A consistent history of timeline `own`: increasing parents and switch points, reasons
+    /// as PostgreSQL writes them (one line, no surrounding blanks).
+    fn history() -> impl Strategy<Value = TimelineHistory> {
+        proptest::collection::vec((1u32..1000, 0u64..1 << 40, "[a-zA-Z0-9_\" ]{0,40}"), 0..12)
+            .prop_map(|steps| {
+                let (mut tli, mut lsn) = (0u32, 0u64);
+                let ancestors: Vec<TimelineHistoryEntry> = steps
+                    .into_iter()
+                    .map(|(dt, dl, reason)| {
+                        tli += dt;
+                        lsn += dl;
+                        TimelineHistoryEntry {
+                            timeline: TimelineId(tli),
+                            switch_point: Lsn(lsn),
+                            reason: reason.trim().to_string(),
+                        }
+                    })
+                    .collect();
+                TimelineHistory {
+                    timeline: TimelineId(tli + 1),
+                    ancestors,
+                }
+            })
+    }
+
+    /// The file as `writeTimeLineHistory` lays it out.
+    fn render(h: &TimelineHistory) -> String {
+        h.ancestors
+            .iter()
+            .map(|e| format!("{}\t{}\t{}\n", e.timeline.0, e.switch_point, e.reason))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(3000))]
+
+        #[test]
+        fn every_consistent_history_round_trips(h in history()) {
+            prop_assert_eq!(TimelineHistory::parse(h.timeline, &render(&h)).unwrap(), h);
+        }
+
+        #[test]
+        fn arbitrary_text_is_a_history_or_a_typed_error(
+            tli in any::<u32>(),
+            text in "\\PC{0,200}|([0-9]{1,11}[\t ][0-9A-Fa-f/]{0,19}[\t ]?\\PC{0,10}\n){0,6}",
+        ) {
+            if let Ok(h) = TimelineHistory::parse(TimelineId(tli), &text) {
+                prop_assert!(h.ancestors.iter().all(|e| e.timeline.0 < tli));
+                prop_assert!(h.ancestors.windows(2).all(|w| w[0].timeline < w[1].timeline
+                    && w[0].switch_point <= w[1].switch_point));
+            }
+        }
+
+        #[test]
+        fn mutated_histories_never_panic(
+            h in history(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut bytes = render(&h).into_bytes();
+            if !bytes.is_empty() {
+                for (at, b) in edits {
+                    let at = at.index(bytes.len());
+                    bytes[at] = b;
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = TimelineHistory::parse(h.timeline, &text);
+        }
+    }
+}

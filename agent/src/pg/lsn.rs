@@ -84,3 +84,26 @@ mod tests {
         assert_eq!(lsn.segno(super::super::WalSegSize::DEFAULT), 0x102);
     }
 }
+
+/// Hostile LSN text: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(4000))]
+
+        #[test]
+        fn every_lsn_round_trips_through_text(v in any::<u64>()) {
+            prop_assert_eq!(Lsn(v).to_string().parse::<Lsn>().unwrap(), Lsn(v));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,24}|[0-9a-fA-F/+ -]{0,20}") {
+            if let Err(e) = s.parse::<Lsn>() {
+                prop_assert_eq!(e.what, "LSN");
+            }
+        }
+    }
+}

@@ -137,11 +137,14 @@ impl RestorePointScanner {
         let timeline = u32_at(4);
         let address = u64::from_le_bytes(page[8..16].try_into().expect("8 bytes"));
         let rem_len = u32_at(16);
-        if u16_at(0) != self.magic || address != self.next_page {
+        // A page that would end past the 64-bit WAL address space is not WAL (and every
+        // address within it, `address + pos`, must fit).
+        let next_page = address.checked_add(self.page_size as u64);
+        if u16_at(0) != self.magic || address != self.next_page || next_page.is_none() {
             self.done = true;
             return;
         }
-        self.next_page += self.page_size as u64;
+        self.next_page = next_page.expect("checked above");
         let mut pos = if info & XLP_LONG_HEADER != 0 {
             LONG_PAGE_HEADER_LEN
         } else {
@@ -398,7 +401,7 @@ pub(crate) mod tests {
     }
 
     /// An `XLogRecord` of resource manager `rmid` with main data `data` and a valid CRC.
-    fn record(rmid: u8, info: u8, data: &[u8]) -> Vec<u8> {
+    pub(super) fn record(rmid: u8, info: u8, data: &[u8]) -> Vec<u8> {
         let mut r = vec![0u8; RECORD_HEADER_LEN];
         if data.len() < 256 {
             r.extend_from_slice(&[XLR_BLOCK_ID_DATA_SHORT, data.len() as u8]);
@@ -519,10 +522,152 @@ pub(crate) mod tests {
         assert_eq!(names(scan(&w.bytes(), PAGE)), ["a"]);
     }
 
+    /// Found by the property tests: a page address within a page of 2^64 overflowed the
+    /// address of the next page.
+    #[test]
+    fn a_page_at_the_end_of_the_address_space_ends_the_walk() {
+        let mut w = WalWriter::new(2);
+        w.record(&restore_point("x", 0));
+        let mut bytes = w.bytes();
+        bytes[8..16].copy_from_slice(&(u64::MAX - 100).to_le_bytes());
+        assert!(scan(&bytes, PAGE).is_empty());
+    }
+
     #[test]
     fn reads_nothing_from_what_is_not_wal() {
         assert!(scan(&[0u8; 3 * PAGE], PAGE).is_empty());
         assert!(scan(b"not a WAL segment at all, just text.......", 5).is_empty());
         assert!(scan(&[], 1).is_empty());
+    }
+}
+
+/// Hostile WAL for the restore-point scanner: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::tests::{record, restore_point, WalWriter};
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scan_in(bytes: &[u8], pieces: &[usize]) -> Vec<RestorePointRecord> {
+        let mut s = RestorePointScanner::new();
+        let mut rest = bytes;
+        let mut sizes = pieces.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*sizes.next().unwrap_or(&1)).clamp(1, rest.len());
+            s.feed(&rest[..n]);
+            rest = &rest[n..];
+        }
+        s.finish()
+    }
+
+    /// A long page header of any page size PostgreSQL allows and any page address, then
+    /// arbitrary bytes.
+    fn hostile_wal() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0u32..=5,
+            prop_oneof![any::<u64>(), (u64::MAX - (1 << 16))..=u64::MAX],
+            any::<u16>(),
+            proptest::collection::vec(any::<u8>(), 0..8192),
+        )
+            .prop_map(|(shift, address, info, tail)| {
+                let mut b = vec![0u8; LONG_PAGE_HEADER_LEN];
+                b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+                b[2..4].copy_from_slice(&(info | XLP_LONG_HEADER).to_le_bytes());
+                b[4..8].copy_from_slice(&1u32.to_le_bytes());
+                b[8..16].copy_from_slice(&address.to_le_bytes());
+                b[32..36].copy_from_slice(&(16u32 << 20).to_le_bytes());
+                b[36..40].copy_from_slice(&(1024u32 << shift).to_le_bytes());
+                b.extend_from_slice(&tail);
+                b
+            })
+    }
+
+    /// A record to write: a restore point (name, time) or another with that many data bytes.
+    #[derive(Debug, Clone)]
+    enum Rec {
+        RestorePoint(String, i64),
+        Other(usize),
+    }
+
+    fn records() -> impl Strategy<Value = Vec<Rec>> {
+        proptest::collection::vec(
+            prop_oneof![
+                ("[a-zA-Z0-9_.-]{1,63}", -(1i64 << 50)..(1i64 << 50))
+                    .prop_map(|(name, micros)| Rec::RestorePoint(name, micros)),
+                (0usize..20_000).prop_map(Rec::Other),
+            ],
+            0..12,
+        )
+    }
+
+    /// The WAL of `records`, and the name and LSN of each restore point in it.
+    fn write(records: &[Rec]) -> (Vec<u8>, Vec<(String, u64)>) {
+        let encoded: Vec<(Option<&str>, Vec<u8>)> = records
+            .iter()
+            .map(|r| match r {
+                Rec::RestorePoint(name, micros) => {
+                    (Some(name.as_str()), restore_point(name, *micros))
+                }
+                Rec::Other(len) => (None, record(10, 0x00, &vec![0x5A; *len])),
+            })
+            .collect();
+        let total: usize = encoded.iter().map(|(_, b)| b.len() + 64).sum();
+        let mut w = WalWriter::new(total / 8000 + 2);
+        let mut expected = Vec::new();
+        for (name, bytes) in &encoded {
+            let lsn = w.record(bytes);
+            if let Some(name) = name {
+                expected.push((name.to_string(), lsn));
+            }
+        }
+        (w.bytes(), expected)
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn written_restore_points_are_found_whatever_the_feed_sizes(
+            records in records(),
+            pieces in proptest::collection::vec(1usize..20_000, 1..4),
+        ) {
+            let (bytes, expected) = write(&records);
+            let found: Vec<(String, u64)> = scan_in(&bytes, &pieces)
+                .into_iter()
+                .map(|r| (r.name, r.lsn.0))
+                .collect();
+            prop_assert_eq!(found, expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_a_valid_header_never_panic(
+            bytes in hostile_wal(),
+            pieces in proptest::collection::vec(1usize..3000, 1..4),
+        ) {
+            let found = scan_in(&bytes, &pieces);
+            prop_assert!(found.len() <= bytes.len() / RECORD_HEADER_LEN);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            piece in 1usize..100,
+        ) {
+            let _ = scan_in(&bytes, &[piece]);
+        }
+
+        #[test]
+        fn mutated_wal_never_panics_and_is_read_alike_in_any_feed_size(
+            records in records(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..16),
+            piece in 1usize..10_000,
+        ) {
+            let (mut bytes, _) = write(&records);
+            for (at, b) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = b;
+            }
+            prop_assert_eq!(scan_in(&bytes, &[piece]), scan_in(&bytes, &[bytes.len()]));
+        }
     }
 }

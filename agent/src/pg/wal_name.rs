@@ -300,3 +300,76 @@ mod tests {
         }
     }
 }
+
+/// Hostile `%f` names: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn segment() -> impl Strategy<Value = WalSegmentName> {
+        (1u32.., any::<u32>(), any::<u32>()).prop_map(|(t, log, seg)| WalSegmentName {
+            timeline: TimelineId(t),
+            log,
+            seg,
+        })
+    }
+
+    fn wal_file_name() -> impl Strategy<Value = WalFileName> {
+        prop_oneof![
+            segment().prop_map(WalFileName::Segment),
+            segment().prop_map(WalFileName::Partial),
+            (1u32..).prop_map(|t| WalFileName::History(TimelineId(t))),
+            (segment(), any::<u32>())
+                .prop_map(|(segment, offset)| WalFileName::BackupHistory { segment, offset }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(4000))]
+
+        #[test]
+        fn every_name_round_trips_through_text(name in wal_file_name()) {
+            prop_assert_eq!(name.to_string().parse::<WalFileName>().unwrap(), name);
+        }
+
+        #[test]
+        fn arbitrary_text_is_rejected_or_prints_back_identically(s in "\\PC{0,48}") {
+            if let Ok(name) = s.parse::<WalFileName>() {
+                prop_assert_eq!(name.to_string(), s);
+            }
+        }
+
+        #[test]
+        fn near_miss_names_never_panic_and_accepted_ones_are_safe_file_names(
+            s in "[0-9A-Fa-f./]{0,12}[0-9A-F]{8,24}(\\.partial|\\.history|\\.[0-9A-F]{7,9}\\.backup|/|\\.\\.)?",
+        ) {
+            match s.parse::<WalFileName>() {
+                Ok(name) => {
+                    prop_assert_eq!(name.to_string(), s.clone());
+                    prop_assert!(!s.contains('/') && !s.starts_with('.'));
+                }
+                Err(e) => prop_assert_eq!(e.what, "WAL file name"),
+            }
+        }
+
+        #[test]
+        fn segment_size_is_accepted_only_when_postgresql_would(bytes in any::<u32>()) {
+            let valid = bytes.is_power_of_two() && (1 << 20..=1 << 30).contains(&bytes);
+            prop_assert_eq!(WalSegSize::new(bytes).is_ok(), valid);
+        }
+
+        #[test]
+        fn segment_numbers_round_trip_for_every_size(
+            tli in 1u32..,
+            segno in any::<u32>(),
+            shift in 20u32..=30,
+        ) {
+            let size = WalSegSize::new(1 << shift).unwrap();
+            let segno = u64::from(segno);
+            let name = WalSegmentName::from_segno(TimelineId(tli), segno, size);
+            prop_assert_eq!(name.segno(size), segno);
+            prop_assert_eq!(name.to_string().parse::<WalSegmentName>().unwrap(), name);
+        }
+    }
+}

@@ -112,3 +112,46 @@ mod tests {
         assert!(WalLongPageHeader::parse(&header(0xD110, 1, 12345, 0)).is_err());
     }
 }
+
+/// Hostile WAL page headers: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::tests::header;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(4000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            if let Ok(h) = WalLongPageHeader::parse(&bytes) {
+                prop_assert!(bytes.len() >= LONG_PAGE_HEADER_LEN);
+                prop_assert!((13..=18).contains(&h.pg_major()));
+            }
+        }
+
+        #[test]
+        fn mutated_headers_parse_or_give_a_typed_error(
+            magic in prop::sample::select(vec![0xD106u16, 0xD10D, 0xD110, 0xD113, 0xD116, 0xD118]),
+            sysid in any::<u64>(),
+            shift in 20u32..=30,
+            pageaddr in any::<u64>(),
+            at in 0usize..LONG_PAGE_HEADER_LEN,
+            xor in any::<u8>(),
+            cut in 0usize..=64,
+        ) {
+            let good = header(magic, sysid, 1 << shift, pageaddr);
+            let h = WalLongPageHeader::parse(&good).unwrap();
+            prop_assert_eq!((h.system_identifier, h.seg_size.bytes(), h.page_address),
+                (sysid, 1 << shift, Lsn(pageaddr)));
+            let mut bad = good.clone();
+            bad[at] ^= xor;
+            bad.truncate(cut);
+            match WalLongPageHeader::parse(&bad) {
+                Ok(h) => prop_assert!(h.pg_major() >= 13),
+                Err(e) => prop_assert_eq!(e.what, "WAL segment header"),
+            }
+        }
+    }
+}

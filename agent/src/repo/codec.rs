@@ -975,3 +975,174 @@ mod tests {
         .is_err());
     }
 }
+
+/// Hostile stored objects: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Plain bytes with runs (compressible) and noise (stored blocks).
+    fn plain() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                (any::<u8>(), 0usize..3000).prop_map(|(b, n)| vec![b; n]),
+                proptest::collection::vec(any::<u8>(), 0..3000),
+            ],
+            0..6,
+        )
+        .prop_map(|runs| runs.concat())
+    }
+
+    fn sha256_hex(plain: &[u8]) -> String {
+        hex::encode(Sha256::digest(plain))
+    }
+
+    /// An object as the archiver stores it: frames, then its part index.
+    fn object_of(plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        compress_into(plain, &mut out, &mut |_| {}, &|_| {}).unwrap();
+        out
+    }
+
+    fn decompress(object: &[u8], sha: &str) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::new();
+        decompress_verified(object, sha, &mut out).map(|n| {
+            assert_eq!(n, out.len() as u64);
+            out
+        })
+    }
+
+    fn decode_parts_to_vec(object: &[u8], sha: &str) -> Result<Option<Vec<u8>>, DecodeError> {
+        let out = std::sync::Mutex::new(Vec::new());
+        let n = decode_parts(object, sha, &|offset, plain| {
+            let mut out = out.lock().unwrap();
+            let end = offset as usize + plain.len();
+            if out.len() < end {
+                out.resize(end, 0);
+            }
+            out[offset as usize..end].copy_from_slice(plain);
+            Ok(())
+        })?;
+        Ok(n.map(|_| out.into_inner().unwrap()))
+    }
+
+    /// A standard lz4 frame header (magic, then arbitrary FLG / BD / descriptor bytes) and
+    /// arbitrary bytes: what lz4_flex's frame decoder is given for frames pgpitr does not write.
+    fn hostile_lz4() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u8>(),
+            any::<u8>(),
+            proptest::collection::vec(any::<u8>(), 0..16),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(|(flg, bd, descriptor, rest)| {
+                let mut b = 0x184D_2204u32.to_le_bytes().to_vec();
+                b.push(flg);
+                b.push(bd);
+                b.extend_from_slice(&descriptor);
+                b.extend_from_slice(&rest);
+                b
+            })
+    }
+
+    /// Our own frame header, then arbitrary block size words and bytes.
+    fn hostile_own_frame() -> impl Strategy<Value = Vec<u8>> {
+        (
+            0usize..2,
+            prop_oneof![
+                any::<u32>(),
+                0u32..600,
+                (0u32..600).prop_map(|n| n | UNCOMPRESSED_BLOCK)
+            ],
+            proptest::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(|(header, word, rest)| {
+                let mut b = FRAME_HEADERS[header].to_vec();
+                b.extend_from_slice(&word.to_le_bytes());
+                b.extend_from_slice(&rest);
+                b
+            })
+    }
+
+    fn hostile() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            hostile_lz4(),
+            hostile_own_frame(),
+            proptest::collection::vec(hostile_own_frame(), 1..4).prop_map(|f| f.concat()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn every_object_round_trips_both_ways(plain in plain()) {
+            let object = object_of(&plain);
+            let sha = sha256_hex(&plain);
+            prop_assert!(decompress(&object, &sha).unwrap() == plain);
+            prop_assert!(decode_parts_to_vec(&object, &sha).unwrap().unwrap() == plain);
+        }
+
+        #[test]
+        fn every_chunk_frame_round_trips(plain in plain()) {
+            let mut frame = Vec::new();
+            append_frame(&plain, &mut Vec::new(), &mut frame);
+            let mut out = vec![0u8; plain.len()];
+            decode_chunk_verified(&frame, &sha256_hex(&plain), &mut out).unwrap();
+            prop_assert!(out == plain);
+        }
+
+        #[test]
+        fn hostile_bytes_give_a_typed_error(
+            bytes in hostile(),
+            out_len in 0usize..5000,
+            with_index in any::<bool>(),
+        ) {
+            let mut object = bytes;
+            if with_index {
+                let len = object.len() as u64;
+                let index = PartIndex {
+                    plain_len: len,
+                    part_size: 1 << 20,
+                    sha256: Sha256::digest(b"anything").into(),
+                    parts: vec![0; PartIndex::part_count(len, 1 << 20)],
+                };
+                object.extend_from_slice(&index.encode());
+            }
+            let sha = sha256_hex(b"anything");
+            prop_assert!(decompress(&object, &sha).is_err());
+            prop_assert!(!matches!(decode_parts_to_vec(&object, &sha), Ok(Some(_))));
+            let mut out = vec![0u8; out_len];
+            prop_assert!(decode_chunk_verified(&object, &sha, &mut out).is_err());
+        }
+
+        #[test]
+        fn mutated_objects_decode_exactly_or_give_a_typed_error(
+            plain in plain(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let sha = sha256_hex(&plain);
+            let mut object = object_of(&plain);
+            for (at, b) in edits {
+                let at = at.index(object.len());
+                object[at] = b;
+            }
+            if cut.index(4) == 0 {
+                object.truncate(cut.index(object.len()));
+            }
+            if let Ok(got) = decompress(&object, &sha) {
+                prop_assert!(got == plain);
+            }
+            if let Ok(Some(got)) = decode_parts_to_vec(&object, &sha) {
+                prop_assert!(got == plain);
+            }
+            let mut out = vec![0u8; plain.len()];
+            if decode_chunk_verified(&object, &sha, &mut out).is_ok() {
+                prop_assert!(out == plain);
+            }
+        }
+    }
+}

@@ -159,3 +159,148 @@ mod tests {
         assert_eq!(BackupId::from_time(t).0, "20261123T101459Z");
     }
 }
+
+/// Hostile `manifest.json`: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn timestamp() -> impl Strategy<Value = jiff::Timestamp> {
+        (0i64..4_000_000_000, 0i32..1_000_000_000)
+            .prop_map(|(s, ns)| jiff::Timestamp::new(s, ns).unwrap())
+    }
+
+    fn chunk() -> impl Strategy<Value = ChunkRef> {
+        (
+            "[0-9a-f]{64}",
+            "\\PC{0,20}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(sha256, pack, offset, length, plain_length)| ChunkRef {
+                sha256,
+                pack,
+                offset,
+                length,
+                plain_length,
+            })
+    }
+
+    fn file() -> impl Strategy<Value = FileEntry> {
+        (
+            ("\\PC{1,60}", any::<u64>(), any::<u32>(), any::<i64>()),
+            proptest::option::of("[0-9a-f]{64}"),
+            proptest::option::of("[0-9a-f]{8}"),
+            prop::sample::select(vec![FileKind::File, FileKind::Directory, FileKind::Symlink]),
+            proptest::option::of("\\PC{0,40}"),
+            proptest::collection::vec(chunk(), 0..3),
+        )
+            .prop_map(
+                |((path, size, mode, mtime), sha256, crc32c, kind, link_target, chunks)| {
+                    FileEntry {
+                        path,
+                        size,
+                        mode,
+                        mtime,
+                        sha256,
+                        crc32c,
+                        kind,
+                        link_target,
+                        chunks,
+                    }
+                },
+            )
+    }
+
+    fn manifest() -> impl Strategy<Value = BackupManifest> {
+        (
+            (timestamp(), timestamp(), "\\PC{0,40}", any::<bool>()),
+            (any::<u64>(), 1u32.., any::<u64>(), 1u32..),
+            (
+                proptest::option::of(any::<u64>()),
+                any::<u64>(),
+                any::<u32>(),
+                20u32..=30,
+            ),
+            proptest::collection::vec((any::<u32>(), "\\PC{0,40}"), 0..3),
+            proptest::collection::vec(file(), 0..6),
+            (any::<u64>(), any::<u64>()),
+        )
+            .prop_map(
+                |(
+                    (start_time, stop_time, label, keep),
+                    (start_lsn, start_tli, stop_lsn, stop_tli),
+                    (stop_next_xid, system_identifier, pg_version_num, seg_shift),
+                    tablespaces,
+                    files,
+                    (size_bytes, new_bytes),
+                )| BackupManifest {
+                    manifest_version: MANIFEST_VERSION,
+                    id: BackupId::from_time(start_time),
+                    label,
+                    keep,
+                    start_lsn: Lsn(start_lsn),
+                    start_timeline: TimelineId(start_tli),
+                    stop_lsn: Lsn(stop_lsn),
+                    stop_timeline: TimelineId(stop_tli),
+                    start_time,
+                    stop_time,
+                    stop_next_xid,
+                    system_identifier,
+                    pg_version_num,
+                    wal_segment_size: WalSegSize::new(1 << seg_shift).unwrap(),
+                    tablespaces: tablespaces
+                        .into_iter()
+                        .map(|(oid, location)| TablespaceEntry { oid, location })
+                        .collect(),
+                    files,
+                    size_bytes,
+                    new_bytes,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn every_manifest_round_trips_through_json(m in manifest()) {
+            let json = serde_json::to_vec(&m).unwrap();
+            prop_assert_eq!(serde_json::from_slice::<BackupManifest>(&json).unwrap(), m);
+        }
+
+        #[test]
+        fn arbitrary_bytes_are_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            prop_assert!(serde_json::from_slice::<BackupManifest>(&bytes).is_err());
+        }
+
+        #[test]
+        fn mutated_manifests_never_panic(
+            m in manifest(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let mut json = serde_json::to_vec(&m).unwrap();
+            for (at, b) in edits {
+                let at = at.index(json.len());
+                json[at] = b;
+            }
+            let _ = serde_json::from_slice::<BackupManifest>(&json);
+        }
+
+        #[test]
+        fn backup_ids_are_accepted_only_in_their_form(s in "\\PC{0,20}|[0-9]{8}T[0-9]{6}Z|[0-9T/.Z]{16}") {
+            if let Ok(id) = BackupId::parse(&s) {
+                prop_assert_eq!(&id.0, &s);
+                prop_assert!(s.len() == 16 && s.bytes().all(|b| b.is_ascii_alphanumeric()));
+            }
+        }
+
+        #[test]
+        fn ids_made_from_a_time_parse_back(t in timestamp()) {
+            let id = BackupId::from_time(t);
+            prop_assert_eq!(BackupId::parse(&id.0).unwrap(), id);
+        }
+    }
+}

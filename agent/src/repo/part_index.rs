@@ -85,7 +85,10 @@ impl PartIndex {
 
     fn split_tagged(object: &[u8]) -> Result<(&[u8], PartIndex), String> {
         let end = object.len() - TAG.len();
-        let len = u32_at(object, end - 4).ok_or("truncated")? as usize;
+        let len = end
+            .checked_sub(4)
+            .and_then(|at| u32_at(object, at))
+            .ok_or("truncated")? as usize;
         if len < FIXED || len > object.len() || !(len - FIXED).is_multiple_of(16) {
             return Err(format!("an index of {len} bytes"));
         }
@@ -172,10 +175,104 @@ mod tests {
         assert!(matches!(PartIndex::split(&wrong.encode()), Some(Err(_))));
     }
 
+    /// Found by the property tests: an object of the tag alone (or of fewer than 4 bytes
+    /// before it) underflowed the offset of `index_len`.
+    #[test]
+    fn an_object_of_the_tag_alone_is_a_truncated_index() {
+        for object in [&TAG[..], &b"xyzpgpitrPI"[..]] {
+            assert_eq!(PartIndex::split(object), Some(Err("truncated".to_string())));
+        }
+    }
+
     #[test]
     fn the_index_is_an_lz4_skippable_frame() {
         let encoded = index(5).encode();
         assert!((0x184D_2A50..=0x184D_2A5F).contains(&u32_at(&encoded, 0).unwrap()));
         assert_eq!(u32_at(&encoded, 4).unwrap() as usize, encoded.len() - 8);
+    }
+}
+
+/// Hostile part indexes: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn part_index() -> impl Strategy<Value = PartIndex> {
+        (
+            prop_oneof![0u64..(64 << 20), Just(0)],
+            prop_oneof![
+                Just(1u32 << 20),
+                1u32..=super::super::codec::MAX_FRAME_PLAIN as u32
+            ],
+            any::<[u8; 32]>(),
+            any::<u128>(),
+        )
+            .prop_filter("a few thousand parts at most", |(len, size, _, _)| {
+                PartIndex::part_count(*len, *size) <= 4096
+            })
+            .prop_map(|(plain_len, part_size, sha256, seed)| PartIndex {
+                plain_len,
+                part_size,
+                sha256,
+                parts: (0..PartIndex::part_count(plain_len, part_size) as u128)
+                    .map(|i| seed.wrapping_mul(i + 1))
+                    .collect(),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(4000))]
+
+        #[test]
+        fn every_index_round_trips_after_any_frames(
+            index in part_index(),
+            frames in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut object = frames.clone();
+            object.extend_from_slice(&index.encode());
+            let (got_frames, got) = PartIndex::split(&object).unwrap().unwrap();
+            prop_assert_eq!(got_frames, &frames[..]);
+            prop_assert_eq!(got, index);
+        }
+
+        #[test]
+        fn arbitrary_bytes_ending_with_the_tag_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut object = bytes;
+            object.extend_from_slice(TAG);
+            if let Some(Ok((frames, index))) = PartIndex::split(&object) {
+                prop_assert_eq!(index.parts.len(), PartIndex::part_count(index.plain_len, index.part_size));
+                prop_assert!(frames.len() < object.len());
+            }
+        }
+
+        #[test]
+        fn every_suffix_of_an_index_is_refused_without_panic(
+            index in part_index(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let encoded = index.encode();
+            let suffix = &encoded[1 + cut.index(encoded.len() - 1)..];
+            prop_assert!(!matches!(PartIndex::split(suffix), Some(Ok(_))));
+        }
+
+        #[test]
+        fn mutated_indexes_give_an_index_or_a_typed_error(
+            index in part_index(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let mut object = index.encode();
+            for (at, b) in edits {
+                let at = at.index(object.len());
+                object[at] = b;
+            }
+            if let Some(Ok((_, got))) = PartIndex::split(&object) {
+                prop_assert_eq!(got.parts.len(), PartIndex::part_count(got.plain_len, got.part_size));
+                let last = got.parts.len() - 1;
+                prop_assert!(got.part_len(last) as u64 <= u64::from(got.part_size));
+            }
+        }
     }
 }

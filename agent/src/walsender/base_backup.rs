@@ -827,3 +827,89 @@ mod tests {
         assert!(position(set(vec![vec![Some("zz"), Some("1")]]), "start").is_err());
     }
 }
+
+/// Hostile BASE_BACKUP result sets and archive messages: property-based (see
+/// `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A result set of arbitrary shape: cells of digits, paths, LSNs, arbitrary bytes or NULL.
+    fn result_set() -> impl Strategy<Value = ResultSet> {
+        let cell = proptest::option::weighted(
+            0.8,
+            prop_oneof![
+                "[0-9]{1,25}",
+                "(/[a-z.]{0,6}){0,4}",
+                "[0-9A-F]{1,9}/[0-9A-F]{1,9}",
+                "\\PC{0,12}",
+            ]
+            .prop_map(Bytes::from)
+            .boxed()
+            .prop_union(
+                proptest::collection::vec(any::<u8>(), 0..12)
+                    .prop_map(Bytes::from)
+                    .boxed(),
+            ),
+        );
+        proptest::collection::vec(proptest::collection::vec(cell, 0..4), 0..4).prop_map(|rows| {
+            ResultSet {
+                columns: vec!["spcoid".into(), "spclocation".into(), "size".into()],
+                rows,
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn accepted_archive_names_are_base_or_an_oid(name in "\\PC{0,14}|[0-9]{0,12}\\.tar|base\\.tar.{0,3}") {
+            if validate_archive_name(&name).is_ok() {
+                let oid = name.strip_suffix(".tar").unwrap();
+                prop_assert!(oid == "base" || oid.parse::<u32>().is_ok());
+            }
+        }
+
+        #[test]
+        fn accepted_tablespace_locations_are_absolute_and_without_dots(
+            location in "\\PC{0,20}|(/[a-z.\\x00]{0,4}){0,5}/?",
+        ) {
+            if validate_tablespace_location(&location).is_ok() {
+                prop_assert!(location.starts_with('/') && !location.contains('\0'));
+                prop_assert!(location.split('/').all(|c| c != "." && c != ".."));
+            }
+        }
+
+        #[test]
+        fn new_archive_messages_never_panic(payload in proptest::collection::vec(
+            prop_oneof![Just(0u8), any::<u8>(), Just(b'a')], 0..40)) {
+            if let Ok((name, location)) = parse_new_archive(&payload) {
+                prop_assert_eq!(payload, [name.as_bytes(), &[0], location.as_bytes(), &[0]].concat());
+            }
+        }
+
+        #[test]
+        fn tablespace_result_sets_give_tablespaces_or_a_typed_error(set in result_set()) {
+            if let Ok(ts) = tablespaces(set) {
+                prop_assert_eq!(ts.iter().filter(|t| t.oid.is_none()).count(), 1);
+                for l in ts.iter().filter_map(|t| t.location.as_deref()) {
+                    prop_assert!(validate_tablespace_location(l).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn position_result_sets_give_a_position_or_a_typed_error(set in result_set()) {
+            let _ = position(set, "start");
+        }
+
+        #[test]
+        fn server_versions_never_panic(version in "\\PC{0,20}|[0-9]{1,12}(\\.[0-9]{0,12}){0,3}(beta|devel|rc)?[0-9]?( \\PC{0,8})?") {
+            if let Some(n) = crate::walsender::version::parse_server_version_num(&version) {
+                prop_assert!(n >= 10_000 || version.starts_with('0'));
+            }
+        }
+    }
+}

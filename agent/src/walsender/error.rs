@@ -361,3 +361,48 @@ mod tests {
         );
     }
 }
+
+/// Hostile ErrorResponse fields: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn server_message() -> impl Strategy<Value = ServerMessage> {
+        let text = "\\PC{0,40}|(must be superuser or replication role|max_wal_senders|wal_level|WAL level not sufficient|requires wal_level)[ -~]{0,10}";
+        (
+            "\\PC{0,10}",
+            "[0-9A-Z]{0,6}|28[0-9A-Z]{3}|42501|53300|55000|08[0-9]{3}|57P0[0-9]",
+            text,
+            proptest::option::of("\\PC{0,40}"),
+            proptest::option::of("\\PC{0,40}"),
+        )
+            .prop_map(
+                |(severity, sqlstate, message, detail, hint)| ServerMessage {
+                    severity,
+                    sqlstate,
+                    message,
+                    detail,
+                    hint,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(3000))]
+
+        #[test]
+        fn every_server_error_is_classified_and_keeps_its_message(
+            msg in server_message(),
+            user in "\\PC{0,20}",
+            during_startup in any::<bool>(),
+        ) {
+            let e = classify_server_error(msg.clone(), &user, during_startup);
+            prop_assert!(e.to_string().contains(&msg.message));
+            let _ = (e.hint(), e.is_transient());
+            if let Some(sqlstate) = e.sqlstate() {
+                prop_assert_eq!(sqlstate, msg.sqlstate.as_str());
+            }
+        }
+    }
+}

@@ -72,6 +72,9 @@ impl Wire {
     /// malformed, unknown or oversized message.
     pub async fn read_message(&mut self) -> Result<Message, WalsenderError> {
         loop {
+            // Parsed only once whole: `Message::parse` reserves room for the length a header
+            // claims, which a broken or hostile stream could set to `MAX_MESSAGE_LEN` for every
+            // message. The buffer grows by what arrives instead ([`Wire::make_room`]).
             if self.rbuf.len() >= 5 {
                 let len =
                     u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
@@ -82,14 +85,16 @@ impl Wire {
                         char::from(self.rbuf[0]).escape_default()
                     )));
                 }
-            }
-            match Message::parse(&mut self.rbuf) {
-                Ok(Some(msg)) => return Ok(msg),
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(WalsenderError::Protocol(format!(
-                        "invalid message from server: {e}"
-                    )))
+                if self.rbuf.len() > len {
+                    match Message::parse(&mut self.rbuf) {
+                        Ok(Some(msg)) => return Ok(msg),
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(WalsenderError::Protocol(format!(
+                                "invalid message from server: {e}"
+                            )))
+                        }
+                    }
                 }
             }
             self.make_room();
@@ -281,5 +286,115 @@ mod tests {
         drop(third);
         wire.make_room();
         assert_eq!(wire.rbuf.as_ptr(), first_buffer);
+    }
+}
+
+/// A hostile server: property-based (see `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Cursor;
+
+    /// Tags of the backend messages, and a few that are none.
+    const TAGS: &[u8] = b"RSKZTDCIEGHWdcnNAstv123\0x";
+
+    /// A backend message with a tag of [`TAGS`] and `body`; its length word says `body`'s
+    /// length, or a `claimed` one.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::sample::select(TAGS.to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::option::weighted(0.1, any::<u32>()),
+        )
+            .prop_map(|(tag, body, claimed)| {
+                let len = claimed.unwrap_or(body.len() as u32 + 4);
+                let mut m = vec![tag];
+                m.extend_from_slice(&len.to_be_bytes());
+                m.extend_from_slice(&body);
+                m
+            })
+    }
+
+    /// An ErrorResponse / DataRow / RowDescription body made of plausible pieces.
+    fn structured() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::sample::select(b"EDTN".to_vec()),
+            proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..4),
+                    "[SVCMDH][a-zA-Z0-9 ]{0,20}\0".prop_map(String::into_bytes),
+                    any::<i16>().prop_map(|n| n.to_be_bytes().to_vec()),
+                    any::<i32>().prop_map(|n| n.to_be_bytes().to_vec()),
+                    Just(vec![0]),
+                ],
+                0..12,
+            ),
+        )
+            .prop_map(|(tag, pieces)| {
+                let body = pieces.concat();
+                let mut m = vec![tag];
+                m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                m.extend_from_slice(&body);
+                m
+            })
+    }
+
+    /// Reads every message of `bytes` and decodes those this client decodes, until the first
+    /// error (there is always one: the end of the stream). Returns the read buffer's capacity.
+    fn read_all(bytes: Vec<u8>) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let mut wire = Wire::new(Box::new(Cursor::new(bytes)));
+            loop {
+                let decoded = match wire.read_message().await {
+                    Ok(Message::ErrorResponse(body)) => server_message(body.fields()).map(drop),
+                    Ok(Message::NoticeResponse(body)) => server_message(body.fields()).map(drop),
+                    Ok(Message::DataRow(body)) => data_row(&body).map(drop),
+                    Ok(Message::RowDescription(body)) => column_names(&body).map(drop),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                match decoded {
+                    Ok(()) => {}
+                    Err(WalsenderError::Io(_) | WalsenderError::Protocol(_)) => {
+                        return wire.rbuf.capacity()
+                    }
+                    Err(e) => panic!("not a stream error: {e}"),
+                }
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(3000))]
+
+        #[test]
+        fn arbitrary_bytes_end_in_a_protocol_or_io_error(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2000),
+        ) {
+            read_all(bytes);
+        }
+
+        #[test]
+        fn streams_of_messages_with_arbitrary_bodies_and_lengths_never_panic(
+            frames in proptest::collection::vec(prop_oneof![frame(), structured()], 0..20),
+        ) {
+            read_all(frames.concat());
+        }
+
+        #[test]
+        fn a_claimed_length_is_not_allocated_before_it_arrives(
+            tag in prop::sample::select(TAGS.to_vec()),
+            claimed in (MAX_MESSAGE_LEN as u32 / 2)..=MAX_MESSAGE_LEN as u32,
+            body in proptest::collection::vec(any::<u8>(), 0..1000),
+        ) {
+            let mut m = vec![tag];
+            m.extend_from_slice(&claimed.to_be_bytes());
+            m.extend_from_slice(&body);
+            prop_assert!(read_all(m) <= 2 * BUFFER_SIZE);
+        }
     }
 }
