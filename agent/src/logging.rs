@@ -4,12 +4,18 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the stderr subscriber with `default` as the filter unless `PGPITR_LOG` is set.
+/// The AWS SDK's own crates, silent unless `PGPITR_LOG` names them: their warnings are
+/// multi-line debug dumps (a failed credential provider prints its whole error chain), and
+/// pgpitr reports every storage failure itself, in one line (`storage::s3`).
+const SDK_SILENCED: &str = "aws_config=off,aws_smithy_runtime=off,aws_smithy_runtime_api=off,aws_sdk_s3=off,aws_sdk_sts=off,aws_sdk_sso=off,aws_sdk_ssooidc=off";
+
+/// Installs the stderr subscriber with `default` as the filter (the AWS SDK's crates off)
+/// unless `PGPITR_LOG` is set.
 pub fn init(default: &str) {
     let filter = std::env::var("PGPITR_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
+        .unwrap_or_else(|| EnvFilter::new(format!("{default},{SDK_SILENCED}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

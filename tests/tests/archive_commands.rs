@@ -959,3 +959,85 @@ fn failing_calls_never_print_a_secret() {
     assert!(code(&out) > 125, "{}", stderr(&out));
     leaks("pgpitr-restore with a wrong S3 secret", &out);
 }
+
+/// Issue 16, item 2 (in part): an S3 failure is one line naming the cause and the fix — no
+/// credentials, endpoint unreachable, no such bucket — never the SDK's error chain, for the
+/// archive and restore commands (whose stderr is PostgreSQL's log) and for `pgpitr`. A missing
+/// bucket is never "not in the archive" for `pgpitr-restore` (that would end recovery).
+#[test]
+fn s3_failures_are_one_line_with_the_cause() {
+    let f = Fixture::s3();
+    let seg = f.write_segment(1, 1);
+    let home = temp_dir("no-aws-home");
+    let home = home.path().display().to_string();
+    let get = |k: &str| {
+        f.env
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let calls = |extra: &[(&str, &str)], unset: &[&str]| -> Vec<(String, Output)> {
+        let wal = format!("pg_wal/{seg}");
+        [
+            ("pgpitr-archive", vec![wal.as_str(), seg.as_str()]),
+            ("pgpitr-restore", vec![seg.as_str(), "pg_wal/RECOVERYXLOG"]),
+            ("pgpitr", vec!["list"]),
+        ]
+        .into_iter()
+        .map(|(program, args)| {
+            let mut c = Command::new(bin(program));
+            c.args(&args)
+                .current_dir(&f.pgdata)
+                .env_remove("PGPITR_CONFIG")
+                .env_remove("PGPITR_LOG");
+            for (k, v) in &f.env {
+                if !unset.contains(&k.as_str()) {
+                    c.env(k, v);
+                }
+            }
+            for (k, v) in extra {
+                c.env(k, v);
+            }
+            (program.to_string(), c.output().unwrap())
+        })
+        .collect()
+    };
+    let check = |what: &str, outs: Vec<(String, Output)>, cause: &str| {
+        for (program, out) in outs {
+            let err = stderr(&out);
+            assert!(!out.status.success(), "{program}, {what}: succeeded");
+            assert_eq!(err.lines().count(), 1, "{program}, {what}: {err}");
+            assert!(err.contains(cause), "{program}, {what}: {err}");
+            for dump in ["DispatchFailure", "ProviderError", "SdkBody", "127.0.0.1"] {
+                assert!(!err.contains(dump), "{program}, {what}: {err}");
+            }
+            if program == "pgpitr-restore" {
+                assert!(code(&out) > 125, "{program}, {what}: {:?}", out.status);
+            }
+        }
+    };
+    check(
+        "no credentials",
+        calls(
+            &[("HOME", &home)],
+            &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+        ),
+        "no S3 credentials",
+    );
+    let port = pgpitr_tests::free_port();
+    check(
+        "endpoint unreachable",
+        calls(
+            &[("PGPITR_S3_ENDPOINT", &format!("http://127.0.0.1:{port}"))],
+            &[],
+        ),
+        "unreachable",
+    );
+    let repo = get("PGPITR_REPO").replacen("s3://", "s3://no-such-bucket-", 1);
+    check(
+        "no such bucket",
+        calls(&[("PGPITR_REPO", &repo)], &[]),
+        "no such bucket",
+    );
+}

@@ -257,9 +257,15 @@ where
     let message = match (e.code(), e.message()) {
         (Some(code), Some(msg)) => format!("{code}: {msg}"),
         (Some(code), None) => code.to_string(),
-        _ => DisplayErrorContext(&e).to_string(),
+        _ => unanswered(&e),
     };
     match (status, &e) {
+        // A missing bucket is never a missing object: pgpitr-restore's "not found" would end
+        // recovery.
+        (_, _) if e.code() == Some("NoSuchBucket") => StorageError::Permanent {
+            key,
+            message: "no such bucket; create it, or check the bucket in `repo`".into(),
+        },
         (Some(404), _) => StorageError::NotFound { key },
         (Some(412), _) => StorageError::AlreadyExists { key },
         (_, SdkError::TimeoutError(_) | SdkError::DispatchFailure(_)) => StorageError::Transient { key, message },
@@ -269,6 +275,35 @@ where
             message: format!("access denied ({message}); check the credentials in the AWS chain and the bucket policy"),
         },
         _ => StorageError::Permanent { key, message },
+    }
+}
+
+/// One line for a request the service never answered, naming the cause and the fix, never the
+/// SDK's error chain (which quotes the endpoint and runs to kilobytes).
+fn unanswered<E, R>(e: &SdkError<E, R>) -> String
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let chain = DisplayErrorContext(e).to_string();
+    tracing::debug!("S3 request failed: {chain}");
+    match e {
+        SdkError::TimeoutError(_) => {
+            "timed out waiting for the S3 endpoint; check that it is reachable, or raise the timeout".into()
+        }
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            "timed out connecting to the S3 endpoint; check `s3_endpoint` and the network".into()
+        }
+        SdkError::DispatchFailure(_) if chain.contains("credentials") => {
+            "no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials for the user running pgpitr".into()
+        }
+        SdkError::DispatchFailure(d) if d.is_io() => {
+            "the S3 endpoint is unreachable (connection failed); check `s3_endpoint` and the network".into()
+        }
+        SdkError::DispatchFailure(_) => {
+            "the request could not be sent to the S3 endpoint; check `s3_endpoint`, the network and the credentials (PGPITR_LOG=debug shows the details)".into()
+        }
+        _ => "the S3 endpoint gave no usable answer (PGPITR_LOG=debug shows the details)".into(),
     }
 }
 
