@@ -854,8 +854,11 @@ mod tests {
         }
     }
 
-    /// `decode_parts` of `object` into a buffer.
-    fn decode_parts_to_vec(object: &[u8], sha: &str) -> Result<Option<Vec<u8>>, DecodeError> {
+    /// `decode_parts` of `object` into a buffer (also used by `proptests`).
+    pub(super) fn decode_parts_to_vec(
+        object: &[u8],
+        sha: &str,
+    ) -> Result<Option<Vec<u8>>, DecodeError> {
         let out = std::sync::Mutex::new(Vec::new());
         let n = decode_parts(object, sha, &|offset, plain| {
             let mut out = out.lock().unwrap();
@@ -979,6 +982,7 @@ mod tests {
 /// Hostile stored objects: property-based (see `crate::proptest_config`).
 #[cfg(test)]
 mod proptests {
+    use super::tests::decode_parts_to_vec;
     use super::*;
     use proptest::prelude::*;
 
@@ -1011,20 +1015,6 @@ mod proptests {
             assert_eq!(n, out.len() as u64);
             out
         })
-    }
-
-    fn decode_parts_to_vec(object: &[u8], sha: &str) -> Result<Option<Vec<u8>>, DecodeError> {
-        let out = std::sync::Mutex::new(Vec::new());
-        let n = decode_parts(object, sha, &|offset, plain| {
-            let mut out = out.lock().unwrap();
-            let end = offset as usize + plain.len();
-            if out.len() < end {
-                out.resize(end, 0);
-            }
-            out[offset as usize..end].copy_from_slice(plain);
-            Ok(())
-        })?;
-        Ok(n.map(|_| out.into_inner().unwrap()))
     }
 
     /// A standard lz4 frame header (magic, then arbitrary FLG / BD / descriptor bytes) and
