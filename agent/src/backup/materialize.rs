@@ -14,6 +14,12 @@
 //! `backup_label` and `tablespace_map` are written like any other file; a restore that
 //! remaps tablespaces must rewrite `tablespace_map` itself (PostgreSQL recreates the
 //! `pg_tblspc` links from it).
+//!
+//! `global/pg_control` comes last: once every other file is written, checked and synced, it is
+//! written under a temporary name, checked, and renamed into place. A materialisation killed
+//! at any moment (`kill -9`, a crash of the machine) therefore leaves a directory without
+//! `global/pg_control`, which PostgreSQL refuses to start from ("could not open file
+//! global/pg_control"), never one with torn or missing files that would start.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -126,14 +132,37 @@ pub async fn materialize(
         }
     }
 
-    let stats = write_files(storage, files, opts.parallel.max(1)).await?;
+    let control = files
+        .iter()
+        .position(|(_, entry)| entry.path == PG_CONTROL)
+        .map(|i| files.remove(i));
+    let mut stats = write_files(storage.clone(), files, opts.parallel.max(1)).await?;
     let mut roots = vec![dest.to_path_buf()];
     roots.extend(links.into_values());
-    tokio::task::spawn_blocking(move || roots.iter().try_for_each(|root| sync_filesystem(root)))
-        .await
-        .expect("sync task")?;
+    let sync_all = move || {
+        let roots = roots.clone();
+        async move {
+            tokio::task::spawn_blocking(move || roots.iter().try_for_each(|r| sync_filesystem(r)))
+                .await
+                .expect("sync task")
+        }
+    };
+    sync_all().await?;
+    if let Some((path, entry)) = control {
+        let partial = path.with_file_name(PG_CONTROL_PARTIAL);
+        let written = write_files(storage, vec![(partial.clone(), entry)], 1).await?;
+        std::fs::rename(&partial, &path).map_err(|e| RepoError::io(&path, e))?;
+        sync_all().await?;
+        stats.files += written.files;
+        stats.bytes += written.bytes;
+    }
     Ok(stats)
 }
+
+/// PostgreSQL's control file, written last (see the module documentation).
+const PG_CONTROL: &str = "global/pg_control";
+/// Its name while it is written.
+const PG_CONTROL_PARTIAL: &str = "pg_control.pgpitr-partial";
 
 /// Flushes everything written to the file system holding `dir` to stable storage
 /// (`syncfs(2)`).

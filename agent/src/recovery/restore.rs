@@ -14,7 +14,9 @@
 //! 4. everything is flushed (`syncfs`), and handed to the owner when one is given.
 //!
 //! If step 2 or 3 fails, what this restore wrote is removed again — only that: the directories
-//! were empty or absent when it started.
+//! were empty or absent when it started. A restore killed before it could clean up leaves a
+//! directory without `global/pg_control` (written last by [`materialize`]): PostgreSQL cannot
+//! start from it, and the next restore into it is refused with [`RestoreError::Interrupted`].
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -169,6 +171,8 @@ pub struct Restored {
 pub enum RestoreError {
     #[error("refusing to restore into {path}: it is not empty; choose an empty or new directory (nothing was written)")]
     NotEmpty { path: PathBuf },
+    #[error("refusing to restore into {path}: it holds an interrupted restore (no global/pg_control, which a restore writes last; PostgreSQL cannot start from it); remove the directory and restore again (nothing was written)")]
+    Interrupted { path: PathBuf },
     #[error("refusing to restore into {path}: it is not a directory (nothing was written)")]
     NotADirectory { path: PathBuf },
     #[error(
@@ -236,8 +240,13 @@ fn absent_or_empty(dir: &Path) -> Result<bool, RestoreError> {
         Ok(meta) if meta.is_dir() => {
             let mut entries = std::fs::read_dir(dir).map_err(io(dir))?;
             if entries.next().is_some() {
-                Err(RestoreError::NotEmpty {
-                    path: dir.to_path_buf(),
+                let path = dir.to_path_buf();
+                let interrupted =
+                    dir.join("backup_label").is_file() && !dir.join("global/pg_control").exists();
+                Err(if interrupted {
+                    RestoreError::Interrupted { path }
+                } else {
+                    RestoreError::NotEmpty { path }
                 })
             } else {
                 Ok(true)
@@ -655,6 +664,18 @@ mod tests {
         assert!(!absent_or_empty(&d.path().join("new")).unwrap());
         assert!(absent_or_empty(d.path()).unwrap());
         std::fs::write(d.path().join("PG_VERSION"), "15").unwrap();
+        assert!(matches!(
+            absent_or_empty(d.path()),
+            Err(RestoreError::NotEmpty { .. })
+        ));
+        // A backup_label without global/pg_control: a restore was killed before its end.
+        std::fs::write(d.path().join("backup_label"), "START WAL LOCATION").unwrap();
+        assert!(matches!(
+            absent_or_empty(d.path()),
+            Err(RestoreError::Interrupted { .. })
+        ));
+        std::fs::create_dir(d.path().join("global")).unwrap();
+        std::fs::write(d.path().join("global/pg_control"), "").unwrap();
         assert!(matches!(
             absent_or_empty(d.path()),
             Err(RestoreError::NotEmpty { .. })
