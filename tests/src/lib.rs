@@ -4,6 +4,7 @@
 
 pub mod garage;
 pub mod pg;
+pub mod tmpfs;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
