@@ -3,6 +3,7 @@
 //! loopback, and the workspace's binaries copied where that user can run them.
 
 pub mod garage;
+pub mod garage_cluster;
 pub mod pg;
 pub mod tmpfs;
 pub mod wal;

@@ -414,6 +414,7 @@ fn archiving_catches_up_after_a_full_repository_and_a_restore_into_a_full_target
     ];
     let out = run("pgpitr", &args, &c.data, &env);
     assert_disk_full(&out, target.path());
+    assert_eq!(code(&out), 1);
     for marker in [
         "PG_VERSION",
         "global/pg_control",
