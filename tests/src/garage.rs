@@ -17,8 +17,7 @@ pub const REGION: &str = "garage";
 
 pub struct Garage {
     pub endpoint: String,
-    config: PathBuf,
-    binary: PathBuf,
+    node: Node,
     _root: tempfile::TempDir,
     child: Mutex<Child>,
 }
@@ -62,99 +61,29 @@ impl Garage {
 
     fn start() -> Garage {
         remove_dead_roots();
-        let root = tempfile::Builder::new()
-            .prefix(ROOT_PREFIX)
-            .tempdir()
-            .unwrap();
-        std::fs::write(root.path().join(OWNER_FILE), std::process::id().to_string()).unwrap();
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
-        let config = root.path().join("garage.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "metadata_dir = \"{r}/meta\"\ndata_dir = \"{r}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
-                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
-                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
-                r = root.path().display(),
-                secret = "ab".repeat(32),
-            ),
-        )
-        .unwrap();
-        let binary = binary();
-        let log = std::fs::File::create(root.path().join("garage.log")).unwrap();
-        let child = spawn_tied_to_process(
-            Command::new(&binary)
-                .arg("-c")
-                .arg(&config)
-                .arg("server")
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "starting Garage ({}): {e}; run scripts/test, which installs it",
-                binary.display()
-            )
-        });
+        let root = new_root();
+        let node = Node::configure(root.path(), 1);
+        let child = node.spawn();
         let g = Garage {
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            config,
-            binary,
+            endpoint: node.endpoint(),
+            node: node.clone(),
             _root: root,
             child: Mutex::new(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let node = loop {
-            let out = g.cli().args(["node", "id", "-q"]).output().unwrap();
-            if out.status.success() {
-                break String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .split('@')
-                    .next()
-                    .unwrap()
-                    .to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Garage did not start: {}; log: {}",
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(g._root.path().join("garage.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let id = node.wait_id();
+        let id = id.split('@').next().unwrap();
         run_ok(
-            g.cli()
-                .args(["layout", "assign", "-z", "dc1", "-c", "1G", &node]),
+            node.cli()
+                .args(["layout", "assign", "-z", "dc1", "-c", "1G", id]),
         );
-        run_ok(g.cli().args(["layout", "apply", "--version", "1"]));
-        run_ok(
-            g.cli()
-                .args(["key", "import", "--yes", "-n", "test", KEY_ID, SECRET]),
-        );
+        run_ok(node.cli().args(["layout", "apply", "--version", "1"]));
+        import_test_key(&node);
         g
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(&self.binary);
-        c.arg("-c").arg(&self.config).env("RUST_LOG", "warn");
-        c
     }
 
     /// Creates a new empty bucket that the test key can read and write; returns its name.
     pub fn bucket(&self) -> String {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "t{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run_ok(self.cli().args(["bucket", "create", &name]));
-        run_ok(self.cli().args([
-            "bucket", "allow", "--read", "--write", "--owner", &name, "--key", "test",
-        ]));
-        name
+        create_bucket(&self.node)
     }
 
     /// A client of this server with the test key, for what pgpitr never does itself (leaving a
@@ -202,19 +131,157 @@ impl Garage {
     /// The environment that points pgpitr at `s3://bucket/prefix` on this server, with the
     /// credentials in the standard AWS variables (never in a config file or argv).
     pub fn env(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {
-        [
-            ("PGPITR_REPO", format!("s3://{bucket}/{prefix}")),
-            ("PGPITR_S3_ENDPOINT", self.endpoint.clone()),
-            ("PGPITR_S3_REGION", REGION.to_string()),
-            ("PGPITR_S3_FORCE_PATH_STYLE", "true".to_string()),
-            ("AWS_ACCESS_KEY_ID", KEY_ID.to_string()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
-            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        env_for(&self.endpoint, bucket, prefix)
     }
+}
+
+/// The environment that points pgpitr at `s3://bucket/prefix` on the S3 API at `endpoint`, with
+/// the test credentials in the standard AWS variables (never in a config file or argv).
+pub fn env_for(endpoint: &str, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+    [
+        ("PGPITR_REPO", format!("s3://{bucket}/{prefix}")),
+        ("PGPITR_S3_ENDPOINT", endpoint.to_string()),
+        ("PGPITR_S3_REGION", REGION.to_string()),
+        ("PGPITR_S3_FORCE_PATH_STYLE", "true".to_string()),
+        ("AWS_ACCESS_KEY_ID", KEY_ID.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// One Garage node: its directory (metadata, data, config, log) and loopback ports. The single
+/// server and each node of a [`crate::garage_cluster::GarageCluster`] are made by the same code.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub rpc_port: u16,
+    pub s3_port: u16,
+}
+
+impl Node {
+    /// Writes the configuration of a node in `dir` (created) for a cluster of
+    /// `replication_factor` copies; every node shares the test `rpc_secret`.
+    pub fn configure(dir: &Path, replication_factor: u32) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+        let config = dir.join("garage.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "metadata_dir = \"{r}/meta\"\ndata_dir = \"{r}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = {replication_factor}\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                r = dir.display(),
+                secret = "ab".repeat(32),
+            ),
+        )
+        .unwrap();
+        Node {
+            dir: dir.to_path_buf(),
+            config,
+            rpc_port: rpc,
+            s3_port: s3,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("garage.log")
+    }
+
+    /// Starts `garage server` for this node (its log appended to [`Node::log_path`]), killed
+    /// when the test process exits.
+    pub fn spawn(&self) -> Child {
+        let binary = binary();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        spawn_tied_to_process(
+            Command::new(&binary)
+                .arg("-c")
+                .arg(&self.config)
+                .arg("server")
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting Garage ({}): {e}; run scripts/test, which installs it",
+                binary.display()
+            )
+        })
+    }
+
+    /// The `garage` CLI talking to this node.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(binary());
+        c.arg("-c").arg(&self.config).env("RUST_LOG", "warn");
+        c
+    }
+
+    /// Waits up to 60 s for the node to answer; returns its full id (`<key>@127.0.0.1:<port>`).
+    pub fn wait_id(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.cli().args(["node", "id", "-q"]).output().unwrap();
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).trim().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Garage did not start: {}; log: {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.log_path()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Imports the fixed test key through `node`.
+pub fn import_test_key(node: &Node) {
+    run_ok(
+        node.cli()
+            .args(["key", "import", "--yes", "-n", "test", KEY_ID, SECRET]),
+    );
+}
+
+/// Creates, through `node`, a new empty bucket that the test key can read and write; returns
+/// its name.
+pub fn create_bucket(node: &Node) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    run_ok(node.cli().args(["bucket", "create", &name]));
+    run_ok(node.cli().args([
+        "bucket", "allow", "--read", "--write", "--owner", &name, "--key", "test",
+    ]));
+    name
+}
+
+/// A fresh Garage root directory under the temporary directory, recording this process as its
+/// owner so that [`remove_dead_roots`] removes it once the process is gone.
+pub fn new_root() -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix(ROOT_PREFIX)
+        .tempdir()
+        .unwrap();
+    std::fs::write(root.path().join(OWNER_FILE), std::process::id().to_string()).unwrap();
+    root
 }
 
 const ROOT_PREFIX: &str = "pgpitr-garage-";
@@ -223,7 +290,7 @@ const OWNER_FILE: &str = "owner.pid";
 
 /// Deletes the Garage directories of test processes that have exited. The shared server is a
 /// static, never dropped, so its directory outlives its process; the next start cleans up.
-fn remove_dead_roots() {
+pub fn remove_dead_roots() {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -253,7 +320,7 @@ fn remove_dead_roots() {
 /// Spawns `cmd` so that it is killed when this test process exits: statics are never dropped, so
 /// the child gets `PR_SET_PDEATHSIG`, which fires when the spawning *thread* ends — hence a
 /// thread that lives as long as the process.
-fn spawn_tied_to_process(cmd: &mut Command) -> std::io::Result<Child> {
+pub fn spawn_tied_to_process(cmd: &mut Command) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {

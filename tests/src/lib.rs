@@ -5,7 +5,9 @@
 pub mod chaos;
 pub mod cli;
 pub mod garage;
+pub mod garage_cluster;
 pub mod pg;
+pub mod tmpfs;
 pub mod wal;
 
 use std::path::{Path, PathBuf};

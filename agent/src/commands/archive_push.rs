@@ -334,7 +334,13 @@ impl Marker {
         }
     }
 
+    /// Writes the marker; on failure (a full spool disk) removes what was written, so that no
+    /// partial marker is left (one would never be trusted, but it is clutter).
     fn write(&self, marker: &Path, sha256_hex: &str) -> std::io::Result<()> {
-        std::fs::write(marker, format!("{} {sha256_hex}\n", self.0))
+        let written = std::fs::write(marker, format!("{} {sha256_hex}\n", self.0));
+        if written.is_err() {
+            let _ = std::fs::remove_file(marker);
+        }
+        written
     }
 }

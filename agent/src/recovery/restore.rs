@@ -219,7 +219,7 @@ pub enum RestoreError {
     CleanedUp(Box<RestoreError>),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("{path}: {source}")]
+    #[error("{}: {}", .path.display(), crate::storage::io_message(.source))]
     Io {
         path: PathBuf,
         source: std::io::Error,

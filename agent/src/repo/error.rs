@@ -46,7 +46,7 @@ pub enum RepoError {
         name: WalFileName,
         message: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", crate::storage::io_message(.source))]
     Io {
         path: String,
         source: std::io::Error,

@@ -126,9 +126,15 @@ pub async fn store(
             &|range| release(map.as_ref(), range),
         )
         .map_err(|e| {
+            // A full repository disk: the staged file's error already names where and why.
+            let message = if crate::storage::is_disk_full(&e) {
+                e.to_string()
+            } else {
+                format!("writing the compressed WAL file: {e}")
+            };
             RepoError::Storage(StorageError::Permanent {
                 key: layout::wal_dir(name),
-                message: format!("writing the compressed WAL file: {e}"),
+                message,
             })
         })?;
         let points = scanner.map(RestorePointScanner::finish).unwrap_or_default();
@@ -301,9 +307,13 @@ fn write_verified(
         .prefix(".pgpitr-")
         .tempfile_in(dir)
         .map_err(|e| RepoError::io(dir, e))?;
-    let corrupt = |e: codec::DecodeError| RepoError::Corrupt {
-        key: wal.key.clone(),
-        message: e.to_string(),
+    // A failed write (a full disk at `dest`) is an I/O error at `dest`, not a corrupt object.
+    let corrupt = |e: codec::DecodeError| match e {
+        codec::DecodeError::Write(e) => RepoError::io(dest, e),
+        e => RepoError::Corrupt {
+            key: wal.key.clone(),
+            message: e.to_string(),
+        },
     };
     let file = tmp.as_file();
     let parts = codec::decode_parts(compressed, &wal.sha256_hex, &|offset, plain| {

@@ -53,6 +53,14 @@ impl LocalStorage {
             io::ErrorKind::AlreadyExists => StorageError::AlreadyExists {
                 key: key.to_string(),
             },
+            _ if super::is_disk_full(&e) => StorageError::Permanent {
+                key: key.to_string(),
+                message: format!(
+                    "repository {}: {}",
+                    self.root.display(),
+                    super::io_message(&e)
+                ),
+            },
             _ => StorageError::Permanent {
                 key: key.to_string(),
                 message: format!("{} ({})", e, self.root.display()),
@@ -253,13 +261,26 @@ pub struct TempFile {
 /// of the commit then finds most of them on their way to disk already.
 impl Write for TempFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        let n = self.file.write(buf).map_err(|e| self.located(e))?;
         start_writeback(&self.file);
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl TempFile {
+    /// A full disk, named: "repository <dir>: no space left on device: …" (the writer of a
+    /// staged object reports the error without knowing where the file is).
+    fn located(&self, e: io::Error) -> io::Error {
+        if !super::is_disk_full(&e) {
+            return e;
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("/"));
+        let message = format!("repository {}: {}", dir.display(), super::io_message(&e));
+        io::Error::new(e.kind(), message)
     }
 }
 

@@ -194,6 +194,29 @@ impl std::io::Write for Staged {
     }
 }
 
+/// Whether `e` means that the file system is out of space (`ENOSPC`) or that the user's disk
+/// quota is spent (`EDQUOT`): no retry within the call helps, freeing space does.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// `e` for a one-line message: a full disk (see [`is_disk_full`]) says so in words and what to
+/// do; anything else is the system's own text.
+pub fn io_message(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            "no space left on device: the disk is full; free space there".to_string()
+        }
+        std::io::ErrorKind::QuotaExceeded => {
+            "disk quota exceeded: free space there or raise the quota".to_string()
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// A shared handle to a repository's storage.
 pub type DynStorage = Arc<dyn Storage>;
 
