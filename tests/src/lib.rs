@@ -4,6 +4,8 @@
 
 pub mod chaos;
 pub mod cli;
+#[cfg(test)]
+mod doc_checks;
 pub mod garage;
 pub mod garage_cluster;
 pub mod pg;
