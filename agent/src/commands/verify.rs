@@ -31,7 +31,7 @@ use crate::repo::layout::{self, PackObject};
 use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::{self, ArchivedWal};
-use crate::repo::{codec, RepoError, RepoIdentity};
+use crate::repo::{codec, runs, RepoError, RepoIdentity};
 use crate::storage::{Storage, StorageError};
 
 use super::backup::human_bytes;
@@ -119,6 +119,7 @@ type ChunkKey = (String, u64, u64, String);
 /// Configuration and storage errors that stop the check itself (a missing repository, an
 /// unknown `--backup`); everything about the repository's content is a [`Problem`].
 pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, VerifyError> {
+    let started_at = jiff::Timestamp::now();
     let storage = config.storage().await?;
     let storage = storage.as_ref();
     let identity = RepoIdentity::load(storage).await?;
@@ -428,7 +429,7 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
 
-    Ok(VerifyReport {
+    let report = VerifyReport {
         backups: selected.iter().map(|m| m.id.clone()).collect(),
         packs: packs_read,
         chunks: chunk_count,
@@ -436,7 +437,28 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
         problems: problems.0.into_iter().collect(),
         staging: leftovers,
         staging_error,
-    })
+    };
+    if args.backup.is_none() {
+        record_run(storage, &report, started_at).await;
+    }
+    Ok(report)
+}
+
+/// Leaves the result of a whole-repository verify in the repository for `status` and
+/// `metrics` ([`runs`]). A repository this host may only read keeps no record: a warning.
+async fn record_run(storage: &dyn Storage, report: &VerifyReport, started_at: jiff::Timestamp) {
+    let run = runs::VerifyRun {
+        started_at,
+        finished_at: jiff::Timestamp::now(),
+        ok: report.ok(),
+        problems: report.problems.len() as u64,
+        warnings: report.staging.len() as u64 + u64::from(report.staging_error.is_some()),
+        backups: report.backups.len() as u64,
+        host: crate::repo::lock::hostname(),
+    };
+    if let Err(e) = runs::record(storage, &run).await {
+        tracing::warn!("could not record this verify's result in the repository: {e}");
+    }
 }
 
 /// The prefix the key of a missing segment would start with.

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod manifest;
 pub mod part_index;
 pub mod restore_points;
+pub mod runs;
 pub mod staging;
 mod u64_string;
 pub mod wal;
