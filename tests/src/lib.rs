@@ -2,6 +2,7 @@
 //! unprivileged user (PostgreSQL refuses root, and CI runs as root), a real Garage S3 server on
 //! loopback, and the workspace's binaries copied where that user can run them.
 
+pub mod fault_proxy;
 pub mod garage;
 pub mod pg;
 pub mod wal;
