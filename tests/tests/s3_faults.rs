@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use pgpitr_tests::fault_proxy::{Fault, FaultProxy};
 use pgpitr_tests::garage::Garage;
+use pgpitr_tests::pg::Cluster;
 use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
-use pgpitr_tests::{bin, temp_dir};
+use pgpitr_tests::{bin, runtime, storage_of, temp_dir, PG_USER};
 
 const SEG: u32 = 1 << 20;
 const SYSID: u64 = 7_400_000_000_000_000_016;
@@ -272,8 +273,6 @@ fn restoring_through_faults_gives_exact_bytes_or_stops_recovery() {
     assert!(injected > 0, "{}", s.proxy.summary());
 }
 
-/// A GET of a missing key that the proxy answers 404 only when Garage did: every fault is a
-/// failure, never "not found".
 #[test]
 fn a_stalled_server_ends_archive_command_within_the_bound() {
     let s = setup(1.0);
@@ -304,4 +303,133 @@ fn a_stalled_server_ends_archive_command_within_the_bound() {
     let out = d.restore(&env, &name);
     assert!(out.status.code().unwrap() > 125, "{}", stderr(&out));
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+}
+
+fn pgpitr(env: &Env, args: &[&str]) -> Output {
+    Command::new(bin("pgpitr"))
+        .args(args)
+        .env_remove("PGPITR_CONFIG")
+        .env_remove("PGPITR_LOG")
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap()
+}
+
+/// Runs `pgpitr <args>` until it succeeds, as a DBA's timer would, at most `tries` times;
+/// every failure must be one clear line. Returns stdout of the success.
+fn pgpitr_retried(env: &Env, args: &[&str], tries: u32) -> String {
+    for _ in 0..tries {
+        let out = pgpitr(env, args);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        eprintln!("pgpitr {args:?} failed: {}", stderr(&out));
+        assert_one_clear_line(&format!("pgpitr {args:?}"), &out);
+    }
+    panic!("pgpitr {args:?} failed {tries} times");
+}
+
+#[test]
+fn backup_verify_expire_and_restore_through_faults() {
+    let s = setup(RATE);
+    let store = storage_of(&s.direct);
+    // The cluster archives through the proxy too; PostgreSQL retries failed calls itself.
+    let conf = format!(
+        "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\ncheckpoint_timeout = '1h'\n",
+        bin("pgpitr-archive").display()
+    );
+    let mut c = Cluster::init(15, &conf);
+    c.env = s.faulty.clone();
+    c.start();
+    c.psql("CREATE TABLE t AS SELECT g AS i, md5(g::text) AS m FROM generate_series(1, 20000) g");
+    c.psql("SELECT pg_switch_wal()");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while runtime()
+        .block_on(store.head(pgpitr::repo::layout::REPO_JSON))
+        .unwrap()
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "nothing archived:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut env = s.faulty.clone();
+    env.push((
+        "PGPITR_CONNINFO".into(),
+        format!(
+            "host={} port={} user=postgres",
+            c.socket_dir.display(),
+            c.port
+        ),
+    ));
+    let mut ids = Vec::new();
+    for k in 0..2 {
+        c.psql(&format!(
+            "INSERT INTO t SELECT g, 'b{k}' FROM generate_series(1, 1000) g"
+        ));
+        let id = pgpitr_retried(&env, &["backup", "--checkpoint", "fast"], 5);
+        ids.push(id.trim().to_string());
+        c.wait_archive_idle();
+    }
+    let rows: i64 = c.psql("SELECT count(*) FROM t").trim().parse().unwrap();
+
+    // verify through the faults: passes, or fails in one line.
+    let out = pgpitr(&env, &["verify"]);
+    if !out.status.success() {
+        eprintln!("verify through faults failed: {}", stderr(&out));
+        assert_one_clear_line("verify", &out);
+    }
+    pgpitr_retried(&env, &["expire", "--keep-last", "1"], 5);
+    // Straight to Garage, the repository is sound.
+    let out = pgpitr(&s.direct, &["verify"]);
+    assert!(out.status.success(), "verify: {}", stderr(&out));
+    let listed = String::from_utf8_lossy(&pgpitr(&s.direct, &["list"]).stdout).into_owned();
+    assert!(
+        listed.contains(&ids[1]) && !listed.contains(&ids[0]),
+        "{listed}"
+    );
+
+    // Restore the kept backup through the faults, retried on failure into a fresh directory;
+    // its restore_command goes through the proxy too.
+    let mut restored = None;
+    for attempt in 0..5 {
+        let root = temp_dir("restore");
+        let data = root.path().join("data");
+        let out = pgpitr(
+            &env,
+            &[
+                "restore",
+                "--target",
+                "immediate",
+                "--backup",
+                &ids[1],
+                "--pgdata",
+                data.to_str().unwrap(),
+                "--target-action",
+                "promote",
+                "--owner",
+                PG_USER,
+            ],
+        );
+        if out.status.success() {
+            restored = Some((root, data));
+            break;
+        }
+        eprintln!("restore attempt {attempt} failed: {}", stderr(&out));
+        assert_one_clear_line("restore", &out);
+    }
+    let (root, data) = restored.expect("restore failed 5 times");
+    c.stop();
+    let mut r = Cluster::adopt(15, root, data);
+    r.env = s.faulty.clone();
+    r.start();
+    assert!(
+        r.wait_for("SELECT pg_is_in_recovery()", "f", 300),
+        "recovery did not finish:\n{}",
+        r.log()
+    );
+    let got: i64 = r.psql("SELECT count(*) FROM t").trim().parse().unwrap();
+    assert_eq!(got, rows);
+    let injected: u64 = Fault::ALL.iter().map(|f| s.proxy.count(*f)).sum();
+    eprintln!("{}", s.proxy.summary());
+    assert!(injected > 10, "{}", s.proxy.summary());
 }
