@@ -78,16 +78,17 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts a proxy to `upstream` (`http://host:port`) injecting every kind of fault at `rate`.
     pub fn start(upstream: &str, rate: f64) -> FaultProxy {
-        let seed = std::env::var("PGPITR_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    ^ u64::from(std::process::id())
-            });
+        let given = std::env::var("PGPITR_FAULT_SEED").ok();
+        // pgpitr refuses unknown `PGPITR_*` variables, and the commands the tests start inherit
+        // this process's environment.
+        std::env::remove_var("PGPITR_FAULT_SEED");
+        let seed = given.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                ^ u64::from(std::process::id())
+        });
         eprintln!("fault proxy: seed {seed} (PGPITR_FAULT_SEED={seed} replays it)");
         let upstream: SocketAddr = upstream
             .trim_start_matches("http://")

@@ -220,11 +220,13 @@ impl S3Storage {
     /// GET of `key` (or of `range` of it) with its whole body. The SDK retries a request that
     /// fails before its answer's headers, but not a body cut short after them (a reset or a
     /// stall mid-body, a truncated body); those are retried here, as often and with the same
-    /// backoff as the SDK's retries.
+    /// backoff as the SDK's retries, but not once [`S3Storage::request_bound`] has passed: a
+    /// GET ends within twice that bound.
     async fn get_object(&self, key: &str, range: Option<Range<u64>>) -> StorageResult<Bytes> {
         let full = self.full_key(key)?;
         let mut backoff = INITIAL_BACKOFF;
         let mut attempt = 0u32;
+        let deadline = std::time::Instant::now() + self.request_bound();
         loop {
             let out = self
                 .client
@@ -253,7 +255,9 @@ impl S3Storage {
                 Err(e) => Err(e),
             };
             match body {
-                Err(e) if attempt < self.location.retries => {
+                Err(e)
+                    if attempt < self.location.retries && std::time::Instant::now() < deadline =>
+                {
                     tracing::debug!("retrying a GET whose body failed: {e}");
                     attempt += 1;
                     tokio::time::sleep(backoff).await;
@@ -262,6 +266,19 @@ impl S3Storage {
                 other => return other,
             }
         }
+    }
+
+    /// The longest one request takes with its retries: `(1 + retries) × timeout` plus the
+    /// backoffs between the attempts (each at most double the one before, from
+    /// [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`]).
+    pub fn request_bound(&self) -> Duration {
+        let mut total = self.location.timeout * self.location.retries.saturating_add(1);
+        let mut backoff = INITIAL_BACKOFF;
+        for _ in 0..self.location.retries {
+            total += backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        total
     }
 
     /// HEAD of `key`: `None` when it does not exist.
@@ -363,7 +380,7 @@ where
     tracing::debug!("S3 request failed: {chain}");
     match e {
         SdkError::TimeoutError(_) => {
-            "timed out waiting for the S3 endpoint; check that it is reachable, or raise the timeout".into()
+            "timed out waiting for the S3 endpoint; check that it is reachable, or raise `s3_timeout`".into()
         }
         SdkError::DispatchFailure(d) if d.is_timeout() => {
             "timed out connecting to the S3 endpoint; check `s3_endpoint` and the network".into()
