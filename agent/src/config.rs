@@ -32,6 +32,13 @@ pub struct Config {
     /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS servers.
     #[serde(default)]
     pub s3_force_path_style: bool,
+    /// Longest one S3 request attempt may take, connecting and reading included: `60s`, `500ms`,
+    /// `2m`. A stalled server is a timeout, then a retry.
+    #[serde(default = "default_s3_timeout")]
+    pub s3_timeout: String,
+    /// Retries of a failed S3 request after its first attempt (with exponential backoff).
+    #[serde(default = "default_s3_retries")]
+    pub s3_retries: u32,
     /// libpq connection string for `backup` and `check`, e.g. `host=/run/postgresql user=postgres`.
     #[serde(default)]
     pub conninfo: String,
@@ -73,6 +80,12 @@ pub struct Config {
 fn default_region() -> String {
     "us-east-1".into()
 }
+fn default_s3_timeout() -> String {
+    "60s".into()
+}
+fn default_s3_retries() -> u32 {
+    crate::storage::s3::DEFAULT_RETRIES
+}
 fn default_archive_batch() -> u32 {
     16
 }
@@ -96,6 +109,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("s3_endpoint", Kind::Str),
     ("s3_region", Kind::Str),
     ("s3_force_path_style", Kind::Bool),
+    ("s3_timeout", Kind::Str),
+    ("s3_retries", Kind::Int),
     ("conninfo", Kind::Str),
     ("spool_dir", Kind::Str),
     ("archive_batch", Kind::Int),
@@ -238,6 +253,13 @@ impl Config {
                 message: "at most 1024".into(),
             });
         }
+        self.s3_timeout()?;
+        if self.s3_retries > MAX_S3_RETRIES {
+            return Err(ConfigError::Value {
+                key: "s3_retries",
+                message: format!("at most {MAX_S3_RETRIES}"),
+            });
+        }
         if let Some(w) = &self.keep_within {
             crate::retention::KeepWithin::parse(w).map_err(|e| ConfigError::Value {
                 key: "keep_within",
@@ -252,6 +274,17 @@ impl Config {
         }
     }
 
+    /// `s3_timeout` as a duration.
+    ///
+    /// # Errors
+    /// Not a whole number followed by `ms`, `s`, `m` or `h`, or outside 100ms..=1h.
+    pub fn s3_timeout(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_timeout(&self.s3_timeout).map_err(|message| ConfigError::Value {
+            key: "s3_timeout",
+            message,
+        })
+    }
+
     /// Which kind of repository `repo` names.
     pub fn repo_kind(&self) -> Result<RepoKind, ConfigError> {
         if self.repo.starts_with("s3://") {
@@ -261,8 +294,12 @@ impl Config {
                 self.s3_region.clone(),
                 self.s3_force_path_style,
             )
-            .map(RepoKind::S3)
             .map_err(|message| ConfigError::Repo { message })
+            .and_then(|mut loc| {
+                loc.timeout = self.s3_timeout()?;
+                loc.retries = self.s3_retries;
+                Ok(RepoKind::S3(loc))
+            })
         } else if self.repo.contains("://") {
             Err(ConfigError::Repo {
                 message: "only local paths and s3:// URLs are supported".into(),
@@ -297,6 +334,30 @@ impl Config {
             RepoKind::Local(p) => std::sync::Arc::new(LocalStorage::new(p)),
             RepoKind::S3(loc) => std::sync::Arc::new(S3Storage::connect(loc).await),
         })
+    }
+}
+
+/// Most `s3_retries`: more would only hide an outage from `archive_command` for longer.
+const MAX_S3_RETRIES: u32 = 100;
+
+/// A timeout such as `60s`, `500ms`, `2m` or `1h`, from 100 ms to one hour. The message never
+/// quotes the value.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || "expected a whole number and a unit: ms, s, m or h (e.g. 60s)".to_string();
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(bad()),
+    };
+    match ms {
+        Some(ms) if (100..=3_600_000).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+        _ => Err("outside 100ms..=1h".into()),
     }
 }
 
@@ -463,6 +524,66 @@ mod tests {
     }
 
     #[test]
+    fn s3_timeout_and_retries() {
+        use std::time::Duration;
+        let c = Config::from_parts(None, None, &env(&[("PGPITR_REPO", "s3://b/p")])).unwrap();
+        assert_eq!(c.s3_timeout().unwrap(), Duration::from_secs(60));
+        assert_eq!(c.s3_retries, 4);
+        let RepoKind::S3(loc) = c.repo_kind().unwrap() else {
+            panic!("not S3")
+        };
+        assert_eq!((loc.timeout, loc.retries), (Duration::from_secs(60), 4));
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"s3://b/p\"\ns3_timeout = \"2m\"\n"),
+            &env(&[("PGPITR_S3_TIMEOUT", "1500ms"), ("PGPITR_S3_RETRIES", "0")]),
+        )
+        .unwrap();
+        let RepoKind::S3(loc) = c.repo_kind().unwrap() else {
+            panic!("not S3")
+        };
+        assert_eq!((loc.timeout, loc.retries), (Duration::from_millis(1500), 0));
+        for (text, want) in [
+            ("2s", 2000),
+            ("3m", 180_000),
+            ("1h", 3_600_000),
+            ("100ms", 100),
+        ] {
+            assert_eq!(
+                parse_timeout(text),
+                Ok(Duration::from_millis(want)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "",
+            "60",
+            "s",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "2d",
+            "50ms",
+            "2h",
+            "99999999999999999999h",
+        ] {
+            let e = Config::from_parts(
+                None,
+                None,
+                &env(&[("PGPITR_REPO", "/a"), ("PGPITR_S3_TIMEOUT", bad)]),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("s3_timeout"), "{bad}: {e}");
+        }
+        let e =
+            Config::from_parts(None, Some("repo = \"/a\"\ns3_retries = 101\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("s3_retries"), "{e}");
+        let e =
+            Config::from_parts(None, Some("repo = \"/a\"\ns3_timeout = 60\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("s3_timeout"), "{e}");
+    }
+
+    #[test]
     fn retention_keys() {
         let c = Config::from_parts(
             None,
@@ -509,17 +630,21 @@ mod proptests {
                 proptest::option::of(any::<u32>()),
                 proptest::option::of(any::<u32>()),
             ),
+            ("[1-9][0-9]{0,2}s|[1-5][0-9]?m", 0u32..=100),
         )
             .prop_map(
                 |(
                     (repo, s3_endpoint, s3_region, s3_force_path_style, conninfo, spool_dir),
                     (archive_batch, archive_parallel, restore_prefetch, restore_parallel),
                     (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
+                    (s3_timeout, s3_retries),
                 )| Config {
                     repo,
                     s3_endpoint,
                     s3_region,
                     s3_force_path_style,
+                    s3_timeout,
+                    s3_retries,
                     conninfo,
                     spool_dir: spool_dir.map(PathBuf::from),
                     archive_batch,

@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod cli;
 #[cfg(test)]
 mod doc_checks;
+pub mod fault_proxy;
 pub mod garage;
 pub mod garage_cluster;
 pub mod pg;

@@ -41,6 +41,9 @@ repo = "{repo}"
 {s3}s3_endpoint = "https://s3.eu-west-1.amazonaws.com"
 {s3}s3_region = "eu-west-1"
 {s3}s3_force_path_style = false
+# Each S3 request: attempts of at most s3_timeout, retried s3_retries times with backoff.
+# s3_timeout = "60s"
+# s3_retries = 4
 
 # How `pgpitr backup` and `pgpitr check` reach the server (libpq syntax; PGHOST, PGUSER,
 # PGPASSWORD and ~/.pgpass apply as usual). The role needs the REPLICATION attribute.

@@ -127,6 +127,8 @@ struct RestoreConfig<'a> {
     s3_endpoint: Option<&'a str>,
     s3_region: &'a str,
     s3_force_path_style: bool,
+    s3_timeout: &'a str,
+    s3_retries: u32,
     restore_prefetch: u32,
     restore_parallel: u32,
 }
@@ -141,6 +143,8 @@ pub fn restore_config_toml(config: &Config, backup: &str, when: Timestamp) -> St
         s3_endpoint: config.s3_endpoint.as_deref(),
         s3_region: &config.s3_region,
         s3_force_path_style: config.s3_force_path_style,
+        s3_timeout: &config.s3_timeout,
+        s3_retries: config.s3_retries,
         restore_prefetch: config.restore_prefetch,
         restore_parallel: config.restore_parallel,
     })
@@ -484,6 +488,8 @@ mod tests {
             ("PGPITR_S3_ENDPOINT", "http://127.0.0.1:3900"),
             ("PGPITR_S3_REGION", "garage"),
             ("PGPITR_S3_FORCE_PATH_STYLE", "true"),
+            ("PGPITR_S3_TIMEOUT", "7s"),
+            ("PGPITR_S3_RETRIES", "9"),
             (
                 "PGPITR_CONNINFO",
                 "host=/run/postgresql user=postgres password=hunter2",
@@ -510,6 +516,7 @@ mod tests {
         assert_eq!(back.s3_endpoint.as_deref(), Some("http://127.0.0.1:3900"));
         assert_eq!(back.s3_region, "garage");
         assert!(back.s3_force_path_style);
+        assert_eq!((back.s3_timeout.as_str(), back.s3_retries), ("7s", 9));
         assert_eq!(back.conninfo, "");
     }
 

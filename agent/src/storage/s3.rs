@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::retry::{RetryConfig, RetryPartition, TokenBucket};
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -27,6 +27,16 @@ pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts in flight at once per multipart upload.
 const PART_CONCURRENCY: usize = 2;
+/// Default of `s3_timeout`: the longest one attempt of one request may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `s3_retries`: attempts after the first.
+pub const DEFAULT_RETRIES: u32 = 4;
+/// The longest connecting may take (within the attempt's timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first backoff before a retry; it doubles with each retry (with jitter) up to
+/// [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
 
 /// Where and how to reach the bucket; credentials are not here: they come from the AWS chain.
 #[derive(Debug, Clone)]
@@ -37,6 +47,10 @@ pub struct S3Location {
     pub endpoint: Option<String>,
     pub region: String,
     pub force_path_style: bool,
+    /// Longest one attempt of one request may take (`s3_timeout`).
+    pub timeout: Duration,
+    /// Attempts after the first (`s3_retries`).
+    pub retries: u32,
 }
 
 impl S3Location {
@@ -69,6 +83,8 @@ impl S3Location {
             endpoint,
             region,
             force_path_style,
+            timeout: DEFAULT_TIMEOUT,
+            retries: DEFAULT_RETRIES,
         })
     }
 }
@@ -80,26 +96,37 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
-    /// Builds a client: up to 5 attempts per request with exponential backoff, 5 s to connect,
-    /// 60 s per attempt (a stalled server is a timeout, then a retry, never a hang).
+    /// Builds a client: `1 + location.retries` attempts per request with exponential backoff,
+    /// each attempt (connecting, sending, reading the answer) bounded by `location.timeout`, so
+    /// a stalled server is a timeout, then a retry, never a hang. One request therefore ends
+    /// within `attempts × timeout + the backoffs` (see docs/configuration.md, `s3_timeout`).
     pub async fn connect(location: S3Location) -> Self {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(location.region.clone()))
             .retry_config(
                 RetryConfig::standard()
-                    .with_max_attempts(5)
-                    .with_initial_backoff(Duration::from_millis(200)),
+                    .with_max_attempts(location.retries.saturating_add(1))
+                    .with_initial_backoff(INITIAL_BACKOFF)
+                    .with_max_backoff(MAX_BACKOFF),
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .connect_timeout(CONNECT_TIMEOUT.min(location.timeout))
+                    .read_timeout(location.timeout)
+                    .operation_attempt_timeout(location.timeout)
                     .build(),
             )
             .load()
             .await;
-        let mut conf =
-            aws_sdk_s3::config::Builder::from(&shared).force_path_style(location.force_path_style);
+        // Every request gets its retries: the SDK's default retry quota, shared by the whole
+        // process, runs dry after a few dozen retries, and a long backup on a flaky network
+        // would then fail at the first error. Each request stays bounded by `retries`.
+        let partition = RetryPartition::custom("pgpitr")
+            .token_bucket(TokenBucket::unlimited())
+            .build();
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(location.force_path_style)
+            .retry_partition(partition);
         if let Some(endpoint) = &location.endpoint {
             conf = conf.endpoint_url(endpoint);
         }
@@ -188,6 +215,70 @@ impl S3Storage {
                 .await;
         }
         completed
+    }
+
+    /// GET of `key` (or of `range` of it) with its whole body. The SDK retries a request that
+    /// fails before its answer's headers, but not a body cut short after them (a reset or a
+    /// stall mid-body, a truncated body); those are retried here, as often and with the same
+    /// backoff as the SDK's retries, but not once [`S3Storage::request_bound`] has passed: a
+    /// GET ends within twice that bound.
+    async fn get_object(&self, key: &str, range: Option<Range<u64>>) -> StorageResult<Bytes> {
+        let full = self.full_key(key)?;
+        let mut backoff = INITIAL_BACKOFF;
+        let mut attempt = 0u32;
+        let deadline = std::time::Instant::now() + self.request_bound();
+        loop {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.location.bucket)
+                .key(&full)
+                .set_range(
+                    range
+                        .as_ref()
+                        .map(|r| format!("bytes={}-{}", r.start, r.end - 1)),
+                )
+                .send()
+                .await
+                .map_err(|e| map_err(key, e))?;
+            let expected = out.content_length().and_then(|n| u64::try_from(n).ok());
+            let body = match collect(key, out.body).await {
+                Ok(b) if expected.is_none_or(|n| n == b.len() as u64) => Ok(b),
+                Ok(b) => Err(StorageError::Transient {
+                    key: key.to_string(),
+                    message: format!(
+                        "the object body was cut short ({} of {} bytes)",
+                        b.len(),
+                        expected.unwrap_or(0)
+                    ),
+                }),
+                Err(e) => Err(e),
+            };
+            match body {
+                Err(e)
+                    if attempt < self.location.retries && std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!("retrying a GET whose body failed: {e}");
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The longest one request takes with its retries: `(1 + retries) × timeout` plus the
+    /// backoffs between the attempts (each at most double the one before, from
+    /// [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`]).
+    pub fn request_bound(&self) -> Duration {
+        let mut total = self.location.timeout * self.location.retries.saturating_add(1);
+        let mut backoff = INITIAL_BACKOFF;
+        for _ in 0..self.location.retries {
+            total += backoff;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        total
     }
 
     /// HEAD of `key`: `None` when it does not exist.
@@ -289,7 +380,7 @@ where
     tracing::debug!("S3 request failed: {chain}");
     match e {
         SdkError::TimeoutError(_) => {
-            "timed out waiting for the S3 endpoint; check that it is reachable, or raise the timeout".into()
+            "timed out waiting for the S3 endpoint; check that it is reachable, or raise `s3_timeout`".into()
         }
         SdkError::DispatchFailure(d) if d.is_timeout() => {
             "timed out connecting to the S3 endpoint; check `s3_endpoint` and the network".into()
@@ -358,33 +449,15 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> StorageResult<Bytes> {
-        let full = self.full_key(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.location.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| map_err(key, e))?;
-        collect(key, out.body).await
+        self.get_object(key, None).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StorageResult<Bytes> {
-        let full = self.full_key(key)?;
+        self.full_key(key)?;
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.location.bucket)
-            .key(&full)
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .send()
-            .await
-            .map_err(|e| map_err(key, e))?;
-        collect(key, out.body).await
+        self.get_object(key, Some(range)).await
     }
 
     async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
@@ -529,8 +602,26 @@ async fn collect(key: &str, body: ByteStream) -> StorageResult<Bytes> {
         .map(|d| d.into_bytes())
         .map_err(|e| StorageError::Transient {
             key: key.to_string(),
-            message: format!("reading the object body: {e}"),
+            message: format!("reading the object body failed: {}", body_error(&e)),
         })
+}
+
+/// The cause of a failed body read in a few words, without the SDK's error chain (which can
+/// quote the endpoint).
+fn body_error(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let chain = DisplayErrorContext(e).to_string().to_ascii_lowercase();
+    if chain.contains("timeout") || chain.contains("timed out") {
+        "timed out"
+    } else if chain.contains("reset") {
+        "connection reset"
+    } else if chain.contains("end of file")
+        || chain.contains("incomplete")
+        || chain.contains("closed")
+    {
+        "the connection closed before the end"
+    } else {
+        "connection error"
+    }
 }
 
 #[cfg(test)]
