@@ -125,3 +125,34 @@ fn reliability_md_lists_exactly_the_property_tested_parsers() {
         "docs/reliability.md's list of property-tested parsers is out of date"
     );
 }
+
+/// The shipped alert rules load (`promtool check rules`) and their unit tests pass
+/// (`promtool test rules`): each alert fires on synthetic series and resolves. promtool comes
+/// with Debian's `prometheus` package, which `scripts/test` installs.
+#[test]
+fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
+    let dir = workspace().join("docs/monitoring");
+    for args in [
+        &["check", "rules", "pgpitr-alerts.yml"][..],
+        &[
+            "test",
+            "rules",
+            "pgpitr-alerts.test.yml",
+            "pgpitr-alerts.days.test.yml",
+        ],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("promtool (Debian package prometheus, installed by scripts/test): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
