@@ -14,63 +14,15 @@
 //!   heartbeat staying removed, and a lease's scope.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use pgpitr::repo::layout;
 use pgpitr::repo::lease::Lease;
 use pgpitr::repo::manifest::BackupManifest;
+use pgpitr_tests::cli::{archiving_cluster, conninfo, pgpitr_cmd, pgpitr_ok, text, Env};
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::{bin, give_to_pg_user, runtime, storage_of, temp_dir, PG_USER};
-
-type Env = Vec<(String, String)>;
-
-fn archiving_cluster(env: Env) -> Cluster {
-    let conf = format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'\n",
-        bin("pgpitr-archive").display()
-    );
-    let mut c = Cluster::init(15, &conf);
-    c.env = env;
-    c.start();
-    c
-}
-
-fn conninfo(c: &Cluster) -> String {
-    format!(
-        "host={} port={} user=postgres",
-        c.socket_dir.display(),
-        c.port
-    )
-}
-
-fn pgpitr_cmd(env: &Env, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("pgpitr"));
-    cmd.args(args)
-        .env_remove("PGPITR_CONFIG")
-        .env_remove("PGPITR_CONNINFO")
-        .envs(env.iter().cloned());
-    cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn pgpitr_ok(env: &Env, args: &[&str]) -> String {
-    let out = pgpitr_cmd(env, args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "pgpitr {args:?} failed: {}",
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use pgpitr_tests::{give_to_pg_user, runtime, storage_of, temp_dir, PG_USER};
 
 /// Waits for `child` to fail; returns its output.
 fn fails(child: Child) -> String {
@@ -183,7 +135,7 @@ fn leases_keep_what_a_restore_needs_and_lost_locks_stop_commits() {
     std::fs::create_dir(&repo).unwrap();
     give_to_pg_user(&repo);
     let env: Env = vec![("PGPITR_REPO".into(), repo.display().to_string())];
-    let c = archiving_cluster(env.clone());
+    let c = archiving_cluster(env.clone(), "");
     c.psql("CREATE TABLE t (i int)");
     let b1 = rows_then_backup(&env, &c, 1, 100);
     let b2 = rows_then_backup(&env, &c, 101, 200);

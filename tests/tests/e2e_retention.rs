@@ -21,79 +21,17 @@
 //!   expire once older than `--staging-grace`, never younger ones.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgpitr::repo::layout;
 use pgpitr::repo::manifest::{BackupId, BackupManifest};
 use pgpitr::storage::{DynStorage, PutMode};
+use pgpitr_tests::cli::{
+    archiving_cluster, conninfo, local_repo, pgpitr, pgpitr_cmd, pgpitr_ok, repo_env, text, Env,
+};
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::{bin, give_to_pg_user, run_ok, runtime, storage_of, temp_dir, PG_USER};
-
-type Env = Vec<(String, String)>;
-
-fn archiving_cluster(env: Env, extra: &str) -> Cluster {
-    let conf = format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'\n{extra}",
-        bin("pgpitr-archive").display()
-    );
-    let mut c = Cluster::init(15, &conf);
-    c.env = env;
-    c.start();
-    c
-}
-
-fn local_repo() -> (tempfile::TempDir, PathBuf) {
-    let dir = temp_dir("repo");
-    let repo = dir.path().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    give_to_pg_user(&repo);
-    (dir, repo)
-}
-
-fn repo_env(repo: &Path) -> Env {
-    vec![("PGPITR_REPO".to_string(), repo.display().to_string())]
-}
-
-fn conninfo(c: &Cluster) -> String {
-    format!(
-        "host={} port={} user=postgres",
-        c.socket_dir.display(),
-        c.port
-    )
-}
-
-fn pgpitr_cmd(env: &Env, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("pgpitr"));
-    cmd.args(args)
-        .env_remove("PGPITR_CONFIG")
-        .env_remove("PGPITR_CONNINFO")
-        .envs(env.iter().cloned());
-    cmd
-}
-
-fn pgpitr(env: &Env, args: &[&str]) -> Output {
-    pgpitr_cmd(env, args).output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn pgpitr_ok(env: &Env, args: &[&str]) -> String {
-    let out = pgpitr(env, args);
-    assert!(
-        out.status.success(),
-        "pgpitr {args:?} failed: {}",
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use pgpitr_tests::{run_ok, runtime, storage_of, temp_dir, PG_USER};
 
 /// Runs `pgpitr <args>`, expects a failure whose output contains every `expect`.
 fn pgpitr_fails(env: &Env, args: &[&str], expect: &[&str]) -> String {
