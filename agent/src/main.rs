@@ -1,6 +1,7 @@
 //! `pgpitr`: the agent. Parses arguments, runs one command from `pgpitr::commands`, maps the
 //! result to an exit code: 0 success, 1 failure, 2 bad arguments or configuration (clap's own
-//! usage errors also exit 2), 3 a restore whose recovery ended before its target.
+//! usage errors also exit 2), 3 a restore whose recovery ended before its target;
+//! `drill` exits 1 when a step failed (named on stderr and in the record).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +45,10 @@ enum Command {
     /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity; warn about
     /// killed writers' staging objects (which do not fail it).
     Verify(commands::verify::VerifyArgs),
+    /// Restore drill: restore a backup into a scratch directory, start PostgreSQL on it, prove
+    /// the target was reached, run pg_amcheck and --check-sql, record the result and the
+    /// recovery time in the repository, clean up. Exit 0 only when every step passed.
+    Drill(commands::drill::DrillArgs),
     /// Break the repository lock left by a backup or expire that died; `--leases` removes the
     /// leases of restores.
     Unlock(commands::unlock::UnlockArgs),
@@ -73,6 +78,8 @@ fn main() -> ExitCode {
                         )
                     })
                 || e.downcast_ref::<commands::restore::RestoreCommandError>()
+                    .is_some_and(|e| e.is_usage())
+                || e.downcast_ref::<commands::drill::DrillError>()
                     .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
         }
@@ -176,6 +183,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(exit::FAILURE)
             })
+        }
+        Command::Drill(args) => {
+            let (config, rt) = load(config_path)?;
+            let report = rt.block_on(commands::drill::run(&config, &args, &bin_dir()))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", commands::drill::render(&report));
+            }
+            if let (false, Some(step)) = (report.run.ok, &report.run.failed_step) {
+                eprintln!(
+                    "pgpitr: error: drill failed at step {step}: {}",
+                    report.run.message
+                );
+            }
+            Ok(ExitCode::from(report.exit_code()))
         }
         Command::Unlock(args) => {
             let (config, rt) = load(config_path)?;

@@ -251,6 +251,7 @@ async fn run_leased(
                 .unwrap_or_else(|| "postgres".into()),
             pg_version_num: manifest.pg_version_num,
             timeout: args.start_timeout.map(std::time::Duration::from_secs),
+            run_as: None,
         })
     } else {
         None

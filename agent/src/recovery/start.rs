@@ -55,6 +55,9 @@ pub struct StartOptions {
     pub pg_version_num: u32,
     /// Give up waiting (the server keeps running) after this long.
     pub timeout: Option<Duration>,
+    /// Run `pg_ctl` as this user (a child process switched to its uid and gid) instead of as
+    /// this process; `pgpitr drill` run as root, which must stay root to clean up.
+    pub run_as: Option<Owner>,
 }
 
 /// Where recovery ended.
@@ -176,6 +179,47 @@ fn parse_pid_file(text: &str) -> Option<PidFile> {
     })
 }
 
+/// Whether a postmaster runs on `pgdata` (its `postmaster.pid` names a live process).
+pub fn postmaster_alive(pgdata: &Path) -> bool {
+    read_pid_file(pgdata).is_some_and(|p| alive(p.pid))
+}
+
+/// `pg_ctl stop -m <mode>` on `pgdata`, waiting up to `wait_secs`, as `run_as` when given (see
+/// [`StartOptions::run_as`]).
+///
+/// # Errors
+/// `pg_ctl` could not run or failed (output included, one line).
+pub fn stop(
+    bin_dir: &Path,
+    pgdata: &Path,
+    run_as: Option<&Owner>,
+    mode: &str,
+    wait_secs: u64,
+) -> Result<(), StartError> {
+    let mut cmd = Command::new(bin_dir.join("pg_ctl"));
+    cmd.arg("-D")
+        .arg(pgdata)
+        .args(["-m", mode, "-w", "-t", &wait_secs.to_string(), "stop"]);
+    if let Some(o) = run_as {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(o.uid).gid(o.gid).env("HOME", &o.home);
+    }
+    let out = cmd.output().map_err(|e| StartError::Io {
+        path: bin_dir.join("pg_ctl"),
+        source: e,
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(StartError::PgCtl {
+        status: out.status.to_string(),
+        output: String::from_utf8_lossy(&out.stderr)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let r = unsafe { libc::kill(pid, 0) };
@@ -207,10 +251,18 @@ pub async fn start_and_wait(opts: &StartOptions) -> Result<StartOutcome, StartEr
         cmd.arg("-o").arg(o);
     }
     cmd.arg("start");
-    if let Ok(me) = Owner::current() {
+    let user = match &opts.run_as {
+        Some(o) => Some(o.clone()),
+        None => Owner::current().ok(),
+    };
+    if let Some(me) = user {
         cmd.env("HOME", &me.home)
             .env("USER", &me.name)
             .env("LOGNAME", &me.name);
+    }
+    if let Some(o) = &opts.run_as {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(o.uid).gid(o.gid);
     }
     tracing::info!("starting PostgreSQL: {cmd:?}");
     let out = cmd.output().map_err(|e| StartError::Io {
