@@ -86,8 +86,8 @@ pub struct WindowFact {
     /// That backup.
     pub start_backup: BackupId,
     /// The storage time of the last segment archived without a gap after the newest
-    /// restorable backup: replay reaches everything committed before that segment was
-    /// stored. `None` when the backend lists no storage times.
+    /// restorable backup (replay reaches everything committed before that segment was
+    /// stored), and never before `start`. `None` when the backend lists no storage times.
     pub end: Option<Timestamp>,
     /// The first LSN after that segment.
     pub end_lsn: Option<Lsn>,
@@ -170,10 +170,13 @@ impl Facts {
                     timeline: w.timeline,
                     start: start.time,
                     start_backup: start.backup,
+                    // Never before the start: the backup's own end is reachable, even when its
+                    // last segment was stored before the backup wrote its stop time.
                     end: w
                         .latest
                         .as_ref()
-                        .and_then(|l| segment_stored(l.last_segment)),
+                        .and_then(|l| segment_stored(l.last_segment))
+                        .map(|e| e.max(start.time)),
                     end_lsn: w.latest.as_ref().map(|l| l.end_lsn),
                 })
             })
@@ -360,6 +363,16 @@ pub(crate) mod tests {
             .iter()
             .all(|w| w.start == at("2026-11-01T01:00:00Z")));
         assert_eq!(f.verify, None, "no record: no fact");
+
+        // A backup whose last segment was stored before its stop time: the window is that one
+        // point, never an end before its start.
+        let mut early = inputs.clone();
+        early.histories.clear();
+        early.objects.truncate(3); // repo.json, segments 2 and 3
+        early.backups[0].stop_time = at("2026-11-09T00:21:00Z");
+        let f = Facts::derive(&early, now, 0.5);
+        assert_eq!(f.windows.len(), 1);
+        assert_eq!(f.windows[0].end, Some(f.windows[0].start));
         assert_eq!(f.drill, None);
     }
 
