@@ -75,6 +75,26 @@ pub struct Config {
     /// The newest backup of each of the N newest months with a backup.
     #[serde(default)]
     pub keep_monthly: Option<u32>,
+    /// `pgpitr status`: the newest backup older than this is a warning, older than twice this
+    /// critical (`8d`; units s, m, h, d, w).
+    #[serde(default = "default_max_backup_age")]
+    pub max_backup_age: String,
+    /// `pgpitr status`: the newest archived WAL stored longer ago than this is a warning, twice
+    /// this critical (`1h`). Keep `archive_timeout` below it, or an idle server warns.
+    #[serde(default = "default_max_wal_age")]
+    pub max_wal_age: String,
+    /// `pgpitr status`: the last `pgpitr verify` older than this is a warning, twice this
+    /// critical (`8d`).
+    #[serde(default = "default_max_verify_age")]
+    pub max_verify_age: String,
+    /// `pgpitr status`: the last `pgpitr drill` older than this is a warning, twice this
+    /// critical (`35d`).
+    #[serde(default = "default_max_drill_age")]
+    pub max_drill_age: String,
+    /// `pgpitr metrics --listen`: how long one scan of the repository answers scrapes (`60s`;
+    /// `0s` scans at every scrape).
+    #[serde(default = "default_metrics_cache")]
+    pub metrics_cache: String,
 }
 
 fn default_region() -> String {
@@ -85,6 +105,21 @@ fn default_s3_timeout() -> String {
 }
 fn default_s3_retries() -> u32 {
     crate::storage::s3::DEFAULT_RETRIES
+}
+fn default_max_backup_age() -> String {
+    "8d".into()
+}
+fn default_max_wal_age() -> String {
+    "1h".into()
+}
+fn default_max_verify_age() -> String {
+    "8d".into()
+}
+fn default_max_drill_age() -> String {
+    "35d".into()
+}
+fn default_metrics_cache() -> String {
+    "60s".into()
 }
 fn default_archive_batch() -> u32 {
     16
@@ -122,6 +157,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("keep_daily", Kind::Int),
     ("keep_weekly", Kind::Int),
     ("keep_monthly", Kind::Int),
+    ("max_backup_age", Kind::Str),
+    ("max_wal_age", Kind::Str),
+    ("max_verify_age", Kind::Str),
+    ("max_drill_age", Kind::Str),
+    ("metrics_cache", Kind::Str),
 ];
 
 /// A configuration error; the message names the file or variable and the key.
@@ -266,6 +306,8 @@ impl Config {
                 message: e.to_string(),
             })?;
         }
+        self.thresholds()?;
+        self.metrics_cache()?;
         match self.repo_kind()? {
             RepoKind::Local(p) if !p.is_absolute() => Err(ConfigError::Repo {
                 message: "a local repository must be an absolute path (archive_command runs in the data directory)".into(),
@@ -283,6 +325,35 @@ impl Config {
             key: "s3_timeout",
             message,
         })
+    }
+
+    /// The age limits of `pgpitr status` (`max_backup_age`, `max_wal_age`, `max_verify_age`,
+    /// `max_drill_age`), in seconds.
+    ///
+    /// # Errors
+    /// A value that is not a positive duration.
+    pub fn thresholds(&self) -> Result<crate::monitor::checks::Thresholds, ConfigError> {
+        let positive = |key: &'static str, v: &str| match parse_duration(key, v)? {
+            0 => Err(ConfigError::Value {
+                key,
+                message: "must be more than 0".into(),
+            }),
+            n => Ok(n),
+        };
+        Ok(crate::monitor::checks::Thresholds {
+            backup: positive("max_backup_age", &self.max_backup_age)?,
+            wal: positive("max_wal_age", &self.max_wal_age)?,
+            verify: positive("max_verify_age", &self.max_verify_age)?,
+            drill: positive("max_drill_age", &self.max_drill_age)?,
+        })
+    }
+
+    /// `metrics_cache` as a duration.
+    ///
+    /// # Errors
+    /// A value that is not a duration.
+    pub fn metrics_cache(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_duration("metrics_cache", &self.metrics_cache).map(std::time::Duration::from_secs)
     }
 
     /// Which kind of repository `repo` names.
@@ -359,6 +430,17 @@ fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
         Some(ms) if (100..=3_600_000).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
         _ => Err("outside 100ms..=1h".into()),
     }
+}
+
+/// A duration of `key` (`30s`, `90m`, `1h`, `8d`, `2w`) in seconds; the message never quotes
+/// the value.
+fn parse_duration(key: &'static str, s: &str) -> Result<u64, ConfigError> {
+    crate::retention::KeepWithin::parse(s)
+        .map(|d| d.seconds)
+        .map_err(|_| ConfigError::Value {
+            key,
+            message: "expected a whole number and a unit: s, m, h, d or w (e.g. 8d)".into(),
+        })
 }
 
 /// Where a repository lives.
@@ -524,6 +606,36 @@ mod tests {
     }
 
     #[test]
+    fn status_thresholds_and_metrics_cache() {
+        let c = Config::from_parts(None, Some("repo = \"/a\"\n"), &[]).unwrap();
+        let t = c.thresholds().unwrap();
+        assert_eq!(
+            (t.backup, t.wal, t.verify, t.drill),
+            (8 * 86_400, 3600, 8 * 86_400, 35 * 86_400)
+        );
+        assert_eq!(c.metrics_cache().unwrap().as_secs(), 60);
+        let env = vec![
+            ("PGPITR_REPO".to_string(), "/a".to_string()),
+            ("PGPITR_MAX_WAL_AGE".to_string(), "2s".to_string()),
+            ("PGPITR_METRICS_CACHE".to_string(), "0s".to_string()),
+        ];
+        let c = Config::from_parts(None, None, &env).unwrap();
+        assert_eq!(c.thresholds().unwrap().wal, 2);
+        assert_eq!(c.metrics_cache().unwrap().as_secs(), 0);
+        for (text, key) in [
+            ("max_wal_age = \"0s\"", "max_wal_age"),
+            ("max_backup_age = \"Zq7week\"", "max_backup_age"),
+            ("max_drill_age = 35", "max_drill_age"),
+            ("metrics_cache = \"Zq7\"", "metrics_cache"),
+        ] {
+            let e = Config::from_parts(None, Some(&format!("repo = \"/a\"\n{text}\n")), &[])
+                .unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains(key) && !m.contains("Zq7"), "{text}: {m}");
+        }
+    }
+
+    #[test]
     fn s3_timeout_and_retries() {
         use std::time::Duration;
         let c = Config::from_parts(None, None, &env(&[("PGPITR_REPO", "s3://b/p")])).unwrap();
@@ -631,6 +743,13 @@ mod proptests {
                 proptest::option::of(any::<u32>()),
             ),
             ("[1-9][0-9]{0,2}s|[1-5][0-9]?m", 0u32..=100),
+            (
+                "[1-9][0-9]{0,3}[smhdw]",
+                "[1-9][0-9]{0,3}[smhdw]",
+                "[1-9][0-9]{0,3}[smhdw]",
+                "[1-9][0-9]{0,3}[smhdw]",
+                "[0-9]{1,4}[smh]",
+            ),
         )
             .prop_map(
                 |(
@@ -638,6 +757,7 @@ mod proptests {
                     (archive_batch, archive_parallel, restore_prefetch, restore_parallel),
                     (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
                     (s3_timeout, s3_retries),
+                    (max_backup_age, max_wal_age, max_verify_age, max_drill_age, metrics_cache),
                 )| Config {
                     repo,
                     s3_endpoint,
@@ -656,6 +776,11 @@ mod proptests {
                     keep_daily,
                     keep_weekly,
                     keep_monthly,
+                    max_backup_age,
+                    max_wal_age,
+                    max_verify_age,
+                    max_drill_age,
+                    metrics_cache,
                 },
             )
     }

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod heap;
 pub mod logging;
+pub mod monitor;
 pub mod pg;
 pub mod pgsql;
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! `pgpitr`: the agent. Parses arguments, runs one command from `pgpitr::commands`, maps the
 //! result to an exit code: 0 success, 1 failure, 2 bad arguments or configuration (clap's own
 //! usage errors also exit 2), 3 a restore whose recovery ended before its target;
-//! `drill` exits 1 when a step failed (named on stderr and in the record).
+//! `drill` exits 1 when a step failed (named on stderr and in the record). `status` follows
+//! the Nagios plugin convention instead: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (configuration).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,6 +50,12 @@ enum Command {
     /// the target was reached, run pg_amcheck and --check-sql, record the result and the
     /// recovery time in the repository, clean up. Exit 0 only when every step passed.
     Drill(commands::drill::DrillArgs),
+    /// Health at a glance: newest backup and WAL and their ages, the recoverable window, the
+    /// last verify and drill; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (configuration).
+    Status(commands::status::StatusArgs),
+    /// The same facts as Prometheus metrics: printed, written for node_exporter
+    /// (--textfile PATH) or served at /metrics (--listen ADDR).
+    Metrics(commands::metrics::MetricsArgs),
     /// Break the repository lock left by a backup or expire that died; `--leases` removes the
     /// leases of restores.
     Unlock(commands::unlock::UnlockArgs),
@@ -58,6 +65,8 @@ enum Command {
 mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 2;
+    /// `status`: Nagios' UNKNOWN, for a configuration error.
+    pub const UNKNOWN: u8 = 3;
 }
 
 fn main() -> ExitCode {
@@ -77,6 +86,8 @@ fn main() -> ExitCode {
                                 | commands::expire::ExpireError::Config(_)
                         )
                     })
+                || e.downcast_ref::<commands::metrics::MetricsError>()
+                    .is_some_and(|e| matches!(e, commands::metrics::MetricsError::Config(_)))
                 || e.downcast_ref::<commands::restore::RestoreCommandError>()
                     .is_some_and(|e| e.is_usage())
                 || e.downcast_ref::<commands::drill::DrillError>()
@@ -199,6 +210,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             Ok(ExitCode::from(report.exit_code()))
+        }
+        Command::Status(args) => {
+            let report = match load(config_path) {
+                Ok((config, rt)) => rt.block_on(commands::status::run(&config)),
+                Err(e) => {
+                    eprintln!("pgpitr: error: {e:#}");
+                    return Ok(ExitCode::from(exit::UNKNOWN));
+                }
+            };
+            let report = match report {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("pgpitr: error: {e}");
+                    return Ok(ExitCode::from(exit::UNKNOWN));
+                }
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", commands::status::render(&report));
+            }
+            Ok(ExitCode::from(report.exit_code))
+        }
+        Command::Metrics(args) => {
+            let (config, rt) = load(config_path)?;
+            let mut stdout = std::io::stdout();
+            let outcome = rt.block_on(commands::metrics::run(&config, &args, &mut stdout))?;
+            Ok(match outcome {
+                commands::metrics::Outcome::Down => ExitCode::from(exit::FAILURE),
+                _ => ExitCode::SUCCESS,
+            })
         }
         Command::Unlock(args) => {
             let (config, rt) = load(config_path)?;

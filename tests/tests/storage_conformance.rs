@@ -77,6 +77,20 @@ async fn conformance(s: DynStorage) {
         ["a/b/one", "a/b/two", "a/bz", "a/c/x", "b/y"]
     );
     assert!(s.list("zzz/").await.unwrap().is_empty());
+    // list gives each object's storage time, the one head and modified give, to the second
+    // (S3 lists milliseconds, HEAD's Last-Modified has seconds); status and metrics read the
+    // age of WAL from it
+    let second = |t: Option<jiff::Timestamp>| t.map(|t| t.as_second());
+    for o in s.list("a/").await.unwrap() {
+        assert!(o.modified.is_some(), "{o:?}");
+        assert_eq!(
+            second(s.modified(&o.key).await.unwrap()),
+            second(o.modified),
+            "{o:?}"
+        );
+        let head = s.head(&o.key).await.unwrap().unwrap();
+        assert_eq!(second(head.modified), second(o.modified), "{o:?}");
+    }
 
     // delete is idempotent
     s.delete("a/c/x").await.unwrap();

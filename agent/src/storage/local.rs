@@ -157,8 +157,14 @@ impl LocalStorage {
                 continue;
             };
             if key.starts_with(prefix) {
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push(ObjectMeta { key, size });
+                let meta = entry.metadata().ok();
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.as_ref().map_or(0, std::fs::Metadata::len),
+                    modified: meta
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| jiff::Timestamp::try_from(t).ok()),
+                });
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -470,7 +476,14 @@ impl Storage for LocalStorage {
         let path = self.path(key)?;
         let (this, key) = (self.clone(), key.to_string());
         blocking(move || match fs::metadata(&path) {
-            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key, size: m.len() })),
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key,
+                size: m.len(),
+                modified: m
+                    .modified()
+                    .ok()
+                    .and_then(|t| jiff::Timestamp::try_from(t).ok()),
+            })),
             Ok(_) => Ok(None),
             Err(e) => match this.io_error(&key, e) {
                 StorageError::NotFound { .. } => Ok(None),

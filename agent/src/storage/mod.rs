@@ -23,11 +23,15 @@ pub enum PutMode {
     Overwrite,
 }
 
-/// An object's key and size in bytes.
+/// An object's key, size in bytes and storage time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was written, by the storage's clock (local: the file's mtime; S3:
+    /// `Last-Modified`); `None` when the backend does not say. `status` and `metrics` read
+    /// the age of the newest WAL and the bytes written lately from it, with no extra request.
+    pub modified: Option<jiff::Timestamp>,
 }
 
 /// An object a writer started and never finished: a local repository's temporary file
@@ -78,7 +82,8 @@ pub type StorageResult<T> = Result<T, StorageError>;
 ///   (local: file and directory fsynced; S3: the PUT or multipart completion was acknowledged).
 /// - `get`/`get_range` return exactly the bytes last put, or [`StorageError::NotFound`].
 /// - `list` returns every object whose key starts with `prefix` (a prefix of any string, not only
-///   of directories), sorted by key, never a partially written object.
+///   of directories), sorted by key, never a partially written object, each with its size and,
+///   where the backend lists it, its storage time.
 /// - `delete` of a missing key succeeds.
 #[async_trait::async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {

@@ -464,14 +464,15 @@ impl Storage for S3Storage {
         Ok(self.head_object(key).await?.map(|out| ObjectMeta {
             key: key.to_string(),
             size: out.content_length().unwrap_or(0) as u64,
+            modified: out.last_modified().and_then(timestamp),
         }))
     }
 
     async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
-        Ok(self.head_object(key).await?.and_then(|out| {
-            out.last_modified()
-                .and_then(|t| jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok())
-        }))
+        Ok(self
+            .head_object(key)
+            .await?
+            .and_then(|out| out.last_modified().and_then(timestamp)))
     }
 
     async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
@@ -493,6 +494,7 @@ impl Storage for S3Storage {
                     out.push(ObjectMeta {
                         key: key.to_string(),
                         size: object.size().unwrap_or(0) as u64,
+                        modified: object.last_modified().and_then(timestamp),
                     });
                 }
             }
@@ -622,6 +624,11 @@ fn body_error(e: &(dyn std::error::Error + 'static)) -> &'static str {
     } else {
         "connection error"
     }
+}
+
+/// An S3 date-time (`Last-Modified`, `Initiated`) as a timestamp.
+fn timestamp(t: &aws_sdk_s3::primitives::DateTime) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok()
 }
 
 #[cfg(test)]
