@@ -9,8 +9,8 @@
 //!   `global/pg_control`) and that the next restore refuses, or one whose every file is whole.
 //!
 //! Writers: `pgpitr-archive` one file at a time and batching (on a local repository and on
-//! Garage), `pgpitr-restore` and its background refill, `pgpitr backup`, `pgpitr expire` and
-//! `pgpitr restore` (against a real PostgreSQL 15). Kill moments are uniform over the
+//! Garage), `pgpitr-restore` and its background refill, `pgpitr backup`, `pgpitr expire`,
+//! `pgpitr restore` and `pgpitr drill` (against a real PostgreSQL 15). Kill moments are uniform over the
 //! writer's own run time, measured first. The suite runs a small seeded sample; the seed is
 //! printed (`CHAOS_SEED` replays a run) and `CHAOS_KILLS` sets the number of
 //! kills per writer: `scripts/chaos` runs hundreds.
@@ -386,8 +386,25 @@ fn backup_expire_and_restore_survive_kill_9() {
     let mut restore_scale = Scale::measure(&mut restore_into(&scratch.path().join("first")));
     let mut expire_scale = Scale::measure(&mut pgpitr_cmd(&env, &expire_args));
 
-    let (mut backups, mut expires, mut restores) =
-        (Tally::default(), Tally::default(), Tally::default());
+    let (mut backups, mut expires, mut restores, mut drills) = (
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+    );
+    let drill_scratch = scratch.path().join("drills");
+    std::fs::create_dir(&drill_scratch).unwrap();
+    pgpitr_tests::give_to_pg_user(&drill_scratch);
+    let mut drill_scale = Scale::measure(&mut pgpitr_cmd(
+        &env,
+        &[
+            "drill",
+            "--target",
+            "latest",
+            "--scratch",
+            drill_scratch.to_str().unwrap(),
+        ],
+    ));
     let mut rows = 1000;
     for round in 0..rounds {
         c.psql(&format!(
@@ -486,10 +503,37 @@ fn backup_expire_and_restore_survive_kill_9() {
         }
         let _ = std::fs::remove_dir_all(&killed_dir);
         std::fs::remove_dir_all(&whole).unwrap();
+
+        // drill: killed (its scratch server, if it started one, lives on: nothing can clean up
+        // after SIGKILL), then the next drill passes beside it and records its result.
+        let drills_dir = scratch.path().join(format!("drills-{round}"));
+        std::fs::create_dir(&drills_dir).unwrap();
+        pgpitr_tests::give_to_pg_user(&drills_dir);
+        let drill_args = [
+            "drill",
+            "--target",
+            "latest",
+            "--scratch",
+            drills_dir.to_str().unwrap(),
+        ];
+        kill_then_rerun(
+            || pgpitr_cmd(&env, &drill_args),
+            1,
+            &mut drill_scale,
+            &mut rng,
+            &mut drills,
+        );
+        stop_leftover_servers(&drills_dir);
+        let _ = std::fs::remove_dir_all(&drills_dir);
+        // A killed drill's lease keeps its backup for --recovery-lease (7 days) and every listed
+        // backup is restored below: lift the leases so that a long run does not grow with them.
+        pgpitr_ok(&env, &["unlock", "--leases"]);
+        check_invariants(&env, &c, &note);
     }
     backups.report("pgpitr backup");
     expires.report("pgpitr expire");
     restores.report("pgpitr restore");
+    drills.report("pgpitr drill");
 
     // The end of the story: the newest backup and all WAL recover every row.
     c.psql("SELECT pg_switch_wal()");
@@ -520,6 +564,20 @@ fn backup_expire_and_restore_survive_kill_9() {
         rows.to_string(),
         "{note}"
     );
+}
+
+/// Stops the PostgreSQL servers that drills killed with SIGKILL left running in their scratch
+/// directories under `dir` (`<dir>/pgpitr-drill-*/data`).
+fn stop_leftover_servers(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let data = e.path().join("data");
+        if data.join("postmaster.pid").exists() {
+            let _ = pgpitr_tests::as_pg_user(pgpitr_tests::pg::bin_dir(15).join("pg_ctl"))
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(&data)
+                .output();
+        }
+    }
 }
 
 /// Some bulk, so that a backup takes long enough to be killed in the middle of its files.
