@@ -9,6 +9,7 @@ mod doc_checks;
 pub mod fault_proxy;
 pub mod garage;
 pub mod garage_cluster;
+pub mod monitoring;
 pub mod pg;
 pub mod tmpfs;
 pub mod wal;

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use pgpitr_tests::cli::{archiving_cluster, conninfo, local_repo, pgpitr, repo_env, text, Env};
 use pgpitr_tests::garage::Garage;
+use pgpitr_tests::monitoring::{check, metrics, must, status};
 use pgpitr_tests::pg::Cluster;
 use pgpitr_tests::temp_dir;
 
@@ -118,6 +119,12 @@ fn a_drill_to_a_time_passes_and_a_failed_check_fails_both_recorded() {
     assert_eq!(report["checks"].as_array().unwrap().len(), 2, "{report}");
     assert_eq!(report["amcheck"], "passed", "{report}");
     assert_cleaned_up(&scratch);
+    // What status and metrics make of it: the drill check is OK, with the RTO measured.
+    let drill_check = drill_status(&env);
+    assert_eq!(drill_check["level"], "ok", "{drill_check}");
+    let (last_run, last_ok, rto) = drill_metrics(&env);
+    assert_eq!(last_run, last_ok);
+    assert!(rto > 0.0);
 
     // An expectation that does not hold at that target: 5 markers exist only later.
     let checks = check_file(
@@ -136,6 +143,11 @@ fn a_drill_to_a_time_passes_and_a_failed_check_fails_both_recorded() {
     assert_eq!(rec["failed_step"], "check-sql", "{rec}");
     assert!(rec["message"].as_str().unwrap().contains("line 2"), "{rec}");
     assert_cleaned_up(&scratch);
+    // A failed drill is critical in status, and its run is newer than the last success.
+    let drill_check = drill_status(&env);
+    assert_eq!(drill_check["level"], "critical", "{drill_check}");
+    let (failed_run, still_last_ok, _) = drill_metrics(&env);
+    assert!(failed_run > still_last_ok && still_last_ok == last_ok);
 }
 
 #[test]
@@ -201,4 +213,21 @@ fn a_latest_drill_passes_on_garage() {
         "{report}"
     );
     assert_cleaned_up(&scratch);
+}
+
+/// The `drill` check of `pgpitr status --json`.
+fn drill_status(env: &Env) -> serde_json::Value {
+    let (report, _) = status(env);
+    check(&report, "drill").clone()
+}
+
+/// `pgpitr_drill_last_run_timestamp_seconds`, `…_last_success_…` and
+/// `pgpitr_drill_last_rto_seconds` from `pgpitr metrics`.
+fn drill_metrics(env: &Env) -> (f64, f64, f64) {
+    let scrape = metrics(env);
+    (
+        must(&scrape, "pgpitr_drill_last_run_timestamp_seconds", None),
+        must(&scrape, "pgpitr_drill_last_success_timestamp_seconds", None),
+        must(&scrape, "pgpitr_drill_last_rto_seconds", None),
+    )
 }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use pgpitr_tests::cli::{archiving_cluster, conninfo, local_repo, pgpitr_cmd, pgpitr_ok, repo_env};
+use pgpitr_tests::monitoring::http_get;
 use pgpitr_tests::{free_port, temp_dir};
 
 /// Kills and reaps a child process when dropped, also when the test fails.
@@ -19,22 +20,6 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// `GET path` on a loopback HTTP server; the body, or `None` when it does not answer (yet).
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 /// Sets the modification time of every WAL object of local repository `repo` to `age` ago:
@@ -66,7 +51,7 @@ fn wait_api(port: u16, path: &str, what: &str, done: impl Fn(&serde_json::Value)
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut last = None;
     while Instant::now() < deadline {
-        if let Some(body) = http_get(port, path) {
+        if let Some((200, body)) = http_get(&format!("127.0.0.1:{port}"), path) {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             if done(&v) {
                 return;
@@ -157,7 +142,7 @@ fn prometheus_scrapes_pgpitr_metrics_and_fires_the_stale_wal_alert() {
         },
     );
     // A fresh backup: the backup alerts stay quiet.
-    let alerts = http_get(prometheus_port, "/api/v1/alerts").unwrap();
+    let (_, alerts) = http_get(&format!("127.0.0.1:{prometheus_port}"), "/api/v1/alerts").unwrap();
     for quiet in [
         "PgpitrNoBackup",
         "PgpitrBackupTooOld",

@@ -16,7 +16,7 @@
 //!
 //! The exposition is read with a Prometheus text-format parser (`prometheus-parse`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -24,55 +24,8 @@ use pgpitr_tests::cli::{
     archiving_cluster, conninfo, local_repo, pgpitr, pgpitr_ok, repo_env, text, Env,
 };
 use pgpitr_tests::garage::Garage;
+use pgpitr_tests::monitoring::{check, http_get, metrics, must, parse, series, status, value};
 use pgpitr_tests::temp_dir;
-use prometheus_parse::{Sample, Scrape, Value};
-
-fn parse(exposition: &str) -> Scrape {
-    Scrape::parse(exposition.lines().map(|l| Ok(l.to_string())))
-        .unwrap_or_else(|e| panic!("unparsable exposition: {e}\n{exposition}"))
-}
-
-fn value(s: &Sample) -> f64 {
-    match s.value {
-        Value::Gauge(v) | Value::Untyped(v) | Value::Counter(v) => v,
-        _ => panic!("not a single value: {s:?}"),
-    }
-}
-
-/// The value of the series `name` (with `timeline` when given); `None` when absent.
-fn series(scrape: &Scrape, name: &str, timeline: Option<&str>) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && s.labels.get("timeline") == timeline)
-        .map(value)
-}
-
-fn must(scrape: &Scrape, name: &str, timeline: Option<&str>) -> f64 {
-    series(scrape, name, timeline)
-        .unwrap_or_else(|| panic!("no series {name} {timeline:?}: {:?}", scrape.samples))
-}
-
-fn metrics(env: &Env) -> Scrape {
-    parse(&pgpitr_ok(env, &["metrics"]))
-}
-
-/// `status --json` and its exit code.
-fn status(env: &Env) -> (serde_json::Value, i32) {
-    let out = pgpitr(env, &["status", "--json"]);
-    let json =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
-    (json, out.status.code().unwrap())
-}
-
-fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
-}
 
 fn now() -> f64 {
     jiff::Timestamp::now().as_millisecond() as f64 / 1000.0
@@ -234,18 +187,6 @@ fn textfile(env: &Env) {
     assert_eq!(names, [std::ffi::OsString::from("pgpitr.prom")]);
 }
 
-/// `GET path` over HTTP/1.0: the status code and the body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a response");
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
-}
-
 /// `--listen`: `/metrics` parses, a second scrape within the cache interval is the same scan,
 /// other paths are 404.
 fn listen(env: &Env) {
@@ -267,9 +208,9 @@ fn listen(env: &Env) {
         .and_then(|a| a.strip_suffix("/metrics"))
         .unwrap_or_else(|| panic!("no address: {first:?}"))
         .to_string();
-    let (code, body) = get(&addr, "/metrics");
-    let (code2, body2) = get(&addr, "/metrics");
-    let (missing, _) = get(&addr, "/");
+    let (code, body) = http_get(&addr, "/metrics").expect("an answer");
+    let (code2, body2) = http_get(&addr, "/metrics").expect("an answer");
+    let (missing, _) = http_get(&addr, "/").expect("an answer");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!((code, code2, missing), (200, 200, 404));
