@@ -175,3 +175,22 @@ pub fn storage_of(env: &[(String, String)]) -> pgpitr::storage::DynStorage {
     let config = pgpitr::config::Config::from_parts(None, None, &keys).unwrap();
     runtime().block_on(config.storage()).unwrap()
 }
+
+/// Every file under `dir`, recursively (symlinks are not followed), sorted; none when `dir`
+/// does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}

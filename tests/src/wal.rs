@@ -34,3 +34,73 @@ pub fn synthetic_pg_control(sysid: u64) -> Vec<u8> {
     b[STRUCT_LEN - 4..STRUCT_LEN].copy_from_slice(&crc.to_le_bytes());
     b
 }
+
+/// A fake data directory, as far as the archive and restore commands look at one:
+/// `global/pg_control` of cluster `sysid` and `pg_wal/archive_status`, holding synthetic
+/// segments of `seg_size` bytes written and marked as PostgreSQL would. Removed on drop.
+pub struct FakeDataDir {
+    _dir: tempfile::TempDir,
+    pub pgdata: std::path::PathBuf,
+    sysid: u64,
+    seg_size: u32,
+}
+
+impl FakeDataDir {
+    pub fn new(tag: &str, sysid: u64, seg_size: u32) -> FakeDataDir {
+        let dir = crate::temp_dir(tag);
+        let pgdata = dir.path().join("pgdata");
+        std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
+        std::fs::create_dir_all(pgdata.join("global")).unwrap();
+        std::fs::write(
+            pgdata.join("global/pg_control"),
+            synthetic_pg_control(sysid),
+        )
+        .unwrap();
+        FakeDataDir {
+            _dir: dir,
+            pgdata,
+            sysid,
+            seg_size,
+        }
+    }
+
+    /// The file name of segment `segno` on timeline 1.
+    pub fn segment_name(&self, segno: u64) -> String {
+        let per_id = 0x1_0000_0000 / u64::from(self.seg_size);
+        format!("00000001{:08X}{:08X}", segno / per_id, segno % per_id)
+    }
+
+    /// The bytes of segment `segno` filled from `seed` ([`synthetic_segment`]).
+    pub fn segment_bytes(&self, segno: u64, seed: u64) -> Vec<u8> {
+        synthetic_segment(self.sysid, self.seg_size, segno, seed)
+    }
+
+    /// Writes segment `segno` (filled from `seed`) into `pg_wal`; its name and bytes.
+    pub fn write_segment(&self, segno: u64, seed: u64) -> (String, Vec<u8>) {
+        let name = self.segment_name(segno);
+        let bytes = self.segment_bytes(segno, seed);
+        std::fs::write(self.pgdata.join("pg_wal").join(&name), &bytes).unwrap();
+        (name, bytes)
+    }
+
+    /// `pg_wal/archive_status/<name>.<suffix>`.
+    pub fn status_file(&self, name: &str, suffix: &str) -> std::path::PathBuf {
+        self.pgdata
+            .join("pg_wal/archive_status")
+            .join(format!("{name}.{suffix}"))
+    }
+
+    /// What PostgreSQL does once a segment is complete: `<name>.ready`.
+    pub fn mark_ready(&self, name: &str) {
+        std::fs::write(self.status_file(name, "ready"), "").unwrap();
+    }
+
+    /// What PostgreSQL does once archive_command succeeded: `.ready` becomes `.done`.
+    pub fn mark_done(&self, name: &str) {
+        std::fs::rename(
+            self.status_file(name, "ready"),
+            self.status_file(name, "done"),
+        )
+        .unwrap();
+    }
+}

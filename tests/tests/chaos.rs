@@ -25,8 +25,8 @@ use pgpitr_tests::cli::{
 };
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
-use pgpitr_tests::{bin, temp_dir, PG_USER};
+use pgpitr_tests::wal::FakeDataDir;
+use pgpitr_tests::{bin, files_under, temp_dir, PG_USER};
 
 const SYSID: u64 = 7_400_000_000_000_000_077;
 const SEG: u32 = 16 << 20;
@@ -36,62 +36,43 @@ const AHEAD: u64 = 6;
 /// A data directory as far as the archive and restore commands look at it: `global/pg_control`
 /// and `pg_wal/archive_status`, with synthetic segments that can be regenerated for comparison.
 struct WalDir {
-    _dir: tempfile::TempDir,
-    pgdata: PathBuf,
+    fake: FakeDataDir,
     env: Env,
 }
 
 impl WalDir {
     fn new(env: Env) -> WalDir {
-        let dir = temp_dir("chaos-wal");
-        let pgdata = dir.path().join("pgdata");
-        std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
-        std::fs::create_dir_all(pgdata.join("global")).unwrap();
-        std::fs::write(
-            pgdata.join("global/pg_control"),
-            synthetic_pg_control(SYSID),
-        )
-        .unwrap();
         WalDir {
-            _dir: dir,
-            pgdata,
+            fake: FakeDataDir::new("chaos-wal", SYSID, SEG),
             env,
         }
     }
 
-    fn name(segno: u64) -> String {
-        let per_id = 0x1_0000_0000 / u64::from(SEG);
-        format!("00000001{:08X}{:08X}", segno / per_id, segno % per_id)
+    fn name(&self, segno: u64) -> String {
+        self.fake.segment_name(segno)
     }
 
-    fn content(segno: u64) -> Vec<u8> {
-        synthetic_segment(SYSID, SEG, segno, segno * 7919)
+    fn content(&self, segno: u64) -> Vec<u8> {
+        self.fake.segment_bytes(segno, segno * 7919)
     }
 
     fn write_ready(&self, segno: u64) {
-        let name = Self::name(segno);
-        std::fs::write(self.pgdata.join("pg_wal").join(&name), Self::content(segno)).unwrap();
-        std::fs::write(self.status(&name, "ready"), "").unwrap();
-    }
-
-    fn status(&self, name: &str, suffix: &str) -> PathBuf {
-        self.pgdata
-            .join("pg_wal/archive_status")
-            .join(format!("{name}.{suffix}"))
+        let (name, _) = self.fake.write_segment(segno, segno * 7919);
+        self.fake.mark_ready(&name);
     }
 
     /// What PostgreSQL does once archive_command succeeded and the segment is recycled later.
     fn done(&self, segno: u64) {
-        let name = Self::name(segno);
-        std::fs::rename(self.status(&name, "ready"), self.status(&name, "done")).unwrap();
-        std::fs::remove_file(self.status(&name, "done")).unwrap();
-        std::fs::remove_file(self.pgdata.join("pg_wal").join(&name)).unwrap();
+        let name = self.name(segno);
+        self.fake.mark_done(&name);
+        std::fs::remove_file(self.fake.status_file(&name, "done")).unwrap();
+        std::fs::remove_file(self.fake.pgdata.join("pg_wal").join(&name)).unwrap();
     }
 
     fn cmd(&self, program: &str, args: &[&str], batch: u32) -> Command {
         let mut c = Command::new(bin(program));
         c.args(args)
-            .current_dir(&self.pgdata)
+            .current_dir(&self.fake.pgdata)
             .env_remove("PGPITR_CONFIG")
             .envs(self.env.iter().cloned())
             .env("PGPITR_ARCHIVE_BATCH", batch.to_string());
@@ -99,14 +80,14 @@ impl WalDir {
     }
 
     fn archive(&self, segno: u64, batch: u32) -> Command {
-        let name = Self::name(segno);
+        let name = self.name(segno);
         self.cmd("pgpitr-archive", &[&format!("pg_wal/{name}"), &name], batch)
     }
 
     fn restore(&self, segno: u64) -> Command {
         self.cmd(
             "pgpitr-restore",
-            &[&Self::name(segno), "pg_wal/RECOVERYXLOG"],
+            &[&self.name(segno), "pg_wal/RECOVERYXLOG"],
             1,
         )
     }
@@ -114,13 +95,13 @@ impl WalDir {
     fn refill_after(&self, segno: u64) -> Command {
         self.cmd(
             "pgpitr-restore",
-            &["--refill", &Self::name(segno), "pg_wal/RECOVERYXLOG"],
+            &["--refill", &self.name(segno), "pg_wal/RECOVERYXLOG"],
             1,
         )
     }
 
     fn restored(&self) -> PathBuf {
-        self.pgdata.join("pg_wal/RECOVERYXLOG")
+        self.fake.pgdata.join("pg_wal/RECOVERYXLOG")
     }
 }
 
@@ -214,7 +195,7 @@ fn archive_and_restore_commands_under_kill_9(env: Env, tag: &str) {
             &mut calls,
         );
         assert!(
-            std::fs::read(wal.restored()).unwrap() == WalDir::content(segno),
+            std::fs::read(wal.restored()).unwrap() == wal.content(segno),
             "segment {segno} restored with other bytes {note}"
         );
     }
@@ -226,7 +207,7 @@ fn archive_and_restore_commands_under_kill_9(env: Env, tag: &str) {
 /// Refills started by the calls outlive them; let them end before the directory goes.
 fn wait_for_refills(wal: &WalDir) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let spool = wal.pgdata.join("pg_wal/pgpitr_spool/restore");
+    let spool = wal.fake.pgdata.join("pg_wal/pgpitr_spool/restore");
     let locks: Vec<PathBuf> = std::fs::read_dir(&spool)
         .map(|d| {
             d.flatten()
@@ -272,27 +253,16 @@ fn backup_ids(env: &Env) -> Vec<String> {
 
 /// Every file under `dir` (relative paths) but the ones a restore writes after the backup's.
 fn files_of(dir: &Path) -> Vec<PathBuf> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            let meta = std::fs::symlink_metadata(&p).unwrap();
-            if meta.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.push(p.strip_prefix(root).unwrap().to_path_buf());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.retain(|p| {
-        !matches!(
-            p.to_str().unwrap(),
-            "postgresql.auto.conf" | "recovery.signal" | "pgpitr-restore.toml"
-        )
-    });
-    out.sort();
-    out
+    files_under(dir)
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_path_buf())
+        .filter(|p| {
+            !matches!(
+                p.to_str().unwrap(),
+                "postgresql.auto.conf" | "recovery.signal" | "pgpitr-restore.toml"
+            )
+        })
+        .collect()
 }
 
 /// The invariants after a kill: verify passes, every `.done` WAL file still in `pg_wal`

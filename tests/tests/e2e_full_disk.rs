@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 
 use pgpitr_tests::pg::Cluster;
 use pgpitr_tests::tmpfs::Tmpfs;
-use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
-use pgpitr_tests::{bin, give_to_pg_user, temp_dir, PG_USER};
+use pgpitr_tests::wal::FakeDataDir;
+use pgpitr_tests::{bin, files_under, give_to_pg_user, temp_dir, PG_USER};
 
 const SEG: u32 = 1 << 20;
 const SYSID: u64 = 7_400_000_000_000_000_077;
@@ -60,71 +60,47 @@ fn assert_disk_full(out: &Output, location: &Path) {
 
 /// Every file under `dir` (recursively) whose name starts with `prefix`.
 fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if e.file_type().unwrap().is_dir() {
-            found.extend(files_named(&path, prefix));
-        } else if e.file_name().to_string_lossy().starts_with(prefix) {
-            found.push(path);
-        }
-    }
+    let mut found = files_under(dir);
+    found.retain(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+    });
     found
 }
 
 /// A fake data directory (`global/pg_control`, `pg_wal/archive_status`) whose synthetic
 /// segments the commands archive and restore as PostgreSQL would run them.
 struct Fake {
-    _dir: tempfile::TempDir,
-    pgdata: PathBuf,
+    dir: FakeDataDir,
 }
 
 impl Fake {
     fn new() -> Fake {
-        let dir = temp_dir("full-fake");
-        let pgdata = dir.path().join("pgdata");
-        std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
-        std::fs::create_dir_all(pgdata.join("global")).unwrap();
-        std::fs::write(
-            pgdata.join("global/pg_control"),
-            synthetic_pg_control(SYSID),
-        )
-        .unwrap();
-        Fake { _dir: dir, pgdata }
+        Fake {
+            dir: FakeDataDir::new("full-fake", SYSID, SEG),
+        }
     }
 
     /// Writes segment `segno` into pg_wal; returns its name and bytes.
     fn segment(&self, segno: u64) -> (String, Vec<u8>) {
-        let name = format!("0000000100000000{segno:08X}");
-        let bytes = synthetic_segment(SYSID, SEG, segno, segno * 7919);
-        std::fs::write(self.pgdata.join("pg_wal").join(&name), &bytes).unwrap();
-        (name, bytes)
+        self.dir.write_segment(segno, segno * 7919)
     }
 
     fn mark_ready(&self, name: &str) {
-        std::fs::write(
-            self.pgdata
-                .join("pg_wal/archive_status")
-                .join(format!("{name}.ready")),
-            "",
-        )
-        .unwrap();
+        self.dir.mark_ready(name);
     }
 
     fn archive(&self, env: &Env, name: &str) -> Output {
         run(
             "pgpitr-archive",
             &[&format!("pg_wal/{name}"), name],
-            &self.pgdata,
+            &self.dir.pgdata,
             env,
         )
     }
 
     fn restore(&self, env: &Env, name: &str, dest: &str) -> Output {
-        run("pgpitr-restore", &[name, dest], &self.pgdata, env)
+        run("pgpitr-restore", &[name, dest], &self.dir.pgdata, env)
     }
 }
 
@@ -152,19 +128,19 @@ fn archive_into_a_full_local_repository_fails_cleanly_and_succeeds_once_space_re
         "temporary files left: {:?}",
         files_named(&repo, ".tmp.")
     );
-    let out = run("pgpitr", &["verify"], &f.pgdata, &env);
+    let out = run("pgpitr", &["verify"], &f.dir.pgdata, &env);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let out = f.restore(&env, &second, "pg_wal/RECOVERYXLOG");
     assert_eq!(code(&out), 1, "not archived: {}", stderr(&out));
-    assert!(!f.pgdata.join("pg_wal/RECOVERYXLOG").exists());
+    assert!(!f.dir.pgdata.join("pg_wal/RECOVERYXLOG").exists());
 
     std::fs::remove_file(&filler).unwrap();
     let out = f.archive(&env, &second);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = f.restore(&env, &second, "pg_wal/RECOVERYXLOG");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(std::fs::read(f.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == bytes);
-    let out = run("pgpitr", &["verify"], &f.pgdata, &env);
+    assert!(std::fs::read(f.dir.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == bytes);
+    let out = run("pgpitr", &["verify"], &f.dir.pgdata, &env);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
 
@@ -239,7 +215,7 @@ fn a_full_spool_never_serves_a_short_segment() {
     let out = run(
         "pgpitr-restore",
         &["--refill", &segments[0].0, "pg_wal/RECOVERYXLOG"],
-        &f.pgdata,
+        &f.dir.pgdata,
         &env,
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -265,7 +241,7 @@ fn a_full_spool_never_serves_a_short_segment() {
         let out = f.restore(&env, name, "pg_wal/RECOVERYXLOG");
         assert_eq!(code(&out), 0, "{name}: {}", stderr(&out));
         assert!(
-            std::fs::read(f.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == *bytes,
+            std::fs::read(f.dir.pgdata.join("pg_wal/RECOVERYXLOG")).unwrap() == *bytes,
             "{name}"
         );
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use pgpitr_tests::cli::{archiving_cluster, conninfo, local_repo, pgpitr_cmd, pgpitr_ok, repo_env};
 use pgpitr_tests::monitoring::http_get;
-use pgpitr_tests::{free_port, temp_dir};
+use pgpitr_tests::{files_under, free_port, temp_dir};
 
 /// Kills and reaps a child process when dropped, also when the test fails.
 struct Reaped(Child);
@@ -26,24 +26,11 @@ impl Drop for Reaped {
 /// as if archiving had stopped that long ago.
 fn age_wal_objects(repo: &Path, age: Duration) {
     let then = SystemTime::now() - age;
-    for e in walkdir(repo.join("wal").as_path()) {
+    for e in files_under(&repo.join("wal")) {
         let f = std::fs::File::open(&e).unwrap();
         f.set_times(std::fs::FileTimes::new().set_modified(then))
             .unwrap();
     }
-}
-
-fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Polls Prometheus's API at `path` until `done` accepts the decoded JSON (or 90 s pass).

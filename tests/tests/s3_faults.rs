@@ -4,14 +4,13 @@
 //! and the `pgpitr` commands either do their job exactly or fail with one clear line; a
 //! stalled server never hangs `archive_command`. `FAULT_SEED` replays a run.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pgpitr_tests::fault_proxy::{Fault, FaultProxy};
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::wal::{synthetic_pg_control, synthetic_segment};
+use pgpitr_tests::wal::FakeDataDir;
 use pgpitr_tests::{bin, runtime, storage_of, temp_dir, PG_USER};
 
 const SEG: u32 = 1 << 20;
@@ -56,54 +55,28 @@ fn setup(rate: f64) -> Setup {
 }
 
 /// A fake data directory with `global/pg_control` and `pg_wal/archive_status`.
-struct DataDir {
-    _dir: tempfile::TempDir,
-    pgdata: PathBuf,
-}
+struct DataDir(FakeDataDir);
 
 impl DataDir {
     fn new() -> DataDir {
-        let dir = temp_dir("s3-faults");
-        let pgdata = dir.path().join("pgdata");
-        std::fs::create_dir_all(pgdata.join("pg_wal/archive_status")).unwrap();
-        std::fs::create_dir_all(pgdata.join("global")).unwrap();
-        std::fs::write(
-            pgdata.join("global/pg_control"),
-            synthetic_pg_control(SYSID),
-        )
-        .unwrap();
-        DataDir { _dir: dir, pgdata }
+        DataDir(FakeDataDir::new("s3-faults", SYSID, SEG))
     }
 
     /// Writes segment `segno` and marks it ready, as PostgreSQL does; returns its name and bytes.
     fn write_segment(&self, segno: u64) -> (String, Vec<u8>) {
-        let per_id = 0x1_0000_0000 / u64::from(SEG);
-        let name = format!("00000001{:08X}{:08X}", segno / per_id, segno % per_id);
-        let bytes = synthetic_segment(SYSID, SEG, segno, segno * 7919 + 1);
-        std::fs::write(self.pgdata.join("pg_wal").join(&name), &bytes).unwrap();
-        std::fs::write(
-            self.pgdata
-                .join("pg_wal/archive_status")
-                .join(format!("{name}.ready")),
-            "",
-        )
-        .unwrap();
+        let (name, bytes) = self.0.write_segment(segno, segno * 7919 + 1);
+        self.0.mark_ready(&name);
         (name, bytes)
     }
 
     fn mark_done(&self, name: &str) {
-        let status = self.pgdata.join("pg_wal/archive_status");
-        std::fs::rename(
-            status.join(format!("{name}.ready")),
-            status.join(format!("{name}.done")),
-        )
-        .unwrap();
+        self.0.mark_done(name);
     }
 
     fn run(&self, env: &Env, program: &str, args: &[&str]) -> Output {
         let mut c = Command::new(bin(program));
         c.args(args)
-            .current_dir(&self.pgdata)
+            .current_dir(&self.0.pgdata)
             .env_remove("PGPITR_CONFIG")
             .env_remove("PGPITR_LOG");
         for (k, v) in env {
@@ -121,11 +94,11 @@ impl DataDir {
     }
 
     fn restored(&self) -> Option<Vec<u8>> {
-        std::fs::read(self.pgdata.join("pg_wal/RECOVERYXLOG")).ok()
+        std::fs::read(self.0.pgdata.join("pg_wal/RECOVERYXLOG")).ok()
     }
 
     fn clear_restored(&self) {
-        let _ = std::fs::remove_file(self.pgdata.join("pg_wal/RECOVERYXLOG"));
+        let _ = std::fs::remove_file(self.0.pgdata.join("pg_wal/RECOVERYXLOG"));
     }
 }
 
