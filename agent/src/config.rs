@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::slots::Passphrase;
+use crate::repo::encryption::KeyError;
 use crate::storage::local::LocalStorage;
 use crate::storage::s3::{S3Location, S3Storage};
 use crate::storage::DynStorage;
@@ -95,6 +97,10 @@ pub struct Config {
     /// `0s` scans at every scrape).
     #[serde(default = "default_metrics_cache")]
     pub metrics_cache: String,
+    /// A file holding the passphrase of an encrypted repository (one line; a trailing newline
+    /// is not part of it). Unset: the repository must not be encrypted.
+    #[serde(default)]
+    pub encryption_passphrase_file: Option<PathBuf>,
 }
 
 fn default_region() -> String {
@@ -162,6 +168,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("max_verify_age", Kind::Str),
     ("max_drill_age", Kind::Str),
     ("metrics_cache", Kind::Str),
+    ("encryption_passphrase_file", Kind::Str),
 ];
 
 /// A configuration error; the message names the file or variable and the key.
@@ -184,6 +191,19 @@ pub enum ConfigError {
     Value { key: &'static str, message: String },
     #[error("config file {}: unknown key `{key}` (see docs/configuration.md)", path.display())]
     UnknownKey { path: PathBuf, key: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl ConfigError {
+    /// The storage error behind this error, when opening the repository failed on storage
+    /// (for exit codes that tell storage from configuration).
+    pub fn storage_error(&self) -> Option<&crate::storage::StorageError> {
+        match self {
+            ConfigError::Key(KeyError::Storage(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl Config {
@@ -399,13 +419,80 @@ impl Config {
         }
     }
 
-    /// Opens the repository's storage (no I/O for a local directory; builds the S3 client).
+    /// Opens the repository's storage: reads `repo.json` and, for an encrypted repository,
+    /// opens its key with the configured passphrase ([`crate::repo::encryption::open`]).
+    ///
+    /// # Errors
+    /// A bad `repo`; an unreadable passphrase file; an encrypted repository without a
+    /// passphrase, or a passphrase for an unencrypted one; a wrong passphrase; storage errors
+    /// ([`ConfigError::storage_error`]).
     pub async fn storage(&self) -> Result<DynStorage, ConfigError> {
+        self.storage_with_key_cache(None).await
+    }
+
+    /// [`Config::storage`], keeping stretched passphrases in the private directory
+    /// `kek_cache` between processes (see `crypto::slots`).
+    ///
+    /// # Errors
+    /// As [`Config::storage`].
+    pub async fn storage_with_key_cache(
+        &self,
+        kek_cache: Option<&Path>,
+    ) -> Result<DynStorage, ConfigError> {
+        let raw = self.raw_storage().await?;
+        let passphrase = self.encryption_passphrase()?;
+        Ok(crate::repo::encryption::open(raw, passphrase.as_ref(), kek_cache).await?)
+    }
+
+    /// The repository's storage as it is, objects sealed or not: for `pgpitr key`, which
+    /// manages the key slots (no I/O for a local directory; builds the S3 client).
+    ///
+    /// # Errors
+    /// A bad `repo`.
+    pub async fn raw_storage(&self) -> Result<DynStorage, ConfigError> {
         Ok(match self.repo_kind()? {
             RepoKind::Local(p) => std::sync::Arc::new(LocalStorage::new(p)),
             RepoKind::S3(loc) => std::sync::Arc::new(S3Storage::connect(loc).await),
         })
     }
+
+    /// The passphrase in `encryption_passphrase_file`, `None` when unset.
+    ///
+    /// # Errors
+    /// The file cannot be read, is empty, or is readable by every user.
+    pub fn encryption_passphrase(&self) -> Result<Option<Passphrase>, ConfigError> {
+        let Some(path) = &self.encryption_passphrase_file else {
+            return Ok(None);
+        };
+        read_passphrase_file(path).map(Some)
+    }
+}
+
+/// The passphrase in `path`. The messages name the setting, never the file's contents.
+///
+/// # Errors
+/// The file cannot be read, is empty, or is readable by every user.
+pub fn read_passphrase_file(path: &Path) -> Result<Passphrase, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |message: String| ConfigError::Value {
+        key: "encryption_passphrase_file",
+        message,
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        return Err(err(format!(
+            "{} is readable by every user; make it private (chmod o-rwx)",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut bytes)
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    Passphrase::from_file_contents(bytes).map_err(|m| err(format!("{}: {m}", path.display())))
 }
 
 /// Most `s3_retries`: more would only hide an outage from `archive_command` for longer.
@@ -742,7 +829,11 @@ mod proptests {
                 proptest::option::of(any::<u32>()),
                 proptest::option::of(any::<u32>()),
             ),
-            ("[1-9][0-9]{0,2}s|[1-5][0-9]?m", 0u32..=100),
+            (
+                "[1-9][0-9]{0,2}s|[1-5][0-9]?m",
+                0u32..=100,
+                proptest::option::of("/[a-zA-Z0-9_./-]{1,30}"),
+            ),
             (
                 "[1-9][0-9]{0,3}[smhdw]",
                 "[1-9][0-9]{0,3}[smhdw]",
@@ -756,7 +847,7 @@ mod proptests {
                     (repo, s3_endpoint, s3_region, s3_force_path_style, conninfo, spool_dir),
                     (archive_batch, archive_parallel, restore_prefetch, restore_parallel),
                     (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
-                    (s3_timeout, s3_retries),
+                    (s3_timeout, s3_retries, encryption_passphrase_file),
                     (max_backup_age, max_wal_age, max_verify_age, max_drill_age, metrics_cache),
                 )| Config {
                     repo,
@@ -781,6 +872,7 @@ mod proptests {
                     max_verify_age,
                     max_drill_age,
                     metrics_cache,
+                    encryption_passphrase_file: encryption_passphrase_file.map(PathBuf::from),
                 },
             )
     }

@@ -28,8 +28,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Write a commented starter configuration and print the postgresql.conf lines.
+    /// Write a commented starter configuration and print the postgresql.conf lines;
+    /// `--encrypt` also creates the key of a new encrypted repository.
     Init(commands::init::InitArgs),
+    /// The key slots of an encrypted repository: create, list, add and remove passphrases
+    /// (rotation rewrites one slot, never the data).
+    Key(commands::key::KeyArgs),
     /// Take a base backup over the replication protocol into the repository.
     Backup(commands::backup::BackupArgs),
     /// List backups, the archived WAL per timeline and the recoverable window.
@@ -77,7 +81,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pgpitr: error: {e:#}");
-            let usage = e.downcast_ref::<pgpitr::config::ConfigError>().is_some()
+            let usage = e
+                .downcast_ref::<pgpitr::config::ConfigError>()
+                .is_some_and(|e| e.storage_error().is_none())
                 || e.downcast_ref::<commands::expire::ExpireError>()
                     .is_some_and(|e| {
                         matches!(
@@ -91,6 +97,8 @@ fn main() -> ExitCode {
                 || e.downcast_ref::<commands::restore::RestoreCommandError>()
                     .is_some_and(|e| e.is_usage())
                 || e.downcast_ref::<commands::drill::DrillError>()
+                    .is_some_and(|e| e.is_usage())
+                || e.downcast_ref::<commands::key::KeyCommandError>()
                     .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
         }
@@ -119,6 +127,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init(args) => {
             print!("{}", commands::init::run(config_path, &args, &bin_dir())?);
+            if args.encrypt {
+                let written = commands::init::config_path(config_path, &args);
+                let (config, rt) = load(Some(&written))?;
+                let key = commands::key::KeyArgs {
+                    command: commands::key::KeyCommand::Create,
+                };
+                print!("{}", rt.block_on(commands::key::run(&config, &key))?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key(args) => {
+            let (config, rt) = load(config_path)?;
+            print!("{}", rt.block_on(commands::key::run(&config, &args))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Backup(args) => {

@@ -193,7 +193,7 @@ mod tests {
             let mut back = Vec::new();
             codec::decompress_verified(
                 h.frame.as_ref().unwrap(),
-                &hex::encode(h.sha256),
+                codec::Expected::sha256(&hex::encode(h.sha256)),
                 &mut back,
             )
             .unwrap();

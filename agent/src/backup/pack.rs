@@ -521,7 +521,8 @@ mod tests {
             let pack = packs.iter().find(|p| p.id == r.pack).unwrap();
             let frame = &pack.data[r.offset as usize..(r.offset + r.length) as usize];
             let mut out = Vec::new();
-            codec::decompress_verified(frame, &r.sha256, &mut out).unwrap();
+            codec::decompress_verified(frame, codec::Expected::sha256(&r.sha256), &mut out)
+                .unwrap();
             assert_eq!(out.len() as u64, r.plain_length);
             assert_eq!(set.get(&parse_sha(&r.sha256).unwrap()).as_ref(), Some(r));
         }

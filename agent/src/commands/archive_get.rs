@@ -26,7 +26,7 @@ use crate::pg::control::ControlFileError;
 use crate::pg::{ControlFile, WalFileName, WalSegmentName};
 use crate::repo::wal::{self, ArchivedWal};
 use crate::repo::{layout, RepoError, RepoIdentity};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
 /// Exit codes of `pgpitr-restore`, documented in docs/operations.md.
 pub mod exit {
@@ -68,8 +68,14 @@ impl FetchError {
     pub fn exit_code(&self) -> i32 {
         match self {
             FetchError::NotFound(_) => exit::NOT_FOUND,
-            FetchError::Usage(_) | FetchError::DataDirectory(_) | FetchError::Config(_) => {
-                exit::USAGE
+            FetchError::Config(e) => match e.storage_error() {
+                Some(StorageError::Unauthentic { .. }) => exit::INTEGRITY,
+                Some(_) => exit::STORAGE,
+                None => exit::USAGE,
+            },
+            FetchError::Usage(_) | FetchError::DataDirectory(_) => exit::USAGE,
+            FetchError::Repo(RepoError::Storage(StorageError::Unauthentic { .. })) => {
+                exit::INTEGRITY
             }
             FetchError::Repo(RepoError::Storage(_) | RepoError::Io { .. }) => exit::STORAGE,
             FetchError::Repo(_) => exit::INTEGRITY,
@@ -167,7 +173,7 @@ pub async fn refill(config: &Config, after: &str, dest: &Path) -> Result<(), Fet
     if lock.try_lock().is_err() {
         return Ok(());
     }
-    let (storage, identity) = open(config, system_identifier).await?;
+    let (storage, identity) = open(config, system_identifier, dest).await?;
     let window: Vec<WalSegmentName> =
         std::iter::successors(Some(segment.next(identity.wal_segment_size)), |s| {
             Some(s.next(identity.wal_segment_size))
@@ -232,8 +238,11 @@ fn running_refill(lock: &Path) -> Option<(WalSegmentName, WalSegmentName)> {
 async fn open(
     config: &Config,
     system_identifier: u64,
+    dest: &Path,
 ) -> Result<(std::sync::Arc<dyn Storage>, RepoIdentity), FetchError> {
-    let storage = config.storage().await?;
+    let storage = config
+        .storage_with_key_cache(Some(&spool::key_cache_dir(config, dest)))
+        .await?;
     let identity = RepoIdentity::load(storage.as_ref()).await?;
     if identity.system_identifier != system_identifier {
         return Err(RepoError::OtherCluster {
@@ -288,7 +297,7 @@ async fn fetch_direct(
     dest: &Path,
     system_identifier: u64,
 ) -> Result<(), FetchError> {
-    let (storage, _) = open(config, system_identifier).await?;
+    let (storage, _) = open(config, system_identifier, dest).await?;
     let listing = wal::find(storage.as_ref(), name).await?;
     let found = wal::pick(&listing, name)?.ok_or(FetchError::NotFound(name))?;
     wal::fetch_to(storage.as_ref(), found, dest).await?;
@@ -365,7 +374,14 @@ async fn prefetch(
         while let Some((got, w, path)) = rx.recv().await {
             let written = match got {
                 Ok(compressed) => {
-                    wal::write_to(compressed, &w, &path, wal::Durability::WritebackStarted).await
+                    wal::write_to(
+                        compressed,
+                        &w,
+                        &path,
+                        wal::Durability::WritebackStarted,
+                        storage.content_ids(),
+                    )
+                    .await
                 }
                 Err(e) => Err(e.into()),
             };

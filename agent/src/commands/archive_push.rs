@@ -55,6 +55,7 @@ impl ArchiveError {
     /// configuration), 1 everything else. Never above 125: that would make the archiver exit.
     pub fn exit_code(&self) -> i32 {
         match self {
+            ArchiveError::Config(e) if e.storage_error().is_some() => 1,
             ArchiveError::Usage(_) | ArchiveError::Config(_) => 2,
             ArchiveError::Repo(_) => 1,
         }
@@ -85,7 +86,9 @@ pub async fn run(
         }
         _ => None,
     };
-    let storage = config.storage().await?;
+    let storage = config
+        .storage_with_key_cache(Some(&spool::key_cache_dir(config, wal_path)))
+        .await?;
     // A segment pushed ahead by an earlier call, to this very repository, unchanged since.
     let spool_dir = observed
         .as_ref()
@@ -279,7 +282,7 @@ async fn push_one(
     identity.check(storage, &observed)?;
     let pushed = wal::store(storage, name, path).await?;
     Marker::of(&meta)
-        .write(&spool_dir.join(format!("{name}.ok")), &pushed.sha256_hex)
+        .write(&spool_dir.join(format!("{name}.ok")), &pushed.content_id)
         .map_err(|e| RepoError::io(spool_dir, e))
 }
 
@@ -329,15 +332,15 @@ impl Marker {
             return false;
         };
         match wal::find(storage, name).await {
-            Ok(versions) => !versions.is_empty() && versions.iter().all(|v| v.sha256_hex == sha),
+            Ok(versions) => !versions.is_empty() && versions.iter().all(|v| v.content_id == sha),
             Err(_) => false,
         }
     }
 
     /// Writes the marker; on failure (a full spool disk) removes what was written, so that no
     /// partial marker is left (one would never be trusted, but it is clutter).
-    fn write(&self, marker: &Path, sha256_hex: &str) -> std::io::Result<()> {
-        let written = std::fs::write(marker, format!("{} {sha256_hex}\n", self.0));
+    fn write(&self, marker: &Path, content_id: &str) -> std::io::Result<()> {
+        let written = std::fs::write(marker, format!("{} {content_id}\n", self.0));
         if written.is_err() {
             let _ = std::fs::remove_file(marker);
         }

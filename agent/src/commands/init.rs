@@ -13,6 +13,14 @@ pub struct InitArgs {
     /// The repository to put in it: an absolute directory or s3://bucket/prefix.
     #[arg(long, default_value = "/var/lib/pgpitr/repo")]
     pub repo: String,
+    /// Make the repository encrypted: write `encryption_passphrase_file` into the configuration
+    /// and create the repository's key (`pgpitr key create`), with the passphrase read from
+    /// that file, or asked for on the terminal and written there.
+    #[arg(long)]
+    pub encrypt: bool,
+    /// The passphrase file for --encrypt (default: `passphrase` beside the configuration).
+    #[arg(long, value_name = "FILE", requires = "encrypt")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +34,33 @@ pub enum InitError {
     },
 }
 
-/// The starter configuration for `repo`.
-pub fn starter_config(repo: &str) -> String {
+/// Where `init` writes the configuration: --output, else --config, else the default.
+pub fn config_path(config_path: Option<&Path>, args: &InitArgs) -> PathBuf {
+    args.output
+        .clone()
+        .or_else(|| config_path.map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH))
+}
+
+/// The passphrase file of `init --encrypt`: --passphrase-file, else `passphrase` beside the
+/// configuration file.
+pub fn passphrase_path(config: &Path, args: &InitArgs) -> PathBuf {
+    args.passphrase_file
+        .clone()
+        .unwrap_or_else(|| config.parent().unwrap_or(Path::new(".")).join("passphrase"))
+}
+
+/// The starter configuration for `repo`, encrypted with the passphrase in `passphrase_file`
+/// when given.
+pub fn starter_config(repo: &str, passphrase_file: Option<&Path>) -> String {
     let s3 = if repo.starts_with("s3://") { "" } else { "# " };
+    let encryption = match passphrase_file {
+        Some(p) => format!(
+            "# Encryption at rest: every object is encrypted with the repository's key, which this\n# passphrase opens. Keep a copy of the passphrase away from this host.\nencryption_passphrase_file = \"{}\"\n",
+            p.display()
+        ),
+        None => "# Encryption at rest is chosen when the repository is created: `pgpitr init --encrypt`.\n# encryption_passphrase_file = \"/etc/pgpitr/passphrase\"\n".into(),
+    };
     format!(
         r#"# pgpitr configuration. Every key can be overridden by PGPITR_<KEY> in the environment.
 # Reference: docs/configuration.md
@@ -54,7 +86,8 @@ conninfo = "host=/var/run/postgresql user=postgres"
 # archive_parallel = 3    # parallel uploads while doing so
 # restore_prefetch = 8    # segments one restore_command call fetches ahead
 # restore_parallel = 3    # parallel downloads
-"#
+
+{encryption}"#
     )
 }
 
@@ -80,11 +113,8 @@ pub fn run(
     args: &InitArgs,
     bin_dir: &Path,
 ) -> Result<String, InitError> {
-    let path = args
-        .output
-        .clone()
-        .or_else(|| config_path.map(Path::to_path_buf))
-        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH));
+    let path = self::config_path(config_path, args);
+    let passphrase = args.encrypt.then(|| passphrase_path(&path, args));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| InitError::Write {
             path: path.clone(),
@@ -105,7 +135,7 @@ pub fn run(
                 }
             }
         })?;
-    f.write_all(starter_config(&args.repo).as_bytes())
+    f.write_all(starter_config(&args.repo, passphrase.as_deref()).as_bytes())
         .map_err(|source| InitError::Write {
             path: path.clone(),
             source,
@@ -128,6 +158,8 @@ mod tests {
         let args = InitArgs {
             output: Some(path.clone()),
             repo: "/var/lib/pgpitr/repo".into(),
+            encrypt: false,
+            passphrase_file: None,
         };
         let text = run(None, &args, Path::new("/usr/bin")).unwrap();
         assert!(
@@ -141,10 +173,17 @@ mod tests {
             run(None, &args, Path::new("/usr/bin")),
             Err(InitError::Exists(_))
         ));
-        let s3 = starter_config("s3://bucket/prefix");
+        let s3 = starter_config("s3://bucket/prefix", None);
         assert!(crate::config::Config::from_parts(None, Some(&s3), &[])
             .unwrap()
             .s3_endpoint
             .is_some());
+        assert!(config.encryption_passphrase_file.is_none());
+        let encrypted = starter_config("/r", Some(Path::new("/etc/pgpitr/passphrase")));
+        let config = crate::config::Config::from_parts(None, Some(&encrypted), &[]).unwrap();
+        assert_eq!(
+            config.encryption_passphrase_file.as_deref(),
+            Some(Path::new("/etc/pgpitr/passphrase"))
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod check;
 pub mod drill;
 pub mod expire;
 pub mod init;
+pub mod key;
 pub mod list;
 pub mod metrics;
 pub mod plan;

@@ -26,14 +26,7 @@ pub fn spool_dir(
     purpose: &str,
     system_identifier: u64,
 ) -> PathBuf {
-    let base = match &config.spool_dir {
-        Some(dir) => dir.clone(),
-        None => wal_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .join("pgpitr_spool"),
-    };
+    let base = spool_base(config, wal_path);
     let cwd = std::env::current_dir().unwrap_or_default();
     let mut h = Sha256::new();
     for part in [
@@ -45,6 +38,25 @@ pub fn spool_dir(
         h.update(part);
     }
     base.join(purpose).join(&hex::encode(h.finalize())[..16])
+}
+
+/// `spool_dir`, else `pgpitr_spool` beside the WAL path (`%p`) handed over by PostgreSQL.
+fn spool_base(config: &Config, wal_path: &Path) -> PathBuf {
+    match &config.spool_dir {
+        Some(dir) => dir.clone(),
+        None => wal_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("pgpitr_spool"),
+    }
+}
+
+/// `<spool>/keys`: where `pgpitr-archive` and `pgpitr-restore` keep stretched passphrases of
+/// an encrypted repository between calls (`crypto::slots`), so that each call does not spend a
+/// fraction of a second on Argon2id. Mode 0700, files 0600; outside what base backups copy.
+pub fn key_cache_dir(config: &Config, wal_path: &Path) -> PathBuf {
+    spool_base(config, wal_path).join("keys")
 }
 
 /// Creates `dir` (and its parents) with mode 0700.

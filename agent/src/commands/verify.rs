@@ -296,9 +296,13 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
         .map(|(pack, offset, length, sha)| async move {
             let key = layout::pack_key(&pack);
             let result = match storage.get_range(&key, offset..offset + length).await {
-                Ok(frame) => codec::decompress_verified(&frame, &sha, &mut std::io::sink())
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                Ok(frame) => codec::decompress_verified(
+                    &frame,
+                    codec::Expected::sha256(&sha),
+                    &mut std::io::sink(),
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             (key, offset, length, sha, result)
@@ -472,15 +476,20 @@ async fn read_wal(storage: &dyn Storage, w: &ArchivedWal) -> Result<Vec<u8>, Str
         .get(&w.key)
         .await
         .map_err(|e| format!("cannot read: {e}"))?;
+    let ids = storage.content_ids();
+    let expected = codec::Expected {
+        ids: &ids,
+        id: &w.content_id,
+    };
     let mut plain = Vec::new();
     if matches!(w.name, WalFileName::History(_)) {
-        codec::decompress_verified(&compressed, &w.sha256_hex, &mut plain)
+        codec::decompress_verified(&compressed, expected, &mut plain)
     } else {
-        codec::decompress_verified(&compressed, &w.sha256_hex, &mut std::io::sink())
+        codec::decompress_verified(&compressed, expected, &mut std::io::sink())
     }
     .map_err(|e| e.to_string())?;
     // The part index a restore_command checks instead of the SHA-256.
-    codec::decode_parts(&compressed, &w.sha256_hex, &|_, _| Ok(())).map_err(|e| e.to_string())?;
+    codec::decode_parts(&compressed, expected, &|_, _| Ok(())).map_err(|e| e.to_string())?;
     Ok(plain)
 }
 

@@ -231,9 +231,9 @@ pub fn archived(objects: &[ObjectMeta]) -> Vec<ArchivedWal> {
     let mut out: Vec<ArchivedWal> = objects
         .iter()
         .filter_map(|o| {
-            layout::parse_wal_object_key(&o.key).map(|(name, sha256_hex)| ArchivedWal {
+            layout::parse_wal_object_key(&o.key).map(|(name, content_id)| ArchivedWal {
                 name,
-                sha256_hex,
+                content_id,
                 key: o.key.clone(),
                 size: o.size,
             })

@@ -424,7 +424,7 @@ impl<'a> WalIndex<'a> {
         let mut by_name: HashMap<WalFileName, Vec<&ArchivedWal>> = HashMap::new();
         for w in wal {
             let versions = by_name.entry(w.name).or_default();
-            if !versions.iter().any(|v| v.sha256_hex == w.sha256_hex) {
+            if !versions.iter().any(|v| v.content_id == w.content_id) {
                 versions.push(w);
             }
         }
@@ -1054,7 +1054,7 @@ pub(crate) mod tests {
         let name: WalFileName = name.parse().unwrap();
         ArchivedWal {
             name,
-            sha256_hex: "a".repeat(64),
+            content_id: "a".repeat(64),
             key: format!("wal/{name}"),
             size: if matches!(name, WalFileName::Segment(_)) {
                 100
@@ -1439,7 +1439,7 @@ pub(crate) mod tests {
         let mut other_size = b();
         other_size.wal_segment_size = WalSegSize::new(64 << 20).unwrap();
         let mut twice = file("000000010000000000000003");
-        twice.sha256_hex = "b".repeat(64);
+        twice.content_id = "b".repeat(64);
         #[rustfmt::skip]
         let cases: Vec<(&str, PlanInput, &str)> = vec![
             ("no backups",           input(vec![], vec![segs(1, 1, 3)]),                   "no backups in the repository; take one with `pgpitr backup`"),

@@ -154,7 +154,11 @@ pub async fn load_histories(
         };
         let compressed = storage.get(&w.key).await?;
         let mut plain = Vec::new();
-        codec::decompress_verified(&compressed, &w.sha256_hex, &mut plain).map_err(|e| {
+        let expected = codec::Expected {
+            ids: &storage.content_ids(),
+            id: &w.content_id,
+        };
+        codec::decompress_verified(&compressed, expected, &mut plain).map_err(|e| {
             RepoError::Corrupt {
                 key: w.key.clone(),
                 message: e.to_string(),

@@ -214,7 +214,7 @@ mod tests {
     fn file(name: &str, sha: char) -> ArchivedWal {
         ArchivedWal {
             name: name.parse().unwrap(),
-            sha256_hex: sha.to_string().repeat(64),
+            content_id: sha.to_string().repeat(64),
             key: format!("wal/{name}"),
             size: 100,
         }

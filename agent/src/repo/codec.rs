@@ -8,6 +8,7 @@ use std::io::{BufRead, Write};
 use sha2::{Digest, Sha256};
 
 use super::part_index::PartIndex;
+use crate::crypto::keys::ContentIds;
 
 /// Inputs are cut into parts of this size, each compressed as its own frame: small enough that
 /// the parts in flight stay a few MiB, large enough that the frame overhead is negligible.
@@ -241,7 +242,7 @@ pub enum DecodeError {
 }
 
 /// Decompresses `compressed` into `out`, streaming, and checks the SHA-256 of what was written
-/// against `expected_sha256_hex`, and that of a [`PartIndex`] at its end (whose part hashes
+/// against `expected`, and that of a [`PartIndex`] at its end (whose part hashes
 /// [`decode_parts`] checks). Decoding and writing run on this thread while another hashes
 /// the blocks already written (inputs under 256 KiB are done on this thread alone). Frames as
 /// [`append_frame`] writes them are decoded straight into a pool of two block buffers, which
@@ -254,14 +255,14 @@ pub enum DecodeError {
 /// Corrupt lz4 data, a checksum mismatch, or a failing writer.
 pub fn decompress_verified(
     compressed: &[u8],
-    expected_sha256_hex: &str,
+    expected: Expected<'_>,
     out: &mut impl Write,
 ) -> Result<u64, DecodeError> {
     let compressed = match PartIndex::split(compressed) {
         None => compressed,
         Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
         Some(Ok((frames, index))) => {
-            check_sha256(index.sha256, expected_sha256_hex)?;
+            check_sha256(index.sha256, expected)?;
             frames
         }
     };
@@ -271,7 +272,7 @@ pub fn decompress_verified(
             hasher.update(block);
             out.write_all(block).map_err(DecodeError::Write)
         })?;
-        return check(hasher, expected_sha256_hex).map(|()| written);
+        return check(hasher, expected).map(|()| written);
     }
     let (block_tx, block_rx) = std::sync::mpsc::sync_channel::<Block>(2);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -333,12 +334,12 @@ pub fn decompress_verified(
         (decoded, actual)
     });
     let written = written?;
-    check(actual, expected_sha256_hex).map(|()| written)
+    check(actual, expected).map(|()| written)
 }
 
 /// Decodes an object that ends with a [`PartIndex`] on every core and hands each part to
 /// `write_at(offset, plain)`, from any thread and in any order, once its XXH3-128 matches the
-/// index's. The index must carry `expected_sha256_hex` (the SHA-256 in the object's key), so an
+/// index's. The index's SHA-256 must give `expected` (the content id in the object's key), so an
 /// object stored under another file's key is refused. `Ok(None)` for an object without a part
 /// index, which only [`decompress_verified`] can check. On error some parts may have been
 /// written: write to a temporary file.
@@ -353,7 +354,7 @@ pub fn decompress_verified(
 /// part of the wrong length or hash, a SHA-256 other than expected, a failing `write_at`.
 pub fn decode_parts(
     compressed: &[u8],
-    expected_sha256_hex: &str,
+    expected: Expected<'_>,
     write_at: &(dyn Fn(u64, &[u8]) -> std::io::Result<()> + Sync),
 ) -> Result<Option<u64>, DecodeError> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -362,7 +363,7 @@ pub fn decode_parts(
         Some(Err(e)) => return Err(DecodeError::PartIndex(e)),
         Some(Ok(split)) => split,
     };
-    check_sha256(index.sha256, expected_sha256_hex)?;
+    check_sha256(index.sha256, expected)?;
     let mut frames = Vec::with_capacity(index.parts.len());
     while !rest.is_empty() {
         let (frame, tail) = split_own_frame(rest).ok_or_else(|| {
@@ -506,7 +507,10 @@ pub fn decode_chunk_verified(
     if n != out.len() {
         return Err(invalid(format!("{n} plain bytes, expected {}", out.len())));
     }
-    check(Sha256::new_with_prefix(&out[..]), expected_sha256_hex)
+    check(
+        Sha256::new_with_prefix(&out[..]),
+        Expected::sha256(expected_sha256_hex),
+    )
 }
 
 /// One frame as [`append_frame`] writes it.
@@ -546,18 +550,37 @@ fn split_own_frame(data: &[u8]) -> Option<(OwnFrame<'_>, &[u8])> {
     Some((frame, &rest[8 + len..]))
 }
 
-/// Checks `hasher`'s digest against `expected_sha256_hex` (see [`check_sha256`]).
-fn check(hasher: Sha256, expected_sha256_hex: &str) -> Result<(), DecodeError> {
-    check_sha256(hasher.finalize().into(), expected_sha256_hex)
+/// Checks `hasher`'s digest against `expected` (see [`check_sha256`]).
+fn check(hasher: Sha256, expected: Expected<'_>) -> Result<(), DecodeError> {
+    check_sha256(hasher.finalize().into(), expected)
+}
+
+/// The content id an object's key holds, and how ids are made from SHA-256 digests: what a
+/// decoded object is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub ids: &'a ContentIds,
+    /// The id from the key (64 lowercase hex digits).
+    pub id: &'a str,
+}
+
+impl<'a> Expected<'a> {
+    /// A plain SHA-256 in hex (chunks, whose hashes are kept in manifests, and tests).
+    pub fn sha256(hex: &'a str) -> Expected<'a> {
+        Expected {
+            ids: &ContentIds::Sha256,
+            id: hex,
+        }
+    }
 }
 
 /// Checks a SHA-256 against the one an object's key holds: the digest of its plain bytes, or
 /// the one its [`PartIndex`] carries (which ties the index to the key).
-fn check_sha256(actual: [u8; 32], expected_sha256_hex: &str) -> Result<(), DecodeError> {
-    let actual = hex::encode(actual);
-    if actual != expected_sha256_hex {
+fn check_sha256(actual: [u8; 32], expected: Expected<'_>) -> Result<(), DecodeError> {
+    let actual = expected.ids.id(&actual);
+    if actual != expected.id {
         return Err(DecodeError::Checksum {
-            expected: expected_sha256_hex.to_string(),
+            expected: expected.id.to_string(),
             actual,
         });
     }
@@ -714,7 +737,8 @@ mod tests {
             assert_eq!(c.sha256_hex(), hex::encode(Sha256::digest(&plain)));
             let mut out = Vec::new();
             assert_eq!(
-                decompress_verified(&c.to_bytes(), &c.sha256_hex(), &mut out).unwrap(),
+                decompress_verified(&c.to_bytes(), Expected::sha256(&c.sha256_hex()), &mut out)
+                    .unwrap(),
                 len as u64
             );
             assert!(out == plain, "round trip of {len} bytes");
@@ -797,12 +821,12 @@ mod tests {
             }
             let sha = hex::encode(Sha256::digest(&plain));
             let mut out = Vec::new();
-            let n = decompress_verified(&object, &sha, &mut out).unwrap();
+            let n = decompress_verified(&object, Expected::sha256(&sha), &mut out).unwrap();
             assert_eq!(n, plain.len() as u64);
             assert!(out == plain);
             let wrong = hex::encode(Sha256::digest(b"other"));
             assert!(matches!(
-                decompress_verified(&object, &wrong, &mut Vec::new()),
+                decompress_verified(&object, Expected::sha256(&wrong), &mut Vec::new()),
                 Err(DecodeError::Checksum { .. })
             ));
         }
@@ -860,7 +884,7 @@ mod tests {
         sha: &str,
     ) -> Result<Option<Vec<u8>>, DecodeError> {
         let out = std::sync::Mutex::new(Vec::new());
-        let n = decode_parts(object, sha, &|offset, plain| {
+        let n = decode_parts(object, Expected::sha256(sha), &|offset, plain| {
             let mut out = out.lock().unwrap();
             let end = offset as usize + plain.len();
             if out.len() < end {
@@ -918,7 +942,7 @@ mod tests {
             Err(DecodeError::Checksum { .. })
         ));
         assert!(matches!(
-            decompress_verified(&other, &sha, &mut Vec::new()),
+            decompress_verified(&other, Expected::sha256(&sha), &mut Vec::new()),
             Err(DecodeError::Checksum { .. })
         ));
         // A frame of another writer before the index.
@@ -927,7 +951,9 @@ mod tests {
         let foreign = [foreign.finish().unwrap(), c.index.clone()].concat();
         assert!(decode_parts_to_vec(&foreign, &sha).is_err());
         // A failing writer.
-        let err = decode_parts(&object, &sha, &|_, _| Err(std::io::Error::other("full")));
+        let err = decode_parts(&object, Expected::sha256(&sha), &|_, _| {
+            Err(std::io::Error::other("full"))
+        });
         assert!(matches!(err, Err(DecodeError::Write(_))));
     }
 
@@ -962,17 +988,24 @@ mod tests {
     fn detects_corruption_and_wrong_checksum() {
         let plain = pseudo_random(PART_SIZE + 1000);
         let c = compress(&plain);
-        let err =
-            decompress_verified(&c.to_bytes(), &"00".repeat(32), &mut Vec::new()).unwrap_err();
+        let err = decompress_verified(
+            &c.to_bytes(),
+            Expected::sha256(&"00".repeat(32)),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
         assert!(matches!(err, DecodeError::Checksum { .. }));
         let mut flipped = c.to_bytes().to_vec();
         let mid = flipped.len() / 2;
         flipped[mid] ^= 0x40;
-        assert!(decompress_verified(&flipped, &c.sha256_hex(), &mut Vec::new()).is_err());
+        assert!(
+            decompress_verified(&flipped, Expected::sha256(&c.sha256_hex()), &mut Vec::new())
+                .is_err()
+        );
         assert!(decompress_verified(
             // Into the last block (a lost end mark alone loses no data: the SHA-256 matches).
             &c.to_bytes()[..c.len() - 5],
-            &c.sha256_hex(),
+            Expected::sha256(&c.sha256_hex()),
             &mut Vec::new()
         )
         .is_err());
@@ -1011,7 +1044,7 @@ mod proptests {
 
     fn decompress(object: &[u8], sha: &str) -> Result<Vec<u8>, DecodeError> {
         let mut out = Vec::new();
-        decompress_verified(object, sha, &mut out).map(|n| {
+        decompress_verified(object, Expected::sha256(sha), &mut out).map(|n| {
             assert_eq!(n, out.len() as u64);
             out
         })

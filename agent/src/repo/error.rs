@@ -30,6 +30,8 @@ pub enum RepoError {
         repo: u32,
         found: u32,
     },
+    #[error("repository {location}: its encryption does not match the configuration (`encryption_passphrase_file`); see `pgpitr key list`")]
+    EncryptionMismatch { location: String },
     #[error("corrupt repository object '{key}': {message}")]
     Corrupt { key: String, message: String },
     #[error("WAL file '{name}' already exists in the archive with a different checksum (archived {existing}, this one {new}); the archived copy was left untouched")]

@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::REPO_JSON;
 use super::RepoError;
+use crate::crypto::slots::KEYS_PREFIX;
+use crate::crypto::EncryptionRecord;
 use crate::pg::WalSegSize;
 use crate::storage::{PutMode, Storage, StorageError};
 
@@ -20,6 +22,10 @@ pub struct RepoIdentity {
     pub system_identifier: u64,
     pub pg_major: u32,
     pub wal_segment_size: WalSegSize,
+    /// How the repository is encrypted; absent when it is not (`repo::encryption`). Set when
+    /// `repo.json` is created, from the storage that creates it, and never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionRecord>,
 }
 
 impl RepoIdentity {
@@ -29,6 +35,7 @@ impl RepoIdentity {
             system_identifier,
             pg_major,
             wal_segment_size,
+            encryption: None,
         }
     }
 
@@ -78,17 +85,28 @@ impl RepoIdentity {
             Ok(id) => id,
             Err(RepoError::NotInitialized { .. }) => {
                 storage.check_writable().await?;
-                if !storage.list("").await?.is_empty() {
+                let objects = storage.list("").await?;
+                let has_slots = objects.iter().any(|o| o.key.starts_with(KEYS_PREFIX));
+                if has_slots && storage.encryption().is_none() {
+                    return Err(RepoError::EncryptionMismatch {
+                        location: storage.location(),
+                    });
+                }
+                if objects.iter().any(|o| !o.key.starts_with(KEYS_PREFIX)) {
                     return Err(RepoError::NotARepository {
                         location: storage.location(),
                     });
                 }
-                let body = serde_json::to_vec_pretty(observed).expect("serialisable");
+                let created = RepoIdentity {
+                    encryption: storage.encryption(),
+                    ..observed.clone()
+                };
+                let body = serde_json::to_vec_pretty(&created).expect("serialisable");
                 match storage
                     .put(REPO_JSON, Bytes::from(body), PutMode::Create)
                     .await
                 {
-                    Ok(()) => return Ok(observed.clone()),
+                    Ok(()) => return Ok(created),
                     // Another process created it first: check against theirs.
                     Err(StorageError::AlreadyExists { .. }) => Self::load(storage).await?,
                     Err(e) => return Err(e.into()),
@@ -103,6 +121,10 @@ impl RepoIdentity {
     /// Compares two identities, naming the first difference.
     pub fn check(&self, storage: &dyn Storage, observed: &RepoIdentity) -> Result<(), RepoError> {
         let location = storage.location();
+        // `repo::encryption::open` refuses these first; checked again before any write.
+        if self.encryption != storage.encryption() {
+            return Err(RepoError::EncryptionMismatch { location });
+        }
         if self.system_identifier != observed.system_identifier {
             return Err(RepoError::OtherCluster {
                 location,

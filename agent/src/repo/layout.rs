@@ -40,9 +40,9 @@ pub fn wal_object_prefix(name: WalFileName) -> String {
     format!("{}{name}-", wal_dir(name))
 }
 
-/// The key of `name` with content hash `sha256_hex`.
-pub fn wal_object_key(name: WalFileName, sha256_hex: &str) -> String {
-    format!("{}{sha256_hex}{WAL_SUFFIX}", wal_object_prefix(name))
+/// The key of `name` with content hash `content_id`.
+pub fn wal_object_key(name: WalFileName, content_id: &str) -> String {
+    format!("{}{content_id}{WAL_SUFFIX}", wal_object_prefix(name))
 }
 
 /// Parses a WAL object key back into its file name and hash; `None` for anything else

@@ -4,6 +4,7 @@
 //! objects killed writers leave behind.
 
 pub mod codec;
+pub mod encryption;
 pub mod error;
 pub mod identity;
 pub mod json_objects;

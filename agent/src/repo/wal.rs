@@ -9,6 +9,7 @@ use std::path::Path;
 use super::codec;
 use super::layout;
 use super::{restore_points, RepoError};
+use crate::crypto::keys::ContentIds;
 use crate::pg::{RestorePointScanner, WalFileName};
 use crate::storage::{PutMode, Storage, StorageError};
 
@@ -16,7 +17,7 @@ use crate::storage::{PutMode, Storage, StorageError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchivedWal {
     pub name: WalFileName,
-    pub sha256_hex: String,
+    pub content_id: String,
     pub key: String,
     /// Compressed size in bytes.
     pub size: u64,
@@ -34,7 +35,7 @@ pub enum PushOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pushed {
     pub outcome: PushOutcome,
-    pub sha256_hex: String,
+    pub content_id: String,
 }
 
 /// Every stored WAL object whose key starts with `prefix` (a directory from
@@ -45,9 +46,9 @@ pub async fn list(storage: &dyn Storage, prefix: &str) -> Result<Vec<ArchivedWal
         .await?
         .into_iter()
         .filter_map(|o| {
-            layout::parse_wal_object_key(&o.key).map(|(name, sha256_hex)| ArchivedWal {
+            layout::parse_wal_object_key(&o.key).map(|(name, content_id)| ArchivedWal {
                 name,
-                sha256_hex,
+                content_id,
                 key: o.key,
                 size: o.size,
             })
@@ -142,7 +143,7 @@ pub async fn store(
     })
     .await
     .expect("compression task")?;
-    let sha = hex::encode(written.sha256);
+    let sha = storage.content_ids().id(&written.sha256);
     let archived = judge(name, &find(storage, name).await?, &sha)?;
     // Indexed before the file is stored, so an archived file's restore points are always known;
     // a file refused for other content indexes nothing. The same bytes pushed again are indexed
@@ -151,7 +152,7 @@ pub async fn store(
     if let Some(outcome) = archived {
         return Ok(Pushed {
             outcome,
-            sha256_hex: sha,
+            content_id: sha,
         });
     }
     let key = layout::wal_object_key(name, &sha);
@@ -161,7 +162,7 @@ pub async fn store(
         Err(StorageError::AlreadyExists { .. }) => {
             return Ok(Pushed {
                 outcome: PushOutcome::AlreadyArchived,
-                sha256_hex: sha,
+                content_id: sha,
             })
         }
         Err(e) => return Err(e.into()),
@@ -171,7 +172,7 @@ pub async fn store(
     judge(name, &find(storage, name).await?, &sha)?;
     Ok(Pushed {
         outcome: PushOutcome::Stored,
-        sha256_hex: sha,
+        content_id: sha,
     })
 }
 
@@ -228,7 +229,7 @@ fn judge(
     let mut contents: Vec<&str> = versions
         .iter()
         .filter(|w| w.name == name)
-        .map(|w| w.sha256_hex.as_str())
+        .map(|w| w.content_id.as_str())
         .collect();
     contents.sort_unstable();
     contents.dedup();
@@ -260,7 +261,14 @@ pub async fn fetch_to(
     dest: &Path,
 ) -> Result<u64, RepoError> {
     let compressed = storage.get(&wal.key).await?;
-    write_to(compressed, wal, dest, Durability::LeftToCaller).await
+    write_to(
+        compressed,
+        wal,
+        dest,
+        Durability::LeftToCaller,
+        storage.content_ids(),
+    )
+    .await
 }
 
 /// What [`write_to`] does for durability before renaming the file into place.
@@ -286,9 +294,10 @@ pub async fn write_to(
     wal: &ArchivedWal,
     dest: &Path,
     durability: Durability,
+    ids: ContentIds,
 ) -> Result<u64, RepoError> {
     let (wal, dest) = (wal.clone(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest, durability))
+    tokio::task::spawn_blocking(move || write_verified(&compressed, &wal, &dest, durability, &ids))
         .await
         .expect("decompression task")
 }
@@ -298,6 +307,7 @@ fn write_verified(
     wal: &ArchivedWal,
     dest: &Path,
     durability: Durability,
+    ids: &ContentIds,
 ) -> Result<u64, RepoError> {
     let dir = dest
         .parent()
@@ -316,7 +326,11 @@ fn write_verified(
         },
     };
     let file = tmp.as_file();
-    let parts = codec::decode_parts(compressed, &wal.sha256_hex, &|offset, plain| {
+    let expected = codec::Expected {
+        ids,
+        id: &wal.content_id,
+    };
+    let parts = codec::decode_parts(compressed, expected, &|offset, plain| {
         std::os::unix::fs::FileExt::write_all_at(file, plain, offset)
     });
     let written = match parts.map_err(corrupt)? {
@@ -324,8 +338,7 @@ fn write_verified(
         // Written before objects had a part index: one SHA-256, on a thread of its own.
         None => {
             let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-            let n = codec::decompress_verified(compressed, &wal.sha256_hex, &mut out)
-                .map_err(corrupt)?;
+            let n = codec::decompress_verified(compressed, expected, &mut out).map_err(corrupt)?;
             out.flush().map_err(|e| RepoError::io(dest, e))?;
             n
         }
@@ -456,7 +469,7 @@ mod tests {
         let name: WalFileName = "000000010000000000000003".parse().unwrap();
         let version = |sha: &str| ArchivedWal {
             name,
-            sha256_hex: sha.to_string(),
+            content_id: sha.to_string(),
             key: layout::wal_object_key(name, sha),
             size: 1,
         };

@@ -104,7 +104,7 @@ mod tests {
     fn file(name: &str) -> ArchivedWal {
         ArchivedWal {
             name: name.parse().unwrap(),
-            sha256_hex: "a".repeat(64),
+            content_id: "a".repeat(64),
             key: format!("wal/{name}"),
             size: 100,
         }

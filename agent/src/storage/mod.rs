@@ -3,6 +3,7 @@
 //! `/`-separated relative paths built only by `repo::layout`; the contracts below hold on every
 //! backend and are checked by one conformance suite (`agent/tests/storage_conformance.rs`).
 
+pub mod encrypted;
 pub mod local;
 pub mod s3;
 
@@ -65,6 +66,10 @@ pub enum StorageError {
     /// Anything a retry cannot fix: permissions, a missing bucket or directory, bad credentials.
     #[error("storage error for '{key}': {message}")]
     Permanent { key: String, message: String },
+    /// An object of an encrypted repository that failed authentication: altered, moved to
+    /// another key, stored in the clear, or sealed with another repository's key.
+    #[error("object '{key}' of the encrypted repository failed authentication: {message}")]
+    Unauthentic { key: String, message: String },
 }
 
 impl StorageError {
@@ -89,6 +94,18 @@ pub type StorageResult<T> = Result<T, StorageError>;
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Where the objects live, for messages: `/var/lib/pgpitr/repo` or `s3://bucket/prefix`.
     fn location(&self) -> String;
+
+    /// How content hashes appear in object keys: the SHA-256 itself, or in an encrypted
+    /// repository a keyed hash of it ([`crate::crypto::keys::ContentIds`]).
+    fn content_ids(&self) -> crate::crypto::keys::ContentIds {
+        crate::crypto::keys::ContentIds::Sha256
+    }
+
+    /// The encryption this storage applies, as `repo.json` records it; `None` when objects are
+    /// stored as written.
+    fn encryption(&self) -> Option<crate::crypto::EncryptionRecord> {
+        None
+    }
 
     /// Checks that the location exists and can be written, with an error that says what to fix.
     async fn check_writable(&self) -> StorageResult<()>;

@@ -1,0 +1,302 @@
+//! The storage of an encrypted repository: every object but `repo.json` and the key slots
+//! (`keys/`) is sealed on its way in and opened on its way out ([`crate::crypto::envelope`]),
+//! bound to its key, and content ids in keys are keyed hashes ([`ContentIds::Keyed`]). Callers
+//! see plain bytes and plain sizes; the backend sees neither.
+//!
+//! Nothing written through this storage reaches the backend in the clear, and nothing read
+//! through it is returned unless it authenticates: a plaintext object, an object of another
+//! repository, or one moved to another key is an error ([`StorageError::Unauthentic`]).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use super::StorageResult;
+use super::{DynStorage, ObjectMeta, PutMode, Staged, StagingObject, Storage, StorageError};
+use crate::crypto::envelope::{self, NONCE_PREFIX_LEN};
+use crate::crypto::keys::{ContentIds, DataKey, RepoKey};
+use crate::crypto::EncryptionRecord;
+
+/// Objects stored in the clear: what a reader needs before it has the key.
+pub fn is_clear_key(key: &str) -> bool {
+    key == crate::repo::layout::REPO_JSON || key.starts_with(crate::crypto::slots::KEYS_PREFIX)
+}
+
+/// Headers (nonce prefix, plain size) of objects read by range, kept so that a pack read chunk
+/// by chunk costs one extra request, not one per chunk. Objects are immutable under their key.
+const HEADER_CACHE_MAX: usize = 4096;
+
+pub struct EncryptedStorage {
+    inner: DynStorage,
+    key: DataKey,
+    ids: ContentIds,
+    record: EncryptionRecord,
+    headers: Mutex<HashMap<String, ([u8; NONCE_PREFIX_LEN], u64)>>,
+}
+
+impl std::fmt::Debug for EncryptedStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptedStorage")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EncryptedStorage {
+    /// `inner` under repository key `key`.
+    pub fn new(inner: DynStorage, key: &RepoKey) -> EncryptedStorage {
+        EncryptedStorage {
+            inner,
+            key: key.data_key(),
+            ids: ContentIds::Keyed(Arc::new(key.id_key())),
+            record: EncryptionRecord::for_key(key),
+            headers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn unauthentic(key: &str, e: envelope::EnvelopeError) -> StorageError {
+        StorageError::Unauthentic {
+            key: key.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn seal(&self, key: &str, parts: Vec<Bytes>) -> Bytes {
+        let (data_key, aad) = (self.key.clone(), key.as_bytes().to_vec());
+        let seal = move || {
+            let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
+            Bytes::from(envelope::seal(&data_key, &aad, &slices))
+        };
+        tokio::task::spawn_blocking(seal).await.expect("sealing")
+    }
+
+    /// Nonce prefix and plain size of `key`, from the cache or the backend.
+    async fn header_of(&self, key: &str) -> StorageResult<([u8; NONCE_PREFIX_LEN], u64)> {
+        if let Some(h) = self.headers.lock().expect("no panics").get(key) {
+            return Ok(*h);
+        }
+        let (meta, head) = tokio::join!(
+            self.inner.head(key),
+            self.inner.get_range(key, 0..envelope::HEADER_LEN as u64)
+        );
+        let meta = meta?.ok_or_else(|| StorageError::NotFound {
+            key: key.to_string(),
+        })?;
+        let prefix = envelope::header(&head?).map_err(|e| Self::unauthentic(key, e))?;
+        let plain = envelope::plain_len(meta.size)
+            .ok_or_else(|| Self::unauthentic(key, envelope::EnvelopeError::BadLength(meta.size)))?;
+        let mut cache = self.headers.lock().expect("no panics");
+        if cache.len() >= HEADER_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), (prefix, plain));
+        Ok((prefix, plain))
+    }
+
+    fn plain_meta(&self, mut meta: ObjectMeta) -> ObjectMeta {
+        if !is_clear_key(&meta.key) {
+            // A size no object seals to is reported as 0; reading the object says why.
+            meta.size = envelope::plain_len(meta.size).unwrap_or(0);
+        }
+        meta
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for EncryptedStorage {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn content_ids(&self) -> ContentIds {
+        self.ids.clone()
+    }
+
+    fn encryption(&self) -> Option<EncryptionRecord> {
+        Some(self.record.clone())
+    }
+
+    async fn check_writable(&self) -> StorageResult<()> {
+        self.inner.check_writable().await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
+        self.put_parts(key, vec![data], mode).await
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>, mode: PutMode) -> StorageResult<()> {
+        if is_clear_key(key) {
+            return self.inner.put_parts(key, parts, mode).await;
+        }
+        super::validate_key(key)?;
+        let sealed = self.seal(key, parts).await;
+        self.inner.put(key, sealed, mode).await
+    }
+
+    /// In memory: the object's key, which it is sealed to, is known only at the end.
+    async fn stage(&self, _dir: &str) -> StorageResult<Staged> {
+        Ok(Staged::Memory(Vec::new()))
+    }
+
+    async fn put_staged(&self, key: &str, staged: Staged, mode: PutMode) -> StorageResult<()> {
+        match staged {
+            Staged::Memory(parts) => self.put_parts(key, parts, mode).await,
+            Staged::File(_) => Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: "a temporary file given to an encrypted repository".into(),
+            }),
+        }
+    }
+
+    async fn get(&self, key: &str) -> StorageResult<Bytes> {
+        let stored = self.inner.get(key).await?;
+        if is_clear_key(key) {
+            return Ok(stored);
+        }
+        let (data_key, aad) = (self.key.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            envelope::open(&data_key, aad.as_bytes(), &stored)
+                .map(Bytes::from)
+                .map_err(|e| Self::unauthentic(&aad, e))
+        })
+        .await
+        .expect("opening")
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StorageResult<Bytes> {
+        if is_clear_key(key) {
+            return self.inner.get_range(key, range).await;
+        }
+        let (prefix, plain) = self.header_of(key).await?;
+        if range.end > plain || range.start > range.end {
+            return Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: format!("range {range:?} is outside the object's {plain} bytes"),
+            });
+        }
+        let sealed = envelope::sealed_range(&range, plain);
+        let stored = self.inner.get_range(key, sealed).await?;
+        let (data_key, aad) = (self.key.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            envelope::open_range(&data_key, aad.as_bytes(), &prefix, plain, &range, &stored)
+                .map(Bytes::from)
+                .map_err(|e| Self::unauthentic(&aad, e))
+        })
+        .await
+        .expect("opening")
+    }
+
+    async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
+        Ok(self.inner.head(key).await?.map(|m| self.plain_meta(m)))
+    }
+
+    async fn list(&self, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
+        Ok(self
+            .inner
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|m| self.plain_meta(m))
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> StorageResult<()> {
+        self.headers.lock().expect("no panics").remove(key);
+        self.inner.delete(key).await
+    }
+
+    async fn modified(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        self.inner.modified(key).await
+    }
+
+    async fn list_staging(&self) -> StorageResult<Vec<StagingObject>> {
+        self.inner.list_staging().await
+    }
+
+    async fn remove_staging(&self, staging: &StagingObject) -> StorageResult<()> {
+        self.inner.remove_staging(staging).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::local::LocalStorage;
+
+    fn pair(dir: &std::path::Path) -> (DynStorage, EncryptedStorage) {
+        let raw: DynStorage = Arc::new(LocalStorage::new(dir.to_path_buf()));
+        let enc = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]));
+        (raw, enc)
+    }
+
+    #[tokio::test]
+    async fn objects_are_sealed_and_read_back_whole_or_by_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, enc) = pair(dir.path());
+        let plain: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        enc.put(
+            "packs/ab/x.pack",
+            Bytes::from(plain.clone()),
+            PutMode::Create,
+        )
+        .await
+        .unwrap();
+        let stored = raw.get("packs/ab/x.pack").await.unwrap();
+        assert!(!stored.windows(16).any(|w| w == &plain[400..416]));
+        assert_eq!(enc.get("packs/ab/x.pack").await.unwrap(), plain);
+        assert_eq!(
+            enc.get_range("packs/ab/x.pack", 70_000..70_100)
+                .await
+                .unwrap(),
+            &plain[70_000..70_100]
+        );
+        let listed = enc.list("packs/").await.unwrap();
+        assert_eq!(listed[0].size, plain.len() as u64);
+        assert_eq!(
+            enc.head("packs/ab/x.pack").await.unwrap().unwrap().size,
+            plain.len() as u64
+        );
+        assert!(enc
+            .get_range("packs/ab/x.pack", 0..plain.len() as u64 + 1)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn plaintext_moved_and_foreign_objects_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, enc) = pair(dir.path());
+        raw.put(
+            "locks/a.lock",
+            Bytes::from_static(b"plain"),
+            PutMode::Create,
+        )
+        .await
+        .unwrap();
+        let err = enc.get("locks/a.lock").await.unwrap_err();
+        assert!(matches!(err, StorageError::Unauthentic { .. }), "{err}");
+        enc.put("locks/b.lock", Bytes::from_static(b"x"), PutMode::Create)
+            .await
+            .unwrap();
+        let sealed = raw.get("locks/b.lock").await.unwrap();
+        raw.put("locks/c.lock", sealed.clone(), PutMode::Create)
+            .await
+            .unwrap();
+        assert!(matches!(
+            enc.get("locks/c.lock").await,
+            Err(StorageError::Unauthentic { .. })
+        ));
+        let other = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([8; 32]));
+        assert!(matches!(
+            other.get("locks/b.lock").await,
+            Err(StorageError::Unauthentic { .. })
+        ));
+        // repo.json and key slots stay readable without the key.
+        enc.put("repo.json", Bytes::from_static(b"{}"), PutMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(raw.get("repo.json").await.unwrap(), &b"{}"[..]);
+    }
+}
