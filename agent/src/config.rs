@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::slots::Passphrase;
 use crate::repo::encryption::KeyError;
 use crate::storage::local::LocalStorage;
-use crate::storage::s3::{S3Location, S3Storage};
+use crate::storage::s3::{S3Location, S3Storage, WriteOptions};
 use crate::storage::DynStorage;
 
 /// The system-wide default configuration file.
@@ -41,6 +41,15 @@ pub struct Config {
     /// Retries of a failed S3 request after its first attempt (with exponential backoff).
     #[serde(default = "default_s3_retries")]
     pub s3_retries: u32,
+    /// Server-side encryption of every object written: `AES256` or `aws:kms`.
+    #[serde(default)]
+    pub s3_sse: Option<String>,
+    /// The KMS key of `s3_sse = "aws:kms"` (else the account's `aws/s3` key).
+    #[serde(default)]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// Storage class of every object written (`STANDARD_IA`, ...; see docs/configuration.md).
+    #[serde(default)]
+    pub s3_storage_class: Option<String>,
     /// libpq connection string for `backup` and `check`, e.g. `host=/run/postgresql user=postgres`.
     #[serde(default)]
     pub conninfo: String,
@@ -152,6 +161,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("s3_force_path_style", Kind::Bool),
     ("s3_timeout", Kind::Str),
     ("s3_retries", Kind::Int),
+    ("s3_sse", Kind::Str),
+    ("s3_sse_kms_key_id", Kind::Str),
+    ("s3_storage_class", Kind::Str),
     ("conninfo", Kind::Str),
     ("spool_dir", Kind::Str),
     ("archive_batch", Kind::Int),
@@ -320,6 +332,7 @@ impl Config {
                 message: format!("at most {MAX_S3_RETRIES}"),
             });
         }
+        self.s3_write_options()?;
         if let Some(w) = &self.keep_within {
             crate::retention::KeepWithin::parse(w).map_err(|e| ConfigError::Value {
                 key: "keep_within",
@@ -345,6 +358,20 @@ impl Config {
             key: "s3_timeout",
             message,
         })
+    }
+
+    /// `s3_sse`, `s3_sse_kms_key_id` and `s3_storage_class`, checked even for a local
+    /// repository (which ignores them, like the other `s3_*` keys).
+    ///
+    /// # Errors
+    /// See [`WriteOptions::parse`].
+    pub fn s3_write_options(&self) -> Result<WriteOptions, ConfigError> {
+        WriteOptions::parse(
+            self.s3_sse.as_deref(),
+            self.s3_sse_kms_key_id.as_deref(),
+            self.s3_storage_class.as_deref(),
+        )
+        .map_err(|(key, message)| ConfigError::Value { key, message })
     }
 
     /// The age limits of `pgpitr status` (`max_backup_age`, `max_wal_age`, `max_verify_age`,
@@ -389,6 +416,7 @@ impl Config {
             .and_then(|mut loc| {
                 loc.timeout = self.s3_timeout()?;
                 loc.retries = self.s3_retries;
+                loc.write = self.s3_write_options()?;
                 Ok(RepoKind::S3(loc))
             })
         } else if self.repo.contains("://") {
@@ -783,6 +811,62 @@ mod tests {
     }
 
     #[test]
+    fn s3_encryption_and_storage_class() {
+        use crate::storage::s3::{Class, Sse};
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"s3://b/p\"\ns3_sse = \"aws:kms\"\ns3_storage_class = \"GLACIER_IR\"\n"),
+            &env(&[("PGPITR_S3_SSE_KMS_KEY_ID", "alias/backups")]),
+        )
+        .unwrap();
+        let RepoKind::S3(loc) = c.repo_kind().unwrap() else {
+            panic!("not S3")
+        };
+        assert_eq!(
+            (loc.write.sse, loc.write.storage_class),
+            (
+                Some(Sse::Kms {
+                    key_id: Some("alias/backups".into())
+                }),
+                Some(Class::GlacierIr)
+            )
+        );
+        // An empty variable clears the file's value.
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"s3://b/p\"\ns3_storage_class = \"GLACIER_IR\"\n"),
+            &env(&[("PGPITR_S3_STORAGE_CLASS", "")]),
+        )
+        .unwrap();
+        assert_eq!(c.s3_write_options().unwrap().storage_class, None);
+        // Checked for a local repository too (which ignores them, like every s3_* key).
+        for (var, value, key) in [
+            (
+                "PGPITR_S3_STORAGE_CLASS",
+                "DEEP_ARCHIVE",
+                "s3_storage_class",
+            ),
+            ("PGPITR_S3_STORAGE_CLASS", "Zq7", "s3_storage_class"),
+            ("PGPITR_S3_SSE", "Zq7", "s3_sse"),
+            ("PGPITR_S3_SSE_KMS_KEY_ID", "Zq7", "s3_sse_kms_key_id"),
+        ] {
+            let e = Config::from_parts(None, None, &env(&[("PGPITR_REPO", "/a"), (var, value)]))
+                .unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains(key) && !m.contains("Zq7"), "{m}");
+        }
+        let e = Config::from_parts(
+            None,
+            Some("repo = \"/a\"\ns3_storage_class = \"GLACIER\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("restored by a request"), "{e}");
+        let c = Config::from_parts(None, Some("repo = \"/a\"\ns3_sse = \"AES256\"\n"), &[]);
+        assert!(c.is_ok());
+    }
+
+    #[test]
     fn retention_keys() {
         let c = Config::from_parts(
             None,
@@ -841,6 +925,13 @@ mod proptests {
                 "[1-9][0-9]{0,3}[smhdw]",
                 "[0-9]{1,4}[smh]",
             ),
+            (
+                proptest::option::of(prop::sample::select(vec!["AES256", "aws:kms"])),
+                proptest::option::of("[a-zA-Z0-9:/_-]{1,40}"),
+                proptest::option::of(prop::sample::select(
+                    crate::storage::s3::Class::ALL.map(|(_, n)| n).to_vec(),
+                )),
+            ),
         )
             .prop_map(
                 |(
@@ -849,6 +940,7 @@ mod proptests {
                     (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
                     (s3_timeout, s3_retries, encryption_passphrase_file),
                     (max_backup_age, max_wal_age, max_verify_age, max_drill_age, metrics_cache),
+                    (s3_sse, kms_key_id, s3_storage_class),
                 )| Config {
                     repo,
                     s3_endpoint,
@@ -856,6 +948,9 @@ mod proptests {
                     s3_force_path_style,
                     s3_timeout,
                     s3_retries,
+                    s3_sse_kms_key_id: kms_key_id.filter(|_| s3_sse == Some("aws:kms")),
+                    s3_sse: s3_sse.map(str::to_string),
+                    s3_storage_class: s3_storage_class.map(str::to_string),
                     conninfo,
                     spool_dir: spool_dir.map(PathBuf::from),
                     archive_batch,

@@ -4,7 +4,8 @@
 //! proxy's address, as the client signed it). Per request, with probability `rate`, one
 //! [`Fault`] is injected instead, decided by a seeded RNG (the seed is printed, and
 //! `FAULT_SEED` replays the same choices, up to the order of concurrent requests).
-//! [`FaultProxy::count`] tells how often each fault happened.
+//! [`FaultProxy::count`] tells how often each fault happened. With [`FaultProxy::record`], it
+//! also keeps every request's method, target and headers ([`Seen`]), to check what pgpitr sends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,29 @@ struct Shared {
     rng: Mutex<u64>,
     counts: [AtomicU64; 7],
     requests: AtomicU64,
+    /// Every request's head since [`FaultProxy::record`], when recording.
+    seen: Mutex<Option<Vec<Seen>>>,
+}
+
+/// One request as the proxy received it (before any fault).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `GET`, `PUT`, `POST`, ...
+    pub method: String,
+    /// The request target: path and query (`/bucket/key?uploads`).
+    pub target: String,
+    /// Names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    /// The value of header `name` (lower case), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// The proxy; it runs on its own thread until the test process ends.
@@ -101,6 +125,7 @@ impl FaultProxy {
             rng: Mutex::new(seed | 1),
             counts: Default::default(),
             requests: AtomicU64::new(0),
+            seen: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -149,6 +174,17 @@ impl FaultProxy {
     /// Requests seen, faulted or not.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// From now on, keep every request's head (see [`FaultProxy::seen`]); forgets those kept so
+    /// far.
+    pub fn record(&self) {
+        *self.shared.seen.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The requests received since [`FaultProxy::record`], in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone().unwrap_or_default()
     }
 
     /// Every count, for messages.
@@ -223,6 +259,23 @@ impl Message {
                     .eq_ignore_ascii_case(name)
                     .then(|| v.trim().to_string())
             })
+    }
+
+    fn seen(&self) -> Seen {
+        let head = String::from_utf8_lossy(&self.head);
+        let mut lines = head.lines();
+        let mut first = lines.next().unwrap_or_default().split_whitespace();
+        let method = first.next().unwrap_or_default().to_string();
+        let target = first.next().unwrap_or_default().to_string();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Seen {
+            method,
+            target,
+            headers,
+        }
     }
 
     fn first_line(&self) -> String {
@@ -363,6 +416,9 @@ async fn serve(shared: Arc<Shared>, client: TcpStream) -> std::io::Result<()> {
             body: Vec::new(),
         };
         shared.requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(seen) = shared.seen.lock().unwrap().as_mut() {
+            seen.push(request.seen());
+        }
         let has_body = request.header("content-length").is_some_and(|n| n != "0")
             || request.header("transfer-encoding").is_some();
         let fault = shared.pick(has_body);

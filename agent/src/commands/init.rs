@@ -76,6 +76,9 @@ repo = "{repo}"
 # Each S3 request: attempts of at most s3_timeout, retried s3_retries times with backoff.
 # s3_timeout = "60s"
 # s3_retries = 4
+# Server-side encryption and storage class of every object written (docs/configuration.md).
+# s3_sse = "AES256"                # or "aws:kms", with s3_sse_kms_key_id = "alias/..."
+# s3_storage_class = "STANDARD_IA" # GLACIER and DEEP_ARCHIVE are refused
 
 # How `pgpitr backup` and `pgpitr check` reach the server (libpq syntax; PGHOST, PGUSER,
 # PGPASSWORD and ~/.pgpass apply as usual). The role needs the REPLICATION attribute.

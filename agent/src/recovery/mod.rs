@@ -12,7 +12,8 @@ pub mod settings;
 pub mod source;
 pub mod start;
 pub mod target;
-pub mod window;
+/// What the archive can recover at all; part of the planner, named here for its users.
+pub use plan::window;
 
 pub use plan::{plan, BackupSummary, PlanError, PlanInput, RecoveryPlan, RestorePoint};
 pub use target::{RecoveryTarget, RecoveryTargetSpec, TargetTimeline};

@@ -131,6 +131,10 @@ struct RestoreConfig<'a> {
     s3_retries: u32,
     restore_prefetch: u32,
     restore_parallel: u32,
+    /// The passphrase file's path (never its contents), absolute: the restored server reads
+    /// the encrypted repository with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_passphrase_file: Option<String>,
 }
 
 /// The content of [`RESTORE_CONFIG_FILE`] for `config`: what the restore itself used to reach
@@ -147,6 +151,12 @@ pub fn restore_config_toml(config: &Config, backup: &str, when: Timestamp) -> St
         s3_retries: config.s3_retries,
         restore_prefetch: config.restore_prefetch,
         restore_parallel: config.restore_parallel,
+        encryption_passphrase_file: config.encryption_passphrase_file.as_ref().map(|p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        }),
     })
     .expect("plain keys serialise");
     format!(
@@ -518,6 +528,17 @@ mod tests {
         assert!(back.s3_force_path_style);
         assert_eq!((back.s3_timeout.as_str(), back.s3_retries), ("7s", 9));
         assert_eq!(back.conninfo, "");
+        assert_eq!(back.encryption_passphrase_file, None);
+        // An encrypted repository: the passphrase file's path, never the passphrase.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("passphrase");
+        std::fs::write(&file, "Zq7passphrase\n").unwrap();
+        let mut config = config;
+        config.encryption_passphrase_file = Some(file.clone());
+        let toml_text = restore_config_toml(&config, "20261123T080000Z", Timestamp::UNIX_EPOCH);
+        assert!(!toml_text.contains("Zq7passphrase"), "{toml_text}");
+        let back = Config::from_parts(None, Some(&toml_text), &[]).unwrap();
+        assert_eq!(back.encryption_passphrase_file, Some(file));
     }
 
     #[test]

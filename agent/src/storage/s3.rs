@@ -1,7 +1,9 @@
 //! A repository under an S3 bucket and prefix (AWS S3 or a compatible server such as Garage or
 //! MinIO), through aws-sdk-s3: SigV4, retries with backoff and the standard credential chain
 //! (environment, shared profile, web identity, IMDS) come from the SDK, never from our code.
-//! Objects above [`MULTIPART_THRESHOLD`] go up as multipart uploads.
+//! Objects above [`MULTIPART_THRESHOLD`] go up as multipart uploads. Every write (PutObject and
+//! CreateMultipartUpload; pgpitr never copies objects server-side) carries the configured
+//! [`WriteOptions`]: server-side encryption and storage class.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -51,6 +55,127 @@ pub struct S3Location {
     pub timeout: Duration,
     /// Attempts after the first (`s3_retries`).
     pub retries: u32,
+    /// Encryption and storage class of every object written.
+    pub write: WriteOptions,
+}
+
+/// What every PutObject and CreateMultipartUpload asks of the server: `s3_sse`,
+/// `s3_sse_kms_key_id` and `s3_storage_class` (none: the bucket's defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    pub sse: Option<Sse>,
+    pub storage_class: Option<Class>,
+}
+
+/// Server-side encryption (`x-amz-server-side-encryption`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    /// `AES256`: SSE-S3, keys managed by S3.
+    Aes256,
+    /// `aws:kms`: SSE-KMS with this key (id, ARN or alias), or the account's `aws/s3` key.
+    Kms { key_id: Option<String> },
+}
+
+/// Storage classes an object can be read from at once (`x-amz-storage-class`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Standard,
+    StandardIa,
+    OnezoneIa,
+    IntelligentTiering,
+    GlacierIr,
+}
+
+impl Class {
+    /// Every accepted class with its S3 name.
+    pub const ALL: [(Class, &'static str); 5] = [
+        (Class::Standard, "STANDARD"),
+        (Class::StandardIa, "STANDARD_IA"),
+        (Class::OnezoneIa, "ONEZONE_IA"),
+        (Class::IntelligentTiering, "INTELLIGENT_TIERING"),
+        (Class::GlacierIr, "GLACIER_IR"),
+    ];
+
+    fn sdk(self) -> StorageClass {
+        match self {
+            Class::Standard => StorageClass::Standard,
+            Class::StandardIa => StorageClass::StandardIa,
+            Class::OnezoneIa => StorageClass::OnezoneIa,
+            Class::IntelligentTiering => StorageClass::IntelligentTiering,
+            Class::GlacierIr => StorageClass::GlacierIr,
+        }
+    }
+}
+
+impl WriteOptions {
+    /// Parses the three keys (an empty string counts as unset, so that an environment variable
+    /// can clear a file's value). Messages never quote the value given, only pgpitr's own names.
+    ///
+    /// # Errors
+    /// `(key, message)`: an unknown encryption or class; a class whose objects need a restore
+    /// request before a GET; a KMS key id without `s3_sse = "aws:kms"`, or not a plain token.
+    pub fn parse(
+        sse: Option<&str>,
+        kms_key_id: Option<&str>,
+        class: Option<&str>,
+    ) -> Result<WriteOptions, (&'static str, String)> {
+        fn set(v: Option<&str>) -> Option<&str> {
+            v.map(str::trim).filter(|v| !v.is_empty())
+        }
+        let key_id = match set(kms_key_id) {
+            Some(k) if k.len() > 2048 || k.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return Err((
+                    "s3_sse_kms_key_id",
+                    "expected a KMS key id, key ARN or alias (at most 2048 characters, no spaces)"
+                        .into(),
+                ))
+            }
+            k => k.map(str::to_string),
+        };
+        let sse = match set(sse) {
+            None => None,
+            Some(v) if v.eq_ignore_ascii_case("AES256") => Some(Sse::Aes256),
+            Some(v) if v.eq_ignore_ascii_case("aws:kms") => Some(Sse::Kms { key_id: None }),
+            Some(_) => return Err(("s3_sse", "expected \"AES256\" or \"aws:kms\"".into())),
+        };
+        let sse = match (sse, key_id) {
+            (Some(Sse::Kms { .. }), key_id) => Some(Sse::Kms { key_id }),
+            (_, Some(_)) => {
+                return Err((
+                    "s3_sse_kms_key_id",
+                    "set only with s3_sse = \"aws:kms\"; set that too, or remove the key id".into(),
+                ))
+            }
+            (sse, None) => sse,
+        };
+        let storage_class = match set(class).map(str::to_ascii_uppercase) {
+            None => None,
+            Some(v) => Some(Class::parse(&v).map_err(|m| ("s3_storage_class", m))?),
+        };
+        Ok(WriteOptions { sse, storage_class })
+    }
+}
+
+impl Class {
+    /// An upper-case class name.
+    fn parse(name: &str) -> Result<Class, String> {
+        if let Some((class, _)) = Class::ALL.iter().find(|(_, n)| *n == name) {
+            return Ok(*class);
+        }
+        let names: Vec<&str> = Class::ALL.iter().map(|(_, n)| *n).collect();
+        let valid = names.join(", ");
+        Err(match name {
+            "GLACIER" | "DEEP_ARCHIVE" | "GLACIER_FLEXIBLE_RETRIEVAL" | "GLACIER_DEEP_ARCHIVE" => {
+                format!(
+                    "{name} is refused: its objects must be restored by a request (hours) before they can be read, so restores and restore_command would fail; use one of {valid}"
+                )
+            }
+            "REDUCED_REDUNDANCY" => format!(
+                "REDUCED_REDUNDANCY is refused: it keeps fewer copies than STANDARD and is no cheaper (AWS advises against it); use one of {valid}"
+            ),
+            _ => format!("unknown storage class; expected one of {valid}"),
+        })
+    }
 }
 
 impl S3Location {
@@ -85,6 +210,7 @@ impl S3Location {
             force_path_style,
             timeout: DEFAULT_TIMEOUT,
             retries: DEFAULT_RETRIES,
+            write: WriteOptions::default(),
         })
     }
 }
@@ -136,6 +262,24 @@ impl S3Storage {
         }
     }
 
+    /// `x-amz-server-side-encryption`, `-aws-kms-key-id` and `x-amz-storage-class` of every
+    /// write.
+    fn write_headers(
+        &self,
+    ) -> (
+        Option<ServerSideEncryption>,
+        Option<String>,
+        Option<StorageClass>,
+    ) {
+        let w = &self.location.write;
+        let (sse, key_id) = match &w.sse {
+            None => (None, None),
+            Some(Sse::Aes256) => (Some(ServerSideEncryption::Aes256), None),
+            Some(Sse::Kms { key_id }) => (Some(ServerSideEncryption::AwsKms), key_id.clone()),
+        };
+        (sse, key_id, w.storage_class.map(Class::sdk))
+    }
+
     fn full_key(&self, key: &str) -> StorageResult<String> {
         validate_key(key)?;
         Ok(format!("{}{}", self.location.prefix, key))
@@ -143,11 +287,15 @@ impl S3Storage {
 
     async fn put_multipart(&self, key: &str, full: &str, data: Bytes) -> StorageResult<()> {
         let bucket = &self.location.bucket;
+        let (sse, key_id, class) = self.write_headers();
         let created = self
             .client
             .create_multipart_upload()
             .bucket(bucket)
             .key(full)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(key_id)
+            .set_storage_class(class)
             .send()
             .await
             .map_err(|e| map_err(key, e))?;
@@ -436,11 +584,15 @@ impl Storage for S3Storage {
         if data.len() > MULTIPART_THRESHOLD {
             return self.put_multipart(key, &full, data).await;
         }
+        let (sse, key_id, class) = self.write_headers();
         let mut req = self
             .client
             .put_object()
             .bucket(&self.location.bucket)
             .key(&full)
+            .set_server_side_encryption(sse)
+            .set_ssekms_key_id(key_id)
+            .set_storage_class(class)
             .body(ByteStream::from(data));
         if mode == PutMode::Create {
             req = req.if_none_match("*");
@@ -646,5 +798,86 @@ mod tests {
         assert_eq!(l.prefix, "");
         assert!(S3Location::parse("s3:///x", None, "r".into(), false).is_err());
         assert!(S3Location::parse("/local", None, "r".into(), false).is_err());
+    }
+
+    #[test]
+    fn write_options_parse() {
+        let p = |sse, key, class| WriteOptions::parse(sse, key, class);
+        assert_eq!(p(None, None, None), Ok(WriteOptions::default()));
+        assert_eq!(
+            p(Some(""), Some(" "), Some("")),
+            Ok(WriteOptions::default())
+        );
+        assert_eq!(
+            p(Some("AES256"), None, Some("standard_ia")),
+            Ok(WriteOptions {
+                sse: Some(Sse::Aes256),
+                storage_class: Some(Class::StandardIa)
+            })
+        );
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert_eq!(
+            p(Some("aws:kms"), Some(arn), None).unwrap().sse,
+            Some(Sse::Kms {
+                key_id: Some(arn.into())
+            })
+        );
+        assert_eq!(
+            p(Some("AWS:KMS"), None, None).unwrap().sse,
+            Some(Sse::Kms { key_id: None })
+        );
+        for (_, name) in Class::ALL {
+            assert!(p(None, None, Some(name)).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn write_options_refusals_name_the_key_never_the_value() {
+        let refused = |sse, key, class, want_key: &str, want: &str| {
+            let (k, m) = WriteOptions::parse(sse, key, class).unwrap_err();
+            assert_eq!(k, want_key, "{m}");
+            assert!(m.contains(want), "{m}");
+            assert!(!m.contains("Zq7") && !m.contains('\n'), "{m}");
+        };
+        refused(Some("Zq7aes"), None, None, "s3_sse", "AES256");
+        refused(Some("aws:kms:dsse"), None, None, "s3_sse", "aws:kms");
+        refused(None, Some("Zq7key"), None, "s3_sse_kms_key_id", "aws:kms");
+        refused(
+            Some("AES256"),
+            Some("Zq7key"),
+            None,
+            "s3_sse_kms_key_id",
+            "aws:kms",
+        );
+        refused(
+            Some("aws:kms"),
+            Some("Zq7 key"),
+            None,
+            "s3_sse_kms_key_id",
+            "no spaces",
+        );
+        for class in ["GLACIER", "deep_archive", "GLACIER_FLEXIBLE_RETRIEVAL"] {
+            refused(
+                None,
+                None,
+                Some(class),
+                "s3_storage_class",
+                "restored by a request",
+            );
+        }
+        refused(
+            None,
+            None,
+            Some("REDUCED_REDUNDANCY"),
+            "s3_storage_class",
+            "fewer copies",
+        );
+        refused(
+            None,
+            None,
+            Some("Zq7"),
+            "s3_storage_class",
+            "STANDARD, STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR",
+        );
     }
 }

@@ -8,9 +8,11 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::display_serde;
-use super::plan::{walk, BackupSummary, Branch, Timelines, WalIndex};
+use super::input::BackupSummary;
+use super::timelines::{Branch, Timelines};
+use super::wal_index::{walk, WalIndex};
 use crate::pg::{Lsn, TimelineHistory, TimelineId, WalFileName, WalSegSize, WalSegmentName};
+use crate::recovery::display_serde;
 use crate::repo::manifest::BackupId;
 use crate::repo::wal::ArchivedWal;
 
