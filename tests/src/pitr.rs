@@ -62,8 +62,11 @@ pub fn marker_ids(c: &Cluster, until: Option<&str>) -> String {
     ))
 }
 
-/// Switches to a new segment and waits until everything written so far is archived.
+/// Switches to a new segment and waits until everything written so far is archived. A WAL
+/// record is written first: at a segment's very start (just after `archive_timeout` switched)
+/// `pg_switch_wal()` switches nothing, and that segment would never be archived.
 pub fn archive_everything(c: &Cluster) {
+    c.psql("SELECT pg_logical_emit_message(false, 'pgpitr-test', 'switch')");
     let seg = c.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
     c.psql("SELECT pg_switch_wal()");
     c.wait_archived(&seg);
