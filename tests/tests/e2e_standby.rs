@@ -75,6 +75,33 @@ fn standby_scenario(major: u32, standby_archives: bool) {
 
     let mut standby_env: Env = env.clone();
     standby_env.push(("PGPITR_CONNINFO".into(), conninfo(&standby)));
+
+    // `check` on the standby says what a backup from it needs, and finds the last segment it
+    // received complete in the repository (it cannot switch WAL to test archiving).
+    let out = pgpitr(&standby_env, &["check", "--json", "--timeout", "30"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = |name: &str| -> String {
+        let c = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {checks}"));
+        assert_eq!(c["ok"], true, "{c}");
+        c["detail"].as_str().unwrap().to_string()
+    };
+    let standby_detail = check("standby");
+    assert!(
+        standby_detail.contains("archive_mode = always")
+            && standby_detail.contains("archive_timeout"),
+        "{standby_detail}"
+    );
+    let mode = check("archive_mode");
+    if !standby_archives {
+        assert!(mode.contains("the primary must archive"), "{mode}");
+    }
+    assert!(check("archiving").contains("received complete"), "{checks}");
     if !standby_archives {
         // Nothing switches the primary's segment: the backup's last segment never arrives.
         let out = pgpitr(

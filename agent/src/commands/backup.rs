@@ -604,7 +604,7 @@ async fn new_backup_id(storage: &dyn Storage) -> Result<(BackupId, jiff::Timesta
 }
 
 /// `SHOW wal_segment_size` output (`16MB`, `1GB`, `1024kB`) in bytes.
-fn parse_segment_size(s: &str) -> Option<WalSegSize> {
+pub(crate) fn parse_segment_size(s: &str) -> Option<WalSegSize> {
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..digits].parse().ok()?;
     let unit = match s[digits..].trim() {
