@@ -80,7 +80,8 @@ pub struct BackupArgs {
     #[arg(long)]
     pub keep: bool,
     /// How long to wait, after the server finished, for the backup's WAL to appear in the
-    /// repository; past it the backup fails (and leaves no manifest).
+    /// repository; past it the backup fails (and leaves no manifest). From a standby, keep it
+    /// above the primary's `archive_timeout`: the last segment arrives once the primary switches.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
     /// Pause before the commit point (milliseconds; tests of a lock lost mid-run).
