@@ -1,5 +1,5 @@
 //! End to end: base backups taken from a hot standby (issue 20, item 1), on PostgreSQL 15 and
-//! 18. A primary archives through `pgpitr-archive`; a streaming standby is built from it; the
+//! 18 (and 13, which tells a standby apart another way). A primary archives through `pgpitr-archive`; a streaming standby is built from it; the
 //! backup connects to the standby only (its conninfo is the only one pgpitr gets), with the
 //! primary committing markers meanwhile. Then a point-in-time restore from that backup holds
 //! exactly the markers up to a time between two commits, `pg_amcheck` passes, and the restored
@@ -225,4 +225,10 @@ fn backup_from_standby_archiving_into_the_same_repository_pg15() {
 #[test]
 fn backup_from_standby_archiving_into_the_same_repository_pg18() {
     standby_scenario(18, true);
+}
+
+/// PostgreSQL 13 reports no `in_hot_standby`: pgpitr asks `pg_is_in_recovery()` instead.
+#[test]
+fn backup_from_standby_with_wal_archived_by_the_primary_pg13() {
+    standby_scenario(13, false);
 }
