@@ -8,7 +8,8 @@
 //! Two ways the WAL reaches the repository:
 //! - the primary archives, the standby does not (`archive_mode = on` is inactive in recovery);
 //!   a backup whose last segment the primary never switches fails at `--wal-timeout` with a
-//!   message naming `archive_timeout`;
+//!   message naming `archive_timeout`; `check` explains the setup, and names `hot_standby` once
+//!   the standby refuses connections without it;
 //! - both archive into the same repository (`archive_mode = always` on the standby): every
 //!   segment is stored once, neither archiver ever fails, also after the standby is promoted
 //!   (its `.partial` tail of timeline 1 and its timeline 2 beside the primary's timeline 1).
@@ -63,7 +64,7 @@ fn standby_scenario(major: u32, standby_archives: bool) {
     primary.psql("CREATE INDEX ON filler (h)");
     add_markers(&primary, 5);
     archive_everything(&primary);
-    let standby = primary.standby(if standby_archives {
+    let mut standby = primary.standby(if standby_archives {
         "archive_mode = always"
     } else {
         ""
@@ -199,6 +200,26 @@ fn standby_scenario(major: u32, standby_archives: bool) {
                 .keys()
                 .any(|k| k.starts_with("00000002") && k.len() == 24),
             "{stored:?}"
+        );
+    } else {
+        // A standby without hot_standby accepts no connection: check names the setting.
+        standby.stop();
+        standby.append_conf("hot_standby = off");
+        standby.start_with(false);
+        let socket = standby
+            .socket_dir
+            .join(format!(".s.PGSQL.{}", standby.port));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !socket.exists() {
+            assert!(std::time::Instant::now() < deadline, "{}", standby.log());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = pgpitr(&standby_env, &["check"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            report.contains("set hot_standby = on there and restart it"),
+            "{report}"
         );
     }
     eprintln!(
