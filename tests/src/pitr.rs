@@ -12,14 +12,15 @@ use crate::pg::{client_bin, Cluster};
 use crate::{run_ok, PG_USER};
 
 /// Creates table `marker` and procedure `markers(n)`, which commits `n` marker rows one
-/// transaction each, 20 ms apart (so that a time between two commits exists).
+/// transaction each, 40 ms apart (so that a time between two commits exists, with room for a
+/// busy machine to delay a commit after its stamp).
 pub fn create_markers(c: &Cluster) {
     c.psql("CREATE TABLE marker (id serial PRIMARY KEY, t timestamptz NOT NULL)");
     c.psql(
         "CREATE PROCEDURE markers(n int) LANGUAGE plpgsql AS $$ BEGIN \
            FOR i IN 1..n LOOP \
              INSERT INTO marker(t) VALUES (clock_timestamp()); COMMIT; \
-             PERFORM pg_sleep(0.02); \
+             PERFORM pg_sleep(0.04); \
            END LOOP; END $$",
     );
 }

@@ -124,7 +124,7 @@ fn standby_scenario(major: u32, standby_archives: bool) {
     primary.psql("ALTER SYSTEM SET archive_timeout = '1s'");
     primary.psql("SELECT pg_reload_conf()");
 
-    let mut writer = markers_in_background(&primary, 150);
+    let mut writer = markers_in_background(&primary, 120);
     // `backup` gives pgpitr the standby's conninfo, and no other.
     let id = backup(&env, &standby);
     assert!(writer.wait().unwrap().success(), "the marker writer failed");
@@ -136,7 +136,7 @@ fn standby_scenario(major: u32, standby_archives: bool) {
         standby.wait_archived(&seg);
     }
     let count: u32 = primary.psql("SELECT count(*) FROM marker").parse().unwrap();
-    assert_eq!(count, 5 + 150 + 20);
+    assert_eq!(count, 5 + 120 + 20);
 
     let (target, expected) = target_after_marker(&primary, nth_marker(&primary, count - 10));
     let (restored, report) =
