@@ -40,3 +40,22 @@ pub async fn connect(
     });
     Ok(client)
 }
+
+/// Whether the server is a hot standby (in recovery): `in_hot_standby`, the parameter the
+/// server reported at the replication connection's startup (PostgreSQL 14+), else
+/// `pg_is_in_recovery()` over an ordinary connection (PostgreSQL 13); `None` when neither can be
+/// read.
+pub async fn is_standby(in_hot_standby: Option<String>, params: &ConnectParams) -> Option<bool> {
+    if let Some(v) = in_hot_standby {
+        return Some(v == "on");
+    }
+    let client = connect(params, "pgpitr")
+        .await
+        .map_err(|e| tracing::debug!("SQL connection failed: {e}"))
+        .ok()?;
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .ok()?;
+    row.try_get(0).ok()
+}

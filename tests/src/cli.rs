@@ -38,11 +38,16 @@ pub fn conninfo(c: &Cluster) -> String {
 /// A started PostgreSQL 15 cluster archiving through `pgpitr-archive` with `env`, with `extra`
 /// appended to its postgresql.conf.
 pub fn archiving_cluster(env: Env, extra: &str) -> Cluster {
+    archiving_cluster_of(15, env, extra)
+}
+
+/// [`archiving_cluster`] of PostgreSQL `major`.
+pub fn archiving_cluster_of(major: u32, env: Env, extra: &str) -> Cluster {
     let conf = format!(
         "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'\n{extra}",
         bin("pgpitr-archive").display()
     );
-    let mut c = Cluster::init(15, &conf);
+    let mut c = Cluster::init(major, &conf);
     c.env = env;
     c.start();
     c

@@ -11,6 +11,7 @@ pub mod garage;
 pub mod garage_cluster;
 pub mod monitoring;
 pub mod pg;
+pub mod pitr;
 pub mod tmpfs;
 pub mod wal;
 

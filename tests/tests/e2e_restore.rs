@@ -18,28 +18,13 @@ use std::time::{Duration, Instant};
 
 use pgpitr_tests::garage::{Garage, SECRET};
 use pgpitr_tests::pg::{bin_dir, client_bin, Cluster};
+use pgpitr_tests::pitr::{
+    amcheck, archive_everything, backup, marker_ids, restore_promoting, target_after_marker,
+    wait_promoted,
+};
 use pgpitr_tests::{bin, give_to_pg_user, run_ok, temp_dir, PG_USER};
 
 type Env = Vec<(String, String)>;
-
-fn archiving_cluster(env: &Env) -> Cluster {
-    let conf = format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = '{} %p %f'\nmax_wal_senders = 4\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'",
-        bin("pgpitr-archive").display()
-    );
-    let mut c = Cluster::init(15, &conf);
-    c.env = env.clone();
-    c.start();
-    c
-}
-
-fn conninfo(c: &Cluster) -> String {
-    format!(
-        "host={} port={} user=postgres",
-        c.socket_dir.display(),
-        c.port
-    )
-}
 
 /// `pgpitr <args>` with the repository environment (and nothing from the caller's).
 fn pgpitr(env: &Env, args: &[&str]) -> Output {
@@ -69,71 +54,6 @@ fn pgpitr_ok(env: &Env, args: &[&str]) -> String {
         stderr(&out)
     );
     stdout(&out)
-}
-
-fn backup(env: &Env, c: &Cluster) -> String {
-    let mut env = env.clone();
-    env.push(("PGPITR_CONNINFO".into(), conninfo(c)));
-    pgpitr_ok(&env, &["backup", "--checkpoint", "fast", "--label", "e2e"])
-        .trim()
-        .to_string()
-}
-
-/// `pgpitr restore <target> --pgdata <data> --target-action promote --owner postgres`, which
-/// must succeed; its standard output.
-fn restore_promoting(env: &Env, target: &[&str], data: &Path) -> String {
-    let mut args = vec!["restore"];
-    args.extend_from_slice(target);
-    args.extend(["--pgdata", data.to_str().unwrap()]);
-    args.extend(["--target-action", "promote", "--owner", PG_USER]);
-    pgpitr_ok(env, &args)
-}
-
-/// Switches to a new segment and waits until everything written so far is archived.
-fn archive_everything(c: &Cluster) {
-    let seg = c.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())");
-    c.psql("SELECT pg_switch_wal()");
-    c.wait_archived(&seg);
-}
-
-/// A time halfway between marker `id` and the next one, as PostgreSQL prints timestamptz in
-/// UTC, and the markers committed at or before it.
-fn target_after_marker(c: &Cluster, id: i64) -> (String, String) {
-    let target = c.psql(&format!(
-        "SELECT to_char((a.t + (b.t - a.t) / 2) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' \
-         FROM marker a JOIN marker b ON b.id = a.id + 1 WHERE a.id = {id}"
-    ));
-    assert!(!target.is_empty(), "no marker {id} with a successor");
-    (target.clone(), marker_ids(c, Some(&target)))
-}
-
-/// The marker ids (`1,2,3,…`), all or those with `t <= until`.
-fn marker_ids(c: &Cluster, until: Option<&str>) -> String {
-    let filter = until
-        .map(|u| format!("WHERE t <= '{u}'::timestamptz"))
-        .unwrap_or_default();
-    c.psql(&format!(
-        "SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marker {filter}"
-    ))
-}
-
-fn wait_promoted(c: &Cluster) {
-    assert!(
-        c.wait_for("SELECT pg_is_in_recovery()", "f", 300),
-        "the restored server did not finish recovery:\n{}",
-        c.log()
-    );
-}
-
-/// `pg_amcheck` (heap and B-tree checks, amcheck installed on the way) passes on `c`.
-fn amcheck(c: &Cluster) {
-    run_ok(
-        Command::new(client_bin("pg_amcheck"))
-            .args(["-U", "postgres", "-h"])
-            .arg(&c.socket_dir)
-            .args(["-p", &c.port.to_string()])
-            .args(["--install-missing", "--heapallindexed", "--all"]),
-    );
 }
 
 /// Stops a server that `pgpitr restore --start` started (the harness did not).
@@ -179,7 +99,7 @@ struct Workload {
 }
 
 fn run_workload(env: &Env) -> Workload {
-    let primary = archiving_cluster(env);
+    let primary = pgpitr_tests::cli::archiving_cluster(env.clone(), "");
     primary.psql("CREATE TABLE marker (id serial PRIMARY KEY, t timestamptz NOT NULL)");
     primary.psql(
         "CREATE PROCEDURE markers(n int) LANGUAGE plpgsql AS $$ BEGIN \
@@ -302,7 +222,7 @@ fn scenario(env: &Env, server_env: &Env) -> Workload {
 
     let root_a = temp_dir("restore-a");
     let data_a = root_a.path().join("data");
-    let out = restore_promoting(env, &["--target-time", &target_a], &data_a);
+    let out = restore_promoting(env, &["--target-time", &target_a], &data_a, &[]);
     assert!(
         out.contains(&format!("restored backup {}", w.first)),
         "{out}"
@@ -420,7 +340,7 @@ fn scenario(env: &Env, server_env: &Env) -> Workload {
     );
     let root_c = temp_dir("restore-c");
     let data_c = root_c.path().join("data");
-    restore_promoting(env, &["--target-timeline", "2"], &data_c);
+    restore_promoting(env, &["--target-timeline", "2"], &data_c, &[]);
     let mut c = Cluster::adopt(15, root_c, data_c);
     c.env = server_env.clone();
     c.start();
@@ -454,7 +374,7 @@ fn point_in_time_restore_from_local_repository() {
     // A restore to a restore point: the server stops exactly there.
     let root_rp = temp_dir("restore-rp");
     let data_rp = root_rp.path().join("data");
-    let out = restore_promoting(&env, &["--target-name", "before_second"], &data_rp);
+    let out = restore_promoting(&env, &["--target-name", "before_second"], &data_rp, &[]);
     assert!(
         out.contains(&format!("restored backup {}", w.first)),
         "{out}"

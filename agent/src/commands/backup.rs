@@ -80,7 +80,8 @@ pub struct BackupArgs {
     #[arg(long)]
     pub keep: bool,
     /// How long to wait, after the server finished, for the backup's WAL to appear in the
-    /// repository; past it the backup fails (and leaves no manifest).
+    /// repository; past it the backup fails (and leaves no manifest). From a standby, keep it
+    /// above the primary's `archive_timeout`: the last segment arrives once the primary switches.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
     /// Pause before the commit point (milliseconds; tests of a lock lost mid-run).
@@ -113,6 +114,14 @@ pub enum BackupError {
     Ingest(#[from] IngestError),
     #[error("the backup's WAL is not in the repository after {waited}s: {missing} segment(s) missing, first {first}; check that archive_command succeeds (pg_stat_archiver) or raise --wal-timeout")]
     WalMissing {
+        waited: u64,
+        missing: usize,
+        first: WalSegmentName,
+    },
+    /// On a standby the segment holding the stop point is complete only once the primary has
+    /// switched to the next one (a standby cannot switch: no `pg_switch_wal()` in recovery).
+    #[error("the backup's WAL is not in the repository after {waited}s: {missing} segment(s) missing, first {first}; a backup from a standby needs the primary to switch past its stop point and the segment archived (by the primary, or by the standby with archive_mode = always): set archive_timeout on the primary (e.g. '60s') below --wal-timeout, and check pg_stat_archiver on the archiving server")]
+    StandbyWalMissing {
         waited: u64,
         missing: usize,
         first: WalSegmentName,
@@ -209,16 +218,28 @@ async fn run_locked(
         return Err(BackupError::WalLevel(wal_level));
     }
     let archive_mode = conn.show("archive_mode").await?;
-    if archive_mode != "on" && archive_mode != "always" {
+    // A hot standby archives only with archive_mode = always; otherwise its WAL reaches the
+    // repository from the primary, which this backup never connects to (issue 20).
+    let standby =
+        crate::pgsql::is_standby(conn.parameter("in_hot_standby").map(str::to_owned), &params)
+            .await
+            .unwrap_or(false);
+    if standby {
+        tracing::info!(
+            "the server is a standby (archive_mode = {archive_mode}): the backup's WAL must reach \
+             the repository from {}",
+            if archive_mode == "always" {
+                "this standby (archive_mode = always) or the primary"
+            } else {
+                "the primary (archive_mode = on there)"
+            }
+        );
+    } else if archive_mode != "on" && archive_mode != "always" {
         return Err(BackupError::ArchiveOff(archive_mode));
     }
-    match conn.show("archive_command").await {
-        Ok(cmd) if cmd.contains("pgpitr-archive") => {}
-        Ok(cmd) => tracing::warn!(
-            "archive_command is '{cmd}', not pgpitr-archive: the backup will wait for its WAL to \
-             appear in the repository anyway"
-        ),
-        Err(e) => tracing::warn!("cannot read archive_command: {e}"),
+    // A standby's archive_command runs only with archive_mode = always.
+    if !standby || archive_mode == "always" {
+        check_archive_command(&mut conn).await;
     }
     if identity.is_none() {
         RepoIdentity::ensure(storage.as_ref(), &observed).await?;
@@ -299,7 +320,19 @@ async fn run_locked(
         (stop_lsn, stop_timeline),
         Duration::from_secs(args.wal_timeout),
     )
-    .await?;
+    .await
+    .map_err(|e| match e {
+        BackupError::WalMissing {
+            waited,
+            missing,
+            first,
+        } if standby => BackupError::StandbyWalMissing {
+            waited,
+            missing,
+            first,
+        },
+        e => e,
+    })?;
 
     // 5. The commit point.
     let size_bytes = ingested.files.iter().map(|f| f.size).sum();
@@ -357,6 +390,19 @@ async fn run_locked(
         ingested.stats.reused_chunks,
     );
     Ok(manifest)
+}
+
+/// Warns when the server's `archive_command` is not pgpitr-archive: the backup waits for its WAL
+/// in the repository anyway.
+async fn check_archive_command(conn: &mut ReplicationConnection) {
+    match conn.show("archive_command").await {
+        Ok(cmd) if cmd.contains("pgpitr-archive") => {}
+        Ok(cmd) => tracing::warn!(
+            "archive_command is '{cmd}', not pgpitr-archive: the backup will wait for its WAL to \
+             appear in the repository anyway"
+        ),
+        Err(e) => tracing::warn!("cannot read archive_command: {e}"),
+    }
 }
 
 /// What the server sent besides the archives.
@@ -559,7 +605,7 @@ async fn new_backup_id(storage: &dyn Storage) -> Result<(BackupId, jiff::Timesta
 }
 
 /// `SHOW wal_segment_size` output (`16MB`, `1GB`, `1024kB`) in bytes.
-fn parse_segment_size(s: &str) -> Option<WalSegSize> {
+pub(crate) fn parse_segment_size(s: &str) -> Option<WalSegSize> {
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let n: u64 = s[..digits].parse().ok()?;
     let unit = match s[digits..].trim() {

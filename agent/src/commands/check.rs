@@ -1,14 +1,15 @@
 //! `pgpitr check`: proves the setup works end to end, each failure with its fix — the
 //! configuration, the storage, the replication connection and permission, `wal_level`,
 //! `archive_mode`, `archive_command`, and finally a forced WAL switch whose segment must appear
-//! in the repository.
+//! in the repository. On a hot standby (issue 20), which cannot switch WAL, `check` says what a
+//! backup from it needs and waits instead for the last segment it received complete.
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::pg::WalFileName;
+use crate::pg::{Lsn, TimelineId, WalFileName, WalSegmentName};
 use crate::repo::{wal, RepoError, RepoIdentity};
 use crate::walsender::{ConnectParams, ReplicationConnection};
 
@@ -120,14 +121,23 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
     let mut conn = match ReplicationConnection::connect(&params).await {
         Ok(c) => c,
         Err(e) => {
-            out.push(Check::fail(
-                "replication connection",
-                e.to_string(),
-                e.hint().unwrap_or_default(),
-            ));
+            let message = e.to_string();
+            // A standby in recovery without hot_standby refuses every connection.
+            let fix = if message.contains("starting up")
+                || message.contains("not accepting connections")
+                || message.contains("Hot standby")
+            {
+                "if this server is a standby, set hot_standby = on there and restart it: a backup \
+                 from a standby connects to it"
+                    .to_string()
+            } else {
+                e.hint().unwrap_or_default()
+            };
+            out.push(Check::fail("replication connection", message, fix));
             return out;
         }
     };
+    let mut received = None;
     match conn.identify_system().await {
         Ok(system) => match &identity {
             Some(id) if id.system_identifier != system.system_identifier => out.push(Check::fail(
@@ -138,16 +148,23 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
                 ),
                 "give each cluster its own repository",
             )),
-            _ => out.push(Check::ok(
-                "replication connection",
-                format!(
-                    "{} as {}, PostgreSQL {}, cluster {}",
-                    params.target(),
-                    params.user,
-                    conn.server_version(),
-                    system.system_identifier
-                ),
-            )),
+            _ => {
+                received = system
+                    .xlogpos
+                    .parse::<Lsn>()
+                    .ok()
+                    .map(|lsn| (TimelineId(system.timeline), lsn));
+                out.push(Check::ok(
+                    "replication connection",
+                    format!(
+                        "{} as {}, PostgreSQL {}, cluster {}",
+                        params.target(),
+                        params.user,
+                        conn.server_version(),
+                        system.system_identifier
+                    ),
+                ))
+            }
         },
         Err(e) => {
             out.push(Check::fail(
@@ -172,8 +189,31 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
     } else {
         Check::ok("wal_level", wal_level)
     });
+    let standby =
+        crate::pgsql::is_standby(conn.parameter("in_hot_standby").map(str::to_owned), &params)
+            .await
+            .unwrap_or(false);
     let archive_mode = show(conn.show("archive_mode").await);
-    out.push(if archive_mode == "on" || archive_mode == "always" {
+    // A standby's own archive_command runs only with archive_mode = always.
+    let standby_archives = archive_mode == "always";
+    if standby {
+        out.push(Check::ok(
+            "standby",
+            "this server is a hot standby: a backup from it reads nothing from the primary; its \
+             WAL must reach this repository from the primary (archive_mode = on and \
+             archive_command = pgpitr-archive there, with archive_timeout so that segments \
+             switch while the primary is quiet) or from this standby (archive_mode = always)",
+        ));
+    }
+    out.push(if standby && !standby_archives {
+        Check::ok(
+            "archive_mode",
+            format!(
+                "{archive_mode}: this standby archives nothing while in recovery; the primary must \
+                 archive into this repository (or set archive_mode = always here)"
+            ),
+        )
+    } else if archive_mode == "on" || archive_mode == "always" {
         Check::ok("archive_mode", archive_mode)
     } else {
         Check::fail(
@@ -183,8 +223,18 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
         )
     });
     let archive_command = show(conn.show("archive_command").await);
+    let seg_size = conn
+        .show("wal_segment_size")
+        .await
+        .ok()
+        .and_then(|s| super::backup::parse_segment_size(&s));
     out.push(
-        if archive_command.contains("pgpitr-archive")
+        if standby && !standby_archives && !archive_command.contains("pgpitr-archive") {
+            Check::ok(
+                "archive_command",
+                format!("'{archive_command}' (not run while this standby is in recovery)"),
+            )
+        } else if archive_command.contains("pgpitr-archive")
             && archive_command.contains("%p")
             && archive_command.contains("%f")
         {
@@ -202,6 +252,29 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
         return out;
     }
 
+    if standby {
+        out.push(
+            match standby_wait(
+                config,
+                received,
+                seg_size,
+                Duration::from_secs(args.timeout),
+            )
+            .await
+            {
+                Ok((segment, waited)) => Check::ok(
+                    "archiving",
+                    format!(
+                        "{segment}, the last segment this standby received complete, is in the \
+                         repository (after {:.1} s)",
+                        waited.as_secs_f64()
+                    ),
+                ),
+                Err((detail, fix)) => Check::fail("archiving", detail, fix),
+            },
+        );
+        return out;
+    }
     out.push(
         match switch_and_wait(config, &params, Duration::from_secs(args.timeout)).await {
             Ok((segment, waited)) => Check::ok(
@@ -269,6 +342,56 @@ async fn switch_and_wait(
             return Err((
                 format!("{segment} did not reach the repository within {} s (last failed: {})", timeout.as_secs(), failed.unwrap_or_else(|| "none".into())),
                 "look for 'pgpitr-archive: error' in PostgreSQL's log; the archive_command must reach the same repository as this configuration".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// On a standby, which cannot switch WAL: waits until the segment before the one holding
+/// `received` (the position IDENTIFY_SYSTEM reported, on its timeline) is in the repository.
+async fn standby_wait(
+    config: &Config,
+    received: Option<(TimelineId, Lsn)>,
+    seg_size: Option<crate::pg::WalSegSize>,
+    timeout: Duration,
+) -> Result<(WalSegmentName, Duration), (String, String)> {
+    let (Some((tli, lsn)), Some(seg_size)) = (received, seg_size) else {
+        return Err((
+            "cannot read this standby's WAL position or segment size".into(),
+            "check the replication connection".into(),
+        ));
+    };
+    let Some(segno) = lsn.segno(seg_size).checked_sub(1).filter(|&n| n > 0) else {
+        return Err((
+            format!("this standby has received no complete segment yet (at {lsn})"),
+            "wait for the primary to switch segments (archive_timeout) and run check again".into(),
+        ));
+    };
+    let segment = WalSegmentName::from_segno(tli, segno, seg_size);
+    let storage = config
+        .storage()
+        .await
+        .map_err(|e| (e.to_string(), String::new()))?;
+    let started = Instant::now();
+    loop {
+        match wal::find(storage.as_ref(), WalFileName::Segment(segment)).await {
+            Ok(found) if !found.is_empty() => return Ok((segment, started.elapsed())),
+            Ok(_) => {}
+            Err(e) => return Err((e.to_string(), "check the repository".into())),
+        }
+        if started.elapsed() > timeout {
+            return Err((
+                format!(
+                    "{segment}, the last segment this standby received complete, did not reach \
+                     the repository within {} s",
+                    timeout.as_secs()
+                ),
+                "archive into this repository from the primary (archive_mode = on, \
+                 archive_command = 'pgpitr-archive %p %f') or from this standby (archive_mode = \
+                 always, same archive_command), and look for 'pgpitr-archive: error' in that \
+                 server's log"
+                    .into(),
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

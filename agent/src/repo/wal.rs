@@ -233,6 +233,22 @@ fn judge(
         .collect();
     contents.sort_unstable();
     contents.dedup();
+    // A `.partial` file is the tail of a timeline some server left (at promotion, issue 20):
+    // two servers, or two promotions, may leave different tails under one name (a primary and
+    // a standby archiving into one repository). PostgreSQL never asks `restore_command` for one,
+    // so each content is kept under its own key, and none is ever refused.
+    if matches!(name, WalFileName::Partial(_)) {
+        if contents.contains(&new) {
+            return Ok(Some(PushOutcome::AlreadyArchived));
+        }
+        if !contents.is_empty() {
+            tracing::warn!(
+                "WAL file {name} is already archived with other content; this content is kept \
+                 beside it (a .partial file is never restored by PostgreSQL)"
+            );
+        }
+        return Ok(None);
+    }
     match contents[..] {
         [] => Ok(None),
         [existing] if existing == new => Ok(Some(PushOutcome::AlreadyArchived)),
@@ -462,6 +478,39 @@ mod tests {
             assert!(err.to_string().contains("stored 2 times"), "{err}");
         }
         assert_eq!(find(&storage, name).await.unwrap().len(), 2);
+    }
+
+    /// Issue 20: a primary and a standby archiving into one repository may each leave a
+    /// `.partial` tail of one name with other bytes (each promotion its own): every content is
+    /// kept under its own key, and the same content again is a success, never a refusal.
+    #[tokio::test]
+    async fn differing_partial_files_are_all_kept_and_never_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("repo"));
+        std::fs::create_dir(dir.path().join("repo")).unwrap();
+        let name: WalFileName = "000000010000000000000003.partial".parse().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, segment_with("a", 1)).unwrap();
+        std::fs::write(&b, segment_with("b", 2)).unwrap();
+        assert_eq!(push(&storage, name, &a).await.unwrap(), PushOutcome::Stored);
+        assert_eq!(push(&storage, name, &b).await.unwrap(), PushOutcome::Stored);
+        for file in [&a, &b] {
+            assert_eq!(
+                push(&storage, name, file).await.unwrap(),
+                PushOutcome::AlreadyArchived
+            );
+        }
+        let versions = find(&storage, name).await.unwrap();
+        assert_eq!(versions.len(), 2, "{versions:?}");
+        assert_ne!(versions[0].sha256_hex, versions[1].sha256_hex);
+        // A segment of the same number still refuses other bytes.
+        let segment: WalFileName = "000000010000000000000003".parse().unwrap();
+        assert_eq!(
+            push(&storage, segment, &a).await.unwrap(),
+            PushOutcome::Stored
+        );
+        let err = push(&storage, segment, &b).await.unwrap_err();
+        assert!(matches!(err, RepoError::DifferentContent { .. }), "{err}");
     }
 
     #[test]
