@@ -78,7 +78,9 @@ fn workload(env: &Env, c: &Cluster) -> Workload {
     }
     c.wait_archive_idle();
     let canaries = c
-        .psql(&format!("SELECT string_agg(canary, ',' ORDER BY id) FROM {TABLE}"))
+        .psql(&format!(
+            "SELECT string_agg(canary, ',' ORDER BY id) FROM {TABLE}"
+        ))
         .split(',')
         .map(str::to_string)
         .collect();
@@ -127,7 +129,9 @@ fn restore_and_check(env: &Env, w: &Workload) {
         r.log()
     );
     assert_eq!(
-        r.psql(&format!("SELECT string_agg(id::text, ',' ORDER BY id) FROM {TABLE}")),
+        r.psql(&format!(
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM {TABLE}"
+        )),
         w.expected
     );
 }
@@ -173,7 +177,10 @@ fn assert_nothing_readable(objects: &[(String, Vec<u8>)], w: &Workload, plain_wa
         .iter()
         .filter(|c| contains(plain_wal, c.as_bytes()))
         .count();
-    assert!(found_in_plain > 0, "the scan finds no canary even in plain WAL");
+    assert!(
+        found_in_plain > 0,
+        "the scan finds no canary even in plain WAL"
+    );
     let mut needles: Vec<Vec<u8>> = w.canaries.iter().map(|c| c.as_bytes().to_vec()).collect();
     needles.push(TABLE.as_bytes().to_vec());
     needles.push(sha_hex.as_bytes().to_vec());
@@ -181,7 +188,10 @@ fn assert_nothing_readable(objects: &[(String, Vec<u8>)], w: &Workload, plain_wa
     assert!(objects.len() >= 8, "only {} objects", objects.len());
     let mut bytes = 0;
     for (key, body) in objects {
-        assert!(!key.contains(&sha_hex), "{key} names the WAL file's SHA-256");
+        assert!(
+            !key.contains(&sha_hex),
+            "{key} names the WAL file's SHA-256"
+        );
         for n in &needles {
             assert!(
                 !contains(body, n),
@@ -233,7 +243,10 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
             old.to_str().unwrap(),
         ],
     );
-    assert!(out.contains("created the key of encrypted repository"), "{out}");
+    assert!(
+        out.contains("created the key of encrypted repository"),
+        "{out}"
+    );
     let written = std::fs::read_to_string(&cfg).unwrap();
     assert!(written.contains("encryption_passphrase_file"), "{written}");
     assert!(!written.contains("correct horse"), "{written}");
@@ -259,7 +272,11 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     let wrong = passphrase_file(secrets.path(), "wrong", "incorrect horse");
     let out = pgpitr(&with_passphrase(&plain_env, &wrong), &["list"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("opens none of the 1 key slot"), "{}", text(&out));
+    assert!(
+        text(&out).contains("opens none of the 1 key slot"),
+        "{}",
+        text(&out)
+    );
     let (code, out, _) = run_restore_command(&plain_env, &c, &w.canary_segment);
     assert_eq!(code, Some(200), "{out}");
     // A plaintext push into the encrypted repository: pgpitr-archive refuses (exit 2).
@@ -311,7 +328,12 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
         .unwrap()
         .to_string();
     let out = pgpitr(&env, &["key", "remove", &old_slot]);
-    assert_eq!(out.status.code(), Some(2), "the configured slot: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the configured slot: {}",
+        text(&out)
+    );
     let new_env = with_passphrase(&plain_env, &new);
     pgpitr_ok(&new_env, &["key", "remove", &old_slot]);
     let out = pgpitr(&env, &["list"]);
@@ -342,7 +364,11 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     let out = pgpitr(&new_env, &["verify"]);
     assert!(!out.status.success(), "{}", text(&out));
     let name = key.strip_prefix(&repo).unwrap().display().to_string();
-    assert!(text(&out).contains(&name), "verify does not name {name}: {}", text(&out));
+    assert!(
+        text(&out).contains(&name),
+        "verify does not name {name}: {}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -502,7 +502,7 @@ mod tests {
         }
         let versions = find(&storage, name).await.unwrap();
         assert_eq!(versions.len(), 2, "{versions:?}");
-        assert_ne!(versions[0].sha256_hex, versions[1].sha256_hex);
+        assert_ne!(versions[0].content_id, versions[1].content_id);
         // A segment of the same number still refuses other bytes.
         let segment: WalFileName = "000000010000000000000003".parse().unwrap();
         assert_eq!(
