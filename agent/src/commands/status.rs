@@ -54,9 +54,23 @@ pub struct StatusReport {
 /// Only configuration errors: a repository that cannot be read is a CRITICAL report.
 pub async fn run(config: &Config) -> Result<StatusReport, ConfigError> {
     let thresholds = config.thresholds()?;
-    let storage = config.storage().await?;
-    let repository = storage.location();
-    let (checks, facts) = match scan::scan(storage.as_ref()).await {
+    let opened = match config.storage().await {
+        Ok(storage) => Ok(storage),
+        // The repository's key could not be read: as unreachable as a failed scan.
+        Err(e) if e.storage_error().is_some() => Err(e.to_string()),
+        Err(e) => return Err(e),
+    };
+    let repository = match &opened {
+        Ok(storage) => storage.location(),
+        Err(_) => config.raw_storage().await?.location(),
+    };
+    let scanned = match opened {
+        Ok(storage) => scan::scan(storage.as_ref())
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let (checks, facts) = match scanned {
         Ok(facts) => (
             checks::evaluate(&facts, &thresholds, jiff::Timestamp::now()),
             Some(facts),
@@ -65,7 +79,7 @@ pub async fn run(config: &Config) -> Result<StatusReport, ConfigError> {
             vec![Check {
                 name: "repository",
                 level: Level::Critical,
-                message: format!("unreachable: {}", one_line(&e.to_string())),
+                message: format!("unreachable: {}", one_line(&e)),
                 age_seconds: None,
                 threshold_seconds: None,
                 fix: Some("check `repo` and the access to it (`pgpitr check`)".into()),

@@ -75,15 +75,18 @@ pub async fn open(
     kek_cache: Option<&Path>,
 ) -> Result<DynStorage, KeyError> {
     let location = raw.location();
-    let record = load_record(raw.as_ref()).await?;
     let Some(passphrase) = passphrase else {
-        return match record {
-            Some(Some(_)) => Err(KeyError::Required { location }),
+        return match load_record(raw.as_ref()).await {
+            Ok(Some(Some(_))) => Err(KeyError::Required { location }),
             // An empty location, or one with only key slots: `RepoIdentity::ensure` refuses to
-            // create an unencrypted repository beside key slots.
-            _ => Ok(raw),
+            // create an unencrypted repository beside key slots. Unreachable storage: the
+            // command's own first request reports it, and every write checks `repo.json`'s
+            // record against the storage again (`RepoIdentity::check`).
+            Ok(_) | Err(KeyError::Storage(_)) => Ok(raw),
+            Err(e) => Err(e),
         };
     };
+    let record = load_record(raw.as_ref()).await?;
     if let Some(None) = record {
         return Err(KeyError::NotEncrypted { location });
     }
