@@ -46,6 +46,17 @@ def main():
         os.makedirs(d)
     for b in ("pgpitr", "pgpitr-archive", "pgpitr-restore"):
         shutil.copy(f"{TARGET}/{b}", f"{root}/bin/{b}")
+    # The archive_command: into whatever `repo` points at, with the passphrase when that
+    # repository is encrypted (has key slots).
+    passphrase = f"{root}/passphrase"
+    with open(passphrase, "w") as f:
+        f.write("benchmark passphrase\n")
+    os.chmod(passphrase, 0o600)
+    with open(f"{root}/bin/archive.sh", "w") as f:
+        f.write(f"#!/bin/sh\nexport PGPITR_REPO={repo}\n"
+                f"[ -d {repo}/keys ] && export PGPITR_ENCRYPTION_PASSPHRASE_FILE={passphrase}\n"
+                f"exec {root}/bin/pgpitr-archive \"$@\"\n")
+    os.chmod(f"{root}/bin/archive.sh", 0o755)
     if os.geteuid() == 0:
         run(["chown", "-R", "postgres", root])
     port = "5498"
@@ -53,7 +64,7 @@ def main():
     # The archive goes through the symlink `repo`, which each round points at a new repository.
     with open(f"{data}/postgresql.conf", "a") as f:
         f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
-                f"archive_mode = on\narchive_command = 'PGPITR_REPO={repo} {root}/bin/pgpitr-archive %p %f'\n"
+                f"archive_mode = on\narchive_command = '{root}/bin/archive.sh %p %f'\n"
                 f"max_wal_size = '8GB'\nshared_buffers = '256MB'\nmax_wal_senders = 10\n")
     use_repo(root, "repo-load")
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
@@ -77,12 +88,23 @@ def main():
     # an earlier one it would store only the changes).
     rounds = int(os.environ.get("BENCH_BACKUP_ROUNDS", "3"))
 
-    def pgpitr_backup(repo):
-        return as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
-                      f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"])
+    def pgpitr_backup(repo, encrypted=False):
+        key = [f"PGPITR_ENCRYPTION_PASSPHRASE_FILE={passphrase}"] if encrypted else []
+        return as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres"]
+                     + key + [f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"])
+
+    def encrypted_repo(name):
+        """A new encrypted repository `root/name` with its key, then made the archive's."""
+        target = f"{root}/{name}"
+        os.makedirs(target)
+        if os.geteuid() == 0:
+            run(["chown", "postgres", target])
+        run(as_pg(["env", f"PGPITR_REPO={target}", f"PGPITR_ENCRYPTION_PASSPHRASE_FILE={passphrase}",
+                   f"{root}/bin/pgpitr", "key", "create"]))
+        return use_repo(root, name)
 
     out = f"{root}/basebackup"
-    times = {"pgpitr": [], "pg_basebackup": [], "pgBackRest": []}
+    times = {"pgpitr": [], "pg_basebackup": [], "pgBackRest": [], "pgpitr encrypted": []}
     rss = {k: 0.0 for k in times}
     for rnd in range(rounds):
         current = use_repo(root, f"repo-{rnd}")
@@ -94,6 +116,12 @@ def main():
             t, r = quiet_timed(conn, cmd)
             times[tool].append(t)
             rss[tool] = max(rss[tool], r)
+        encrypted = encrypted_repo(f"repo-enc-{rnd}")
+        t, r = quiet_timed(conn, pgpitr_backup(encrypted, encrypted=True))
+        times["pgpitr encrypted"].append(t)
+        rss["pgpitr encrypted"] = max(rss["pgpitr encrypted"], r)
+    enc_packs = du(f"{encrypted}/packs")
+    current = use_repo(root, f"repo-{rounds - 1}")
     packs = du(f"{current}/packs")
     t2, rss2 = quiet_timed(conn, pgpitr_backup(current))
     rows = [("pgpitr backup (full)", statistics.median(times["pgpitr"]), rss["pgpitr"], packs),
@@ -113,6 +141,13 @@ def main():
     dst2 = f"{root}/restore-pgbr"
     t, rss = timed(as_pg(base + ["restore", f"--pg1-path={dst2}", "--type=immediate", "--process-max=2"]))
     rows.append(("pgBackRest restore (process-max 2)", t, rss, du(dst2)))
+    rows.append(("pgpitr backup (full), encrypted repository", statistics.median(times["pgpitr encrypted"]),
+                 rss["pgpitr encrypted"], enc_packs))
+    dst3 = f"{root}/restore-pgpitr-enc"
+    t, rss = timed(as_pg(["env", f"PGPITR_REPO={encrypted}", f"PGPITR_ENCRYPTION_PASSPHRASE_FILE={passphrase}",
+                          f"{root}/bin/pgpitr", "restore", "--target", "immediate", "--pgdata", dst3]))
+    rows.append(("pgpitr restore --target immediate, encrypted repository", t, rss, du(dst3)))
+    shutil.rmtree(dst3, ignore_errors=True)
 
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(dst2, ignore_errors=True)
@@ -137,6 +172,9 @@ def main():
         print(f"- backup round {rnd + 1}: pgpitr {pgpitr:.2f} s, pg_basebackup {pgbb:.2f} s "
               f"({pgpitr / pgbb:.2f}×), pgBackRest {pgbr:.2f} s")
     print(f"- pgpitr / pg_basebackup, medians: {rows[0][1] / rows[2][1]:.2f}×")
+    enc = statistics.median(times["pgpitr encrypted"])
+    print(f"- pgpitr into an encrypted repository / pg_basebackup, medians: {enc / rows[2][1]:.2f}× "
+          f"(target ≤ 1.1); per round: " + ", ".join(f"{e:.2f} s" for e in times["pgpitr encrypted"]))
     print_replay(replay)
     shutil.rmtree(root, ignore_errors=True)
 
