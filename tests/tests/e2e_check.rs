@@ -63,6 +63,7 @@ fn a_correct_setup_passes_every_check() {
         names,
         [
             "config",
+            "encryption",
             "storage",
             "replication connection",
             "wal_level",

@@ -312,6 +312,24 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     assert!(text(&out).contains("is not encrypted"), "{}", text(&out));
     assert_eq!(object_count(&plain_repo), plain_count);
 
+    // `check` says what it found, and names the setting when the passphrase is missing.
+    for (e, ok, want) in [
+        (&env, true, "encrypted repository"),
+        (&plain_env, false, "is encrypted: set `encryption_passphrase_file`"),
+    ] {
+        let out = pgpitr(e, &["check", "--json"]);
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let check = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "encryption")
+            .unwrap_or_else(|| panic!("no encryption check: {checks}"))
+            .clone();
+        assert_eq!(check["ok"], ok, "{check}");
+        assert!(check["detail"].as_str().unwrap().contains(want), "{check}");
+    }
+
     // Rotation: add a passphrase, switch to it, remove the old one.
     let new = passphrase_file(secrets.path(), "new", "a wholly new passphrase");
     let out = pgpitr_ok(

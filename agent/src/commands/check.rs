@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::repo::encryption::KeyError;
 use crate::pg::{Lsn, TimelineId, WalFileName, WalSegmentName};
 use crate::repo::{wal, RepoError, RepoIdentity};
 use crate::walsender::{ConnectParams, ReplicationConnection};
@@ -60,14 +61,24 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
     let storage = match config.storage().await {
         Ok(s) => s,
         Err(e) => {
-            out.push(Check::fail(
-                "storage",
-                e.to_string(),
-                "fix `repo` in the configuration",
-            ));
+            let (name, fix) = match &e {
+                ConfigError::Key(k) if !matches!(k, KeyError::Storage(_)) => (
+                    "encryption",
+                    "see docs/operations.md, \"Encryption at rest\" (`pgpitr key list` shows the key slots)",
+                ),
+                _ => ("storage", "fix `repo` in the configuration"),
+            };
+            out.push(Check::fail(name, e.to_string(), fix));
             return out;
         }
     };
+    out.push(Check::ok(
+        "encryption",
+        match storage.encryption() {
+            Some(r) => format!("encrypted repository (key {}), opened with the configured passphrase", r.key),
+            None => "not encrypted (chosen at creation: `pgpitr init --encrypt`)".to_string(),
+        },
+    ));
     let identity = match storage.check_writable().await {
         Err(e) => {
             out.push(Check::fail(
