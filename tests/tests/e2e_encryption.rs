@@ -315,7 +315,11 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     // `check` says what it found, and names the setting when the passphrase is missing.
     for (e, ok, want) in [
         (&env, true, "encrypted repository"),
-        (&plain_env, false, "is encrypted: set `encryption_passphrase_file`"),
+        (
+            &plain_env,
+            false,
+            "is encrypted: set `encryption_passphrase_file`",
+        ),
     ] {
         let out = pgpitr(e, &["check", "--json"]);
         let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::repo::encryption::KeyError;
 use crate::pg::{Lsn, TimelineId, WalFileName, WalSegmentName};
+use crate::repo::encryption::KeyError;
 use crate::repo::{wal, RepoError, RepoIdentity};
 use crate::walsender::{ConnectParams, ReplicationConnection};
 
@@ -75,7 +75,10 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
     out.push(Check::ok(
         "encryption",
         match storage.encryption() {
-            Some(r) => format!("encrypted repository (key {}), opened with the configured passphrase", r.key),
+            Some(r) => format!(
+                "encrypted repository (key {}), opened with the configured passphrase",
+                r.key
+            ),
             None => "not encrypted (chosen at creation: `pgpitr init --encrypt`)".to_string(),
         },
     ));
