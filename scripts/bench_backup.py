@@ -130,6 +130,8 @@ def main():
              rss["pg_basebackup"], du(out)),
             ("pgBackRest backup --type=full (lz4, process-max 2)", statistics.median(times["pgBackRest"]),
              rss["pgBackRest"], du(f"{br}/repo") / rounds)]
+    rows.append(("pgpitr backup (full), encrypted repository", statistics.median(times["pgpitr encrypted"]),
+                 rss["pgpitr encrypted"], enc_packs))
     repo = current
 
     # Restores: pgpitr restore of the latest backup vs pgBackRest restore.
@@ -141,8 +143,6 @@ def main():
     dst2 = f"{root}/restore-pgbr"
     t, rss = timed(as_pg(base + ["restore", f"--pg1-path={dst2}", "--type=immediate", "--process-max=2"]))
     rows.append(("pgBackRest restore (process-max 2)", t, rss, du(dst2)))
-    rows.append(("pgpitr backup (full), encrypted repository", statistics.median(times["pgpitr encrypted"]),
-                 rss["pgpitr encrypted"], enc_packs))
     dst3 = f"{root}/restore-pgpitr-enc"
     t, rss = timed(as_pg(["env", f"PGPITR_REPO={encrypted}", f"PGPITR_ENCRYPTION_PASSPHRASE_FILE={passphrase}",
                           f"{root}/bin/pgpitr", "restore", "--target", "immediate", "--pgdata", dst3]))

@@ -166,6 +166,20 @@ async fn local_directory_conforms() {
 }
 
 #[tokio::test]
+async fn encrypted_local_directory_conforms() {
+    use pgpitr::crypto::keys::RepoKey;
+    use pgpitr::storage::encrypted::EncryptedStorage;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = Arc::new(LocalStorage::new(dir.path()));
+    conformance(Arc::new(EncryptedStorage::new(raw, &RepoKey::generate()))).await;
+    let leftovers: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.contains(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
 async fn s3_on_garage_conforms() {
     let g = Garage::shared();
     let bucket = g.bucket();

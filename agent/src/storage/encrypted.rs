@@ -72,10 +72,16 @@ impl EncryptedStorage {
         tokio::task::spawn_blocking(seal).await.expect("sealing")
     }
 
-    /// Nonce prefix and plain size of `key`, from the cache or the backend.
-    async fn header_of(&self, key: &str) -> StorageResult<([u8; NONCE_PREFIX_LEN], u64)> {
-        if let Some(h) = self.headers.lock().expect("no panics").get(key) {
-            return Ok(*h);
+    /// Nonce prefix and plain size of `key`, from the cache (unless `fresh`) or the backend.
+    async fn header_of(
+        &self,
+        key: &str,
+        fresh: bool,
+    ) -> StorageResult<([u8; NONCE_PREFIX_LEN], u64)> {
+        if !fresh {
+            if let Some(h) = self.headers.lock().expect("no panics").get(key) {
+                return Ok(*h);
+            }
         }
         let (meta, head) = tokio::join!(
             self.inner.head(key),
@@ -132,7 +138,10 @@ impl Storage for EncryptedStorage {
         }
         super::validate_key(key)?;
         let sealed = self.seal(key, parts).await;
-        self.inner.put(key, sealed, mode).await
+        let put = self.inner.put(key, sealed, mode).await;
+        // An overwritten object has a new nonce prefix and perhaps a new size.
+        self.headers.lock().expect("no panics").remove(key);
+        put
     }
 
     /// In memory: the object's key, which it is sealed to, is known only at the end.
@@ -169,23 +178,14 @@ impl Storage for EncryptedStorage {
         if is_clear_key(key) {
             return self.inner.get_range(key, range).await;
         }
-        let (prefix, plain) = self.header_of(key).await?;
-        if range.end > plain || range.start > range.end {
-            return Err(StorageError::Permanent {
-                key: key.to_string(),
-                message: format!("range {range:?} is outside the object's {plain} bytes"),
-            });
+        match self.get_range_sealed(key, &range, false).await {
+            // The cached header may be of an object another process has since replaced (only
+            // objects rewritten in place: heartbeats, leases): once more, read afresh.
+            Err(StorageError::Unauthentic { .. } | StorageError::Permanent { .. }) => {
+                self.get_range_sealed(key, &range, true).await
+            }
+            other => other,
         }
-        let sealed = envelope::sealed_range(&range, plain);
-        let stored = self.inner.get_range(key, sealed).await?;
-        let (data_key, aad) = (self.key.clone(), key.to_string());
-        tokio::task::spawn_blocking(move || {
-            envelope::open_range(&data_key, aad.as_bytes(), &prefix, plain, &range, &stored)
-                .map(Bytes::from)
-                .map_err(|e| Self::unauthentic(&aad, e))
-        })
-        .await
-        .expect("opening")
     }
 
     async fn head(&self, key: &str) -> StorageResult<Option<ObjectMeta>> {
@@ -217,6 +217,36 @@ impl Storage for EncryptedStorage {
 
     async fn remove_staging(&self, staging: &StagingObject) -> StorageResult<()> {
         self.inner.remove_staging(staging).await
+    }
+}
+
+impl EncryptedStorage {
+    /// Plain bytes `range` of sealed object `key`, with its header from the cache unless
+    /// `fresh`.
+    async fn get_range_sealed(
+        &self,
+        key: &str,
+        range: &Range<u64>,
+        fresh: bool,
+    ) -> StorageResult<Bytes> {
+        let range = range.clone();
+        let (prefix, plain) = self.header_of(key, fresh).await?;
+        if range.end > plain || range.start > range.end {
+            return Err(StorageError::Permanent {
+                key: key.to_string(),
+                message: format!("range {range:?} is outside the object's {plain} bytes"),
+            });
+        }
+        let sealed = envelope::sealed_range(&range, plain);
+        let stored = self.inner.get_range(key, sealed).await?;
+        let (data_key, aad) = (self.key.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            envelope::open_range(&data_key, aad.as_bytes(), &prefix, plain, &range, &stored)
+                .map(Bytes::from)
+                .map_err(|e| Self::unauthentic(&aad, e))
+        })
+        .await
+        .expect("opening")
     }
 }
 
@@ -262,6 +292,39 @@ mod tests {
             .get_range("packs/ab/x.pack", 0..plain.len() as u64 + 1)
             .await
             .is_err());
+        // An object replaced in place (a heartbeat), here or by another process: ranges still
+        // read the new one.
+        enc.put(
+            "locks/t.beat",
+            Bytes::from_static(b"one"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            enc.get_range("locks/t.beat", 0..3).await.unwrap(),
+            &b"one"[..]
+        );
+        enc.put(
+            "locks/t.beat",
+            Bytes::from_static(b"twotwo"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            enc.get_range("locks/t.beat", 0..6).await.unwrap(),
+            &b"twotwo"[..]
+        );
+        let other = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]));
+        other
+            .put("locks/t.beat", Bytes::from_static(b"3"), PutMode::Overwrite)
+            .await
+            .unwrap();
+        assert_eq!(
+            enc.get_range("locks/t.beat", 0..1).await.unwrap(),
+            &b"3"[..]
+        );
     }
 
     #[tokio::test]
