@@ -21,7 +21,9 @@ use std::process::Command;
 use pgpitr::backup::incremental::{manifest_body, seal_manifest};
 use pgpitr::repo::layout;
 use pgpitr::repo::manifest::{BackupId, BackupManifest};
-use pgpitr_tests::cli::{archiving_cluster_of, conninfo, local_repo, pgpitr, repo_env, text, Env};
+use pgpitr_tests::cli::{
+    archiving_cluster_of, conninfo, local_repo, pgpitr, pgpitr_ok, repo_env, text, Env,
+};
 use pgpitr_tests::pg::{bin_dir, client_bin, Cluster};
 use pgpitr_tests::pitr::{
     add_markers, amcheck, archive_everything, backup, create_markers, marker_ids, nth_marker,
@@ -180,6 +182,17 @@ fn incremental_scenario(major: u32) {
         "the incremental backup stored {} new bytes, the full one {}",
         m2.new_bytes,
         m1.new_bytes
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&env, &["list", "--json"])).unwrap();
+    assert_eq!(
+        listed["backups"][1]["incremental_from"],
+        full.as_str(),
+        "{listed}"
+    );
+    assert!(
+        listed["backups"][0].get("incremental_from").is_none(),
+        "{listed}"
     );
     let pg_manifest = pg_manifest_of(&env, &id);
     let text = String::from_utf8(pg_manifest.clone()).unwrap();

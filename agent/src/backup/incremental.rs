@@ -407,3 +407,98 @@ mod tests {
         assert!(rewrite_manifest(b"{}", &[]).is_err());
     }
 }
+
+/// Hostile incremental files and manifests from the server: property-based (see
+/// `crate::proptest_config`).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An incremental file of ascending `blocks` (block size 1024), with or without padding.
+    fn file(blocks: &[u32], trunc: u32, pad: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for w in [MAGIC, blocks.len() as u32, trunc] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for b in blocks {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        if pad && !blocks.is_empty() {
+            out.resize(out.len().div_ceil(1024) * 1024, 0);
+        }
+        out.resize(out.len() + blocks.len() * 1024, 7);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_config::config(2000))]
+
+        #[test]
+        fn well_formed_headers_read_back(
+            blocks in proptest::collection::btree_set(0u32..5000, 0..40),
+            trunc in 0u32..6000,
+            pad in any::<bool>(),
+        ) {
+            let blocks: Vec<u32> = blocks.into_iter().collect();
+            let bytes = file(&blocks, trunc, pad);
+            let mut input = &bytes[..];
+            let h = read_header(&mut input, bytes.len() as u64, 1024).unwrap();
+            prop_assert_eq!(&h.blocks, &blocks);
+            prop_assert_eq!(h.truncation_block_length, trunc);
+            prop_assert_eq!(input.len(), blocks.len() * 1024);
+        }
+
+        #[test]
+        fn arbitrary_or_mutated_headers_give_a_typed_error_or_a_consistent_header(
+            blocks in proptest::collection::btree_set(0u32..5000, 0..20),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+            declared_delta in -3i64..3,
+            raw in proptest::collection::vec(any::<u8>(), 0..64),
+            use_raw in any::<bool>(),
+        ) {
+            let mut bytes = if use_raw {
+                raw
+            } else {
+                file(&blocks.into_iter().collect::<Vec<_>>(), 9, true)
+            };
+            for (at, b) in edits {
+                if !bytes.is_empty() {
+                    let at = at.index(bytes.len());
+                    bytes[at] = b;
+                }
+            }
+            let declared = (bytes.len() as i64 + declared_delta).max(0) as u64;
+            if let Ok(h) = read_header(&mut &bytes[..], declared, 1024) {
+                prop_assert!(h.blocks.windows(2).all(|w| w[0] < w[1]));
+                prop_assert!(h.blocks.len() as u64 * 1024 <= declared);
+            }
+        }
+
+        #[test]
+        fn mutated_manifests_are_rewritten_or_refused(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        ) {
+            let body = "{ \"PostgreSQL-Backup-Manifest-Version\": 2,\n\"Files\": [\n{ \"Path\": \"base/5/INCREMENTAL.1\", \"Size\": 12, \"Last-Modified\": \"x\", \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"00000000\" }\n],\n";
+            let mut bytes = seal_manifest(body);
+            for (at, b) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = b;
+            }
+            let replaced = [Replaced {
+                sent_path: "base/5/INCREMENTAL.1".into(),
+                sent_size: 12,
+                sent_crc32c: 0,
+                path: "base/5/1".into(),
+                size: 8192,
+                crc32c: 1,
+            }];
+            if let Ok(out) = rewrite_manifest(&bytes, &replaced) {
+                let text = String::from_utf8(out).unwrap();
+                prop_assert!(text.contains("\"Path\": \"base/5/1\""));
+                let sealed = seal_manifest(manifest_body(&text).unwrap());
+                prop_assert_eq!(text.as_bytes(), sealed.as_slice());
+            }
+        }
+    }
+}
