@@ -334,6 +334,7 @@ async fn run_locked(
     };
     conn.close().await;
 
+    let received = streamed.received;
     let start_lsn: Lsn = parse_lsn(&streamed.start_lsn)?;
     let stop_lsn: Lsn = parse_lsn(&streamed.stop_lsn)?;
     let start_timeline = TimelineId(streamed.start_timeline);
@@ -436,9 +437,10 @@ async fn run_locked(
         }
     }
     tracing::info!(
-        "backup {id} complete: {} files, {} ({} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
+        "backup {id} complete: {} files, {} ({} received from the server, {} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
         manifest.files.len(),
         human_bytes(size_bytes),
+        human_bytes(received),
         human_bytes(manifest.new_bytes),
         ingested.stats.packs,
         ingested.stats.reused_chunks,
@@ -468,6 +470,8 @@ struct Streamed {
     stop_timeline: u32,
     tablespaces: Vec<TablespaceEntry>,
     pg_manifest: Vec<u8>,
+    /// Tar bytes the server sent (archives, not the manifest).
+    received: u64,
 }
 
 /// Runs BASE_BACKUP and feeds its archives to the tar reader.
@@ -522,6 +526,7 @@ async fn stream_backup(
             }
             BackupEvent::ArchiveData(data) => {
                 progress.add(data.len() as u64);
+                out.received += data.len() as u64;
                 batch.push(data);
                 if batch.iter().map(Bytes::len).sum::<usize>() >= ARCHIVE_BATCH {
                     send_batch(&archive_tx, &mut batch).await?;
