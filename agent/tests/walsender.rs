@@ -344,6 +344,7 @@ async fn base_backup_streams_archives_and_manifest() {
         progress: true,
         max_rate: None,
         tablespace_map: true,
+        incremental: false,
     };
     let mut stream = conn.base_backup(opts).await.unwrap();
     let mut started = None;

@@ -459,6 +459,7 @@ mod tests {
             offset: 0,
             length: 0,
             plain_length,
+            crc32c: None,
         }
     }
 

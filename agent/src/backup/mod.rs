@@ -8,6 +8,8 @@
 //!   lz4-compressed, and appended to a pack object (`packs/<xx>/<id>.pack`, about
 //!   [`PACK_TARGET_SIZE`]) followed by the pack's index (`.idx`). A chunk already listed in any
 //!   pack index is referenced, not stored again;
+//! - [`incremental`] makes the files of a PostgreSQL 17+ incremental backup complete again
+//!   (against the parent backup's stored files), so that every stored backup is complete;
 //! - [`materialize`] writes a backup back out as a directory, verifying every chunk.
 //!
 //! Invariants: a pack index is written only after its pack, so every chunk an index lists is
@@ -16,6 +18,7 @@
 //! (and indexes) but no manifest; the next backup reuses their chunks.
 
 pub mod chunk_workers;
+pub mod incremental;
 pub mod materialize;
 pub mod pack;
 pub mod tar_reader;

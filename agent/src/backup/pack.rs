@@ -145,6 +145,7 @@ impl ChunkSet {
             offset: l.offset,
             length: l.length,
             plain_length: l.plain_length,
+            crc32c: None,
         })
     }
 
@@ -362,6 +363,7 @@ impl Packer {
             offset,
             length,
             plain_length,
+            crc32c: None,
         };
         self.entries.push(PackIndexEntry {
             sha256: r.sha256.clone(),

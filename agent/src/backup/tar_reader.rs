@@ -15,7 +15,10 @@ use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use super::chunk_workers::{ChunkWorkers, Hashed, Tag};
+use super::incremental::{self, Parent, Replaced};
 use super::pack::{PackError, PackStats, Packer};
 use super::CHUNK_SIZE;
 use crate::repo::manifest::{ChunkRef, FileEntry, FileKind};
@@ -43,6 +46,9 @@ pub enum IngestError {
     MemberType { kind: String, path: String },
     #[error("the archive stream ended inside an archive")]
     Truncated,
+    /// An incremental file that cannot be made complete.
+    #[error("incremental backup: {0}")]
+    Incremental(String),
     #[error("archive stream out of order: {0}")]
     Order(&'static str),
     /// The uploader stopped (its error is the cause), or a chunk could not be packed.
@@ -56,6 +62,8 @@ pub struct Ingested {
     /// Every member of every archive, in stream order.
     pub files: Vec<FileEntry>,
     pub stats: PackStats,
+    /// The members stored under another name or content than sent (incremental backups).
+    pub replaced: Vec<Replaced>,
 }
 
 /// A `Read` over the data messages of one archive; EOF at [`ArchiveMsg::End`].
@@ -165,14 +173,21 @@ pub fn member_path(path: &Path, tablespace: Option<u32>) -> Result<Option<String
 /// `workers` hashing and compressing threads and a [`Packer`] (which hands full packs to the
 /// uploader). Blocking: run it on its own thread.
 ///
+/// With `parent` (an incremental backup), every `INCREMENTAL.<name>` member is stored as the
+/// complete `<name>`, built from the parent's file and the blocks sent, and `backup_label`
+/// without its incremental lines (see [`incremental`]).
+///
 /// # Errors
-/// Malformed tar data, unsafe paths, a stream that ends inside an archive, a stopped uploader.
+/// Malformed tar data, unsafe paths, a stream that ends inside an archive, a stopped uploader,
+/// an incremental file that cannot be made complete.
 pub fn ingest(
     mut rx: mpsc::Receiver<ArchiveMsg>,
     packer: Packer,
     workers: usize,
+    parent: Option<Arc<Parent>>,
 ) -> Result<Ingested, IngestError> {
     let mut store = Store::new(packer, workers);
+    store.parent = parent;
     let mut network_wait = Duration::ZERO;
     while let Some(msg) = rx.blocking_recv() {
         let tablespace = match msg {
@@ -242,13 +257,43 @@ fn read_archive(
             file.link_target = Some(target.to_string());
             store.files.push(file);
         } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            let store_err = |e| match e {
+                StoreError::Read(e) => tar_err(e),
+                StoreError::Pack(e) => e.into(),
+                StoreError::Incremental(m) => IngestError::Incremental(m),
+            };
+            if let Some(parent) = store.parent.clone() {
+                if let Some(complete) = incremental::complete_path(&file.path) {
+                    let sent_path = std::mem::replace(&mut file.path, complete);
+                    store.files.push(file);
+                    store
+                        .store_incremental(&mut entry, declared, &parent, sent_path)
+                        .map_err(store_err)?;
+                    continue;
+                }
+                if file.path == "backup_label" {
+                    let mut label = Vec::new();
+                    entry.read_to_end(&mut label).map_err(tar_err)?;
+                    let sent = (label.len() as u64, crc32c::crc32c(&label));
+                    let label = incremental::complete_backup_label(&label).unwrap_or(label);
+                    store.files.push(file);
+                    store
+                        .store_file(&mut &label[..], label.len() as u64)
+                        .map_err(store_err)?;
+                    let stored = store.files.last().expect("just pushed");
+                    store.replaced.push(Replaced {
+                        sent_path: stored.path.clone(),
+                        sent_size: sent.0,
+                        sent_crc32c: sent.1,
+                        path: stored.path.clone(),
+                        size: stored.size,
+                        crc32c: crc32c::crc32c(&label),
+                    });
+                    continue;
+                }
+            }
             store.files.push(file);
-            store
-                .store_file(&mut entry, declared)
-                .map_err(|e| match e {
-                    StoreError::Read(e) => tar_err(e),
-                    StoreError::Pack(e) => e.into(),
-                })?;
+            store.store_file(&mut entry, declared).map_err(store_err)?;
         } else {
             return Err(IngestError::MemberType {
                 kind: format!("{kind:?}"),
@@ -262,6 +307,7 @@ fn read_archive(
 enum StoreError {
     Read(io::Error),
     Pack(PackError),
+    Incremental(String),
 }
 
 impl From<PackError> for StoreError {
@@ -282,16 +328,20 @@ struct Store {
     max_buffers: usize,
     /// Time spent waiting for a buffer to come back from the workers.
     worker_wait: Duration,
+    /// The backup an incremental backup is taken against.
+    parent: Option<Arc<Parent>>,
+    replaced: Vec<Replaced>,
 }
 
 /// Stands for a chunk ref until the workers are done with the chunk.
-fn pending_chunk() -> ChunkRef {
+fn pending_chunk(crc: u32) -> ChunkRef {
     ChunkRef {
         sha256: String::new(),
         pack: String::new(),
         offset: 0,
         length: 0,
         plain_length: 0,
+        crc32c: Some(format!("{crc:08x}")),
     }
 }
 
@@ -307,6 +357,8 @@ impl Store {
             // Every worker busy with one chunk and another queued, and one being read.
             max_buffers: 2 * workers + 1,
             worker_wait: Duration::ZERO,
+            parent: None,
+            replaced: Vec::new(),
         }
     }
 
@@ -323,14 +375,15 @@ impl Store {
                 self.free.push(buf);
                 break;
             }
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            let chunk_crc = crc32c::crc32c(&buf[..n]);
+            crc = crc32c::crc32c_combine(crc, chunk_crc, n);
             size += n as u64;
             let file = &mut self.files[index];
             let tag = Tag {
                 file: index,
                 chunk: file.chunks.len(),
             };
-            file.chunks.push(pending_chunk());
+            file.chunks.push(pending_chunk(chunk_crc));
             self.workers.submit(tag, buf, n);
             if n < CHUNK_SIZE {
                 break;
@@ -348,6 +401,134 @@ impl Store {
         if size == 0 {
             file.sha256 = Some(hex::encode(Sha256::digest(b"")));
         }
+        Ok(())
+    }
+
+    /// Stores the last file of `files` complete from the incremental file `entry` (`declared`
+    /// bytes long, sent as `sent_path`) and the parent's file of the same path (see
+    /// [`incremental`]): chunk by chunk, each either the parent's own chunk (nothing in it
+    /// changed) or a new one made of the parent's bytes, the blocks sent, and zeros.
+    fn store_incremental(
+        &mut self,
+        entry: &mut impl Read,
+        declared: u64,
+        parent: &Parent,
+        sent_path: String,
+    ) -> Result<(), StoreError> {
+        let index = self.files.len() - 1;
+        let path = self.files[index].path.clone();
+        let fail = |m: String| StoreError::Incremental(format!("'{sent_path}': {m}"));
+        let mut input = CrcReader {
+            inner: entry,
+            crc: 0,
+            count: 0,
+        };
+        let header = incremental::read_header(&mut input, declared, parent.block_size).map_err(
+            |e| match e.kind() {
+                io::ErrorKind::InvalidData => fail(e.to_string()),
+                _ => StoreError::Read(e),
+            },
+        )?;
+        let prior = parent.files.get(&path).ok_or_else(|| {
+            fail(format!(
+                "no '{path}' in backup {} to build the complete file from",
+                parent.id
+            ))
+        })?;
+        let bs = u64::from(parent.block_size);
+        let size = header.block_length() * bs;
+        // Bytes of the complete file that are the parent's where no block was sent.
+        let from_parent = u64::from(header.truncation_block_length).min(prior.size / bs) * bs;
+        let mut prior_offsets = Vec::with_capacity(prior.chunks.len());
+        let mut at = 0u64;
+        for c in &prior.chunks {
+            prior_offsets.push(at);
+            at += c.plain_length;
+        }
+        let mut sent = header.blocks.iter().map(|&b| u64::from(b) * bs).peekable();
+        let (mut crc, mut start, mut k) = (0u32, 0u64, 0usize);
+        while start < size {
+            let end = (start + CHUNK_SIZE as u64).min(size);
+            let len = (end - start) as usize;
+            let changed = sent.peek().is_some_and(|&b| b < end);
+            let prior_chunk = prior
+                .chunks
+                .get(k)
+                .filter(|_| prior_offsets[k] == start)
+                .cloned();
+            if let Some(mut c) = prior_chunk
+                .clone()
+                .filter(|c| !changed && end <= from_parent && c.plain_length == len as u64)
+            {
+                // Unchanged: the parent's chunk itself.
+                let chunk_crc = match c
+                    .crc32c
+                    .as_deref()
+                    .and_then(|h| u32::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => v,
+                    None => {
+                        let mut buf = self.buffer()?;
+                        (parent.fetch)(&c, &mut buf[..len]).map_err(&fail)?;
+                        let v = crc32c::crc32c(&buf[..len]);
+                        self.free.push(buf);
+                        v
+                    }
+                };
+                c.crc32c = Some(format!("{chunk_crc:08x}"));
+                crc = crc32c::crc32c_combine(crc, chunk_crc, len);
+                self.files[index].chunks.push(c);
+            } else {
+                let mut buf = self.buffer()?;
+                let mut filled = 0;
+                if start < from_parent {
+                    let c = prior_chunk.ok_or_else(|| {
+                        fail(format!("the parent's '{path}' is not cut at byte {start}"))
+                    })?;
+                    let n = c.plain_length as usize;
+                    if n > CHUNK_SIZE {
+                        return Err(fail(format!("the parent's chunk {} is too long", c.sha256)));
+                    }
+                    (parent.fetch)(&c, &mut buf[..n]).map_err(&fail)?;
+                    filled = ((from_parent.min(end) - start) as usize).min(n);
+                }
+                buf[filled..len].fill(0);
+                while let Some(b) = sent.next_if(|&b| b < end) {
+                    let at = (b - start) as usize;
+                    input
+                        .read_exact(&mut buf[at..at + bs as usize])
+                        .map_err(StoreError::Read)?;
+                }
+                let chunk_crc = crc32c::crc32c(&buf[..len]);
+                crc = crc32c::crc32c_combine(crc, chunk_crc, len);
+                let file = &mut self.files[index];
+                let tag = Tag {
+                    file: index,
+                    chunk: file.chunks.len(),
+                };
+                file.chunks.push(pending_chunk(chunk_crc));
+                self.workers.submit(tag, buf, len);
+            }
+            start = end;
+            k += 1;
+        }
+        if input.count != declared {
+            return Err(fail(format!("{} bytes of {declared} used", input.count)));
+        }
+        let file = &mut self.files[index];
+        file.size = size;
+        file.crc32c = Some(format!("{crc:08x}"));
+        if size == 0 {
+            file.sha256 = Some(hex::encode(Sha256::digest(b"")));
+        }
+        self.replaced.push(Replaced {
+            sent_path,
+            sent_size: declared,
+            sent_crc32c: input.crc,
+            path,
+            size,
+            crc32c: crc,
+        });
         Ok(())
     }
 
@@ -372,13 +553,15 @@ impl Store {
 
     /// Packs a finished chunk and puts its ref in place.
     fn apply(&mut self, h: Hashed) -> Result<(), PackError> {
-        let r = self
+        let mut r = self
             .packer
             .add(h.sha256, h.len as u64, h.frame.as_deref())?;
         if let Some(frame) = h.frame {
             self.workers.recycle_frame(frame);
         }
-        self.files[h.tag.file].chunks[h.tag.chunk] = r;
+        let slot = &mut self.files[h.tag.file].chunks[h.tag.chunk];
+        r.crc32c = slot.crc32c.take();
+        *slot = r;
         self.free.push(h.plain);
         Ok(())
     }
@@ -399,7 +582,24 @@ impl Store {
         Ok(Ingested {
             files: self.files,
             stats,
+            replaced: self.replaced,
         })
+    }
+}
+
+/// A reader that counts and checksums (CRC-32C) what passes through.
+struct CrcReader<'a, R> {
+    inner: &'a mut R,
+    crc: u32,
+    count: u64,
+}
+
+impl<R: Read> Read for CrcReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.count += n as u64;
+        Ok(n)
     }
 }
 
@@ -507,7 +707,7 @@ mod tests {
         let (pack_tx, mut pack_rx) = mpsc::channel(64);
         let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
         let (tx, rx) = mpsc::channel(4);
-        let worker = std::thread::spawn(move || ingest(rx, packer, 2));
+        let worker = std::thread::spawn(move || ingest(rx, packer, 2, None));
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
         for piece in tar.chunks(10_000) {
@@ -551,13 +751,175 @@ mod tests {
         assert!(pack_rx.try_recv().is_ok());
     }
 
+    /// A parent file of `blocks` blocks of 8 KiB (block `b` filled with `b`), cut into chunks
+    /// as a backup stores it, and a fetch that serves those chunks (counting its calls).
+    fn parent_of(
+        blocks: u32,
+        crcs: bool,
+    ) -> (Parent, Vec<u8>, Arc<std::sync::atomic::AtomicUsize>) {
+        let bs = 8192usize;
+        let data: Vec<u8> = (0..blocks as usize * bs).map(|i| (i / bs) as u8).collect();
+        let mut chunks = Vec::new();
+        let mut by_sha = std::collections::HashMap::new();
+        for piece in data.chunks(CHUNK_SIZE) {
+            let sha = hex::encode(Sha256::digest(piece));
+            by_sha.insert(sha.clone(), piece.to_vec());
+            chunks.push(ChunkRef {
+                sha256: sha,
+                pack: "0".repeat(32),
+                offset: 0,
+                length: 0,
+                plain_length: piece.len() as u64,
+                crc32c: crcs.then(|| format!("{:08x}", crc32c::crc32c(piece))),
+            });
+        }
+        let file = FileEntry {
+            path: "base/5/16384".into(),
+            size: data.len() as u64,
+            mode: 0o600,
+            mtime: 0,
+            sha256: None,
+            crc32c: Some(format!("{:08x}", crc32c::crc32c(&data))),
+            kind: FileKind::File,
+            link_target: None,
+            chunks,
+        };
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = calls.clone();
+        let fetch = move |c: &ChunkRef, out: &mut [u8]| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            out.copy_from_slice(&by_sha[&c.sha256]);
+            Ok(())
+        };
+        let parent = Parent {
+            id: "20261204T050000Z".into(),
+            files: [(file.path.clone(), file)].into_iter().collect(),
+            block_size: 8192,
+            fetch: Arc::new(fetch),
+        };
+        (parent, data, calls)
+    }
+
+    /// An incremental file as PostgreSQL 17/18 sends it: block `b` filled with `200 + b`.
+    fn incremental_file(blocks: &[u32], trunc: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        for w in [incremental::MAGIC, blocks.len() as u32, trunc] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        for b in blocks {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        if !blocks.is_empty() {
+            out.resize(out.len().div_ceil(8192) * 8192, 0);
+        }
+        for b in blocks {
+            out.extend(std::iter::repeat_n((200 + b) as u8, 8192));
+        }
+        out
+    }
+
+    fn ingest_incremental(parent: Parent, incr: Vec<u8>) -> Ingested {
+        let tar = tar_of(&[
+            ("base/5/INCREMENTAL.16384", incr),
+            (
+                "backup_label",
+                b"START TIMELINE: 1\nINCREMENTAL FROM LSN: 0/2000028\nINCREMENTAL FROM TLI: 1\n"
+                    .to_vec(),
+            ),
+        ]);
+        let (pack_tx, _pack_rx) = mpsc::channel(64);
+        let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
+        let (tx, rx) = mpsc::channel(4);
+        let parent = Some(Arc::new(parent));
+        let worker = std::thread::spawn(move || ingest(rx, packer, 2, parent));
+        tx.blocking_send(ArchiveMsg::Start { tablespace: None })
+            .unwrap();
+        for piece in tar.chunks(100_000) {
+            tx.blocking_send(ArchiveMsg::Data(vec![Bytes::copy_from_slice(piece)]))
+                .unwrap();
+        }
+        tx.blocking_send(ArchiveMsg::End).unwrap();
+        drop(tx);
+        worker.join().unwrap().unwrap()
+    }
+
+    #[test]
+    fn incremental_files_are_stored_complete() {
+        // 1100 blocks: chunks of 512, 512 and 76 blocks. Blocks 3 and 520 changed, the file
+        // grew by two blocks (1101 new, 1100 never written: zeros) — then a truncated one.
+        for crcs in [true, false] {
+            let (parent, data, calls) = parent_of(1100, crcs);
+            let prior = parent.files["base/5/16384"].clone();
+            let out = ingest_incremental(parent, incremental_file(&[3, 520, 1101], 1100));
+            let mut expected = data.clone();
+            for b in [3usize, 520] {
+                expected[b * 8192..(b + 1) * 8192].fill((200 + b) as u8);
+            }
+            expected.extend(std::iter::repeat_n(0u8, 8192));
+            expected.extend(std::iter::repeat_n((200 + 1101u32) as u8, 8192));
+            let f = out.files.iter().find(|f| f.path == "base/5/16384").unwrap();
+            assert_eq!(f.size, expected.len() as u64);
+            assert_eq!(
+                f.crc32c.as_deref(),
+                Some(format!("{:08x}", crc32c::crc32c(&expected)).as_str())
+            );
+            assert_eq!(f.chunks.len(), 3);
+            assert_ne!(f.chunks[0].sha256, prior.chunks[0].sha256);
+            for (c, piece) in f.chunks.iter().zip(expected.chunks(CHUNK_SIZE)) {
+                assert_eq!(c.sha256, hex::encode(Sha256::digest(piece)));
+                assert_eq!(c.plain_length, piece.len() as u64);
+            }
+            // Chunks 0 and 1 changed (fetched); chunk 2 grew (fetched).
+            assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+            let label = out.files.iter().find(|f| f.path == "backup_label").unwrap();
+            assert_eq!(label.size, b"START TIMELINE: 1\n".len() as u64);
+            assert_eq!(out.replaced.len(), 2);
+            let r = out
+                .replaced
+                .iter()
+                .find(|r| r.path == "base/5/16384")
+                .unwrap();
+            assert_eq!(r.sent_path, "base/5/INCREMENTAL.16384");
+            assert_eq!(r.size, expected.len() as u64);
+        }
+
+        // Only the last chunk changed: the first two are the parent's own, read only when
+        // their CRC-32C is not recorded.
+        for crcs in [true, false] {
+            let (parent, data, calls) = parent_of(1100, crcs);
+            let prior = parent.files["base/5/16384"].clone();
+            let out = ingest_incremental(parent, incremental_file(&[1050], 1100));
+            let mut expected = data.clone();
+            expected[1050 * 8192..1051 * 8192].fill((200 + 1050u32) as u8);
+            let f = out.files.iter().find(|f| f.path == "base/5/16384").unwrap();
+            assert_eq!(f.chunks[0].sha256, prior.chunks[0].sha256);
+            assert_eq!(f.chunks[1].sha256, prior.chunks[1].sha256);
+            assert_eq!(
+                f.crc32c.as_deref(),
+                Some(format!("{:08x}", crc32c::crc32c(&expected)).as_str())
+            );
+            let fetched = calls.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(fetched, if crcs { 1 } else { 3 });
+        }
+
+        // Truncated to 10 blocks, none sent: the parent's first 10 blocks.
+        let (parent, data, _) = parent_of(1100, true);
+        let out = ingest_incremental(parent, incremental_file(&[], 10));
+        let f = out.files.iter().find(|f| f.path == "base/5/16384").unwrap();
+        assert_eq!(f.size, 10 * 8192);
+        assert_eq!(
+            f.crc32c.as_deref(),
+            Some(format!("{:08x}", crc32c::crc32c(&data[..10 * 8192])).as_str())
+        );
+    }
+
     #[test]
     fn truncated_archives_fail() {
         let tar = tar_of(&[("base/x", vec![1; 5000])]);
         let (pack_tx, _pack_rx) = mpsc::channel(64);
         let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
         let (tx, rx) = mpsc::channel(4);
-        let worker = std::thread::spawn(move || ingest(rx, packer, 2));
+        let worker = std::thread::spawn(move || ingest(rx, packer, 2, None));
         tx.blocking_send(ArchiveMsg::Start { tablespace: None })
             .unwrap();
         tx.blocking_send(ArchiveMsg::Data(vec![Bytes::copy_from_slice(&tar[..2000])]))
@@ -585,7 +947,7 @@ mod proptests {
         let (pack_tx, pack_rx) = mpsc::channel(64);
         let packer = Packer::new(Arc::new(ChunkSet::default()), pack_tx);
         let (tx, rx) = mpsc::channel(4);
-        let reader = std::thread::spawn(move || ingest(rx, packer, 1));
+        let reader = std::thread::spawn(move || ingest(rx, packer, 1, None));
         // A send fails once the reader has stopped with an error: the rest is not needed.
         'send: for (tablespace, bytes) in archives {
             let start = ArchiveMsg::Start {

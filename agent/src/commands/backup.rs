@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::backup::incremental::{self, Parent};
 use crate::backup::pack::{self, ChunkSet, Packer};
 use crate::backup::tar_reader::{self, ArchiveMsg, IngestError};
 use crate::config::{Config, ConfigError};
@@ -84,6 +85,13 @@ pub struct BackupArgs {
     /// above the primary's `archive_timeout`: the last segment arrives once the primary switches.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub wal_timeout: u64,
+    /// PostgreSQL 17+: the server sends only the blocks changed since the newest backup of
+    /// this timeline (it needs `summarize_wal = on`). pgpitr still stores a complete backup,
+    /// made of the changed blocks and that backup's unchanged chunks: a restore never needs
+    /// a chain. Without a backup to build on (none, or its `backup_manifest` gone), a full
+    /// backup is taken with a warning.
+    #[arg(long)]
+    pub incremental: bool,
     /// Pause before the commit point (milliseconds; tests of a lock lost mid-run).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub commit_delay_ms: u64,
@@ -130,6 +138,15 @@ pub enum BackupError {
     ManifestMismatch(String),
     #[error("unexpected output from the server: {0}")]
     Protocol(String),
+    #[error("--incremental needs PostgreSQL 17 or later and the server runs {0}: take a full backup (without --incremental)")]
+    IncrementalUnsupported(String),
+    #[error("--incremental needs summarize_wal = on and the server has '{0}': set summarize_wal = on (a reload is enough), take a full backup, then incremental ones")]
+    SummarizeWalOff(String),
+    #[error("the server refused an incremental backup against backup {parent}: {error}; take a full backup (without --incremental)")]
+    IncrementalRefused {
+        parent: BackupId,
+        error: Box<WalsenderError>,
+    },
     /// The tar reader stopped early; its own error is the one to report.
     #[error("the tar reader stopped")]
     ReaderStopped,
@@ -244,6 +261,11 @@ async fn run_locked(
     if identity.is_none() {
         RepoIdentity::ensure(storage.as_ref(), &observed).await?;
     }
+    let parent = if args.incremental {
+        incremental_parent(&mut conn, storage.clone(), &system, version_num).await?
+    } else {
+        None
+    };
 
     // 3. The backup.
     let (id, start_time) = new_backup_id(storage.as_ref()).await?;
@@ -269,8 +291,10 @@ async fn run_locked(
     let (archive_tx, archive_rx) = mpsc::channel(ARCHIVE_CHANNEL);
     let workers =
         std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_CHUNK_WORKERS));
-    let reader =
-        tokio::task::spawn_blocking(move || tar_reader::ingest(archive_rx, packer, workers));
+    let parent_id = parent.as_ref().map(|p| BackupId(p.id.clone()));
+    let reader = tokio::task::spawn_blocking(move || {
+        tar_reader::ingest(archive_rx, packer, workers, parent)
+    });
 
     let opts = BaseBackupOptions {
         fast_checkpoint: args.checkpoint == Checkpoint::Fast,
@@ -279,6 +303,7 @@ async fn run_locked(
         manifest: true,
         progress: true,
         tablespace_map: true,
+        incremental: parent_id.is_some(),
         ..BaseBackupOptions::new(label.clone())
     };
     let streamed = stream_backup(&mut conn, opts, archive_tx).await;
@@ -290,6 +315,17 @@ async fn run_locked(
     uploaded?;
     let streamed = match streamed {
         Err(BackupError::ReaderStopped) => None,
+        // E.g. "WAL summaries are required on timeline 1 from 0/2000028 to 0/4000060, but no
+        // summaries for that timeline and LSN range exist" (summarize_wal turned on after
+        // the parent backup): the server's words, with what to do.
+        Err(BackupError::Server {
+            error: error @ WalsenderError::Server { .. },
+        }) if parent_id.is_some() && incremental_error(&error) => {
+            return Err(BackupError::IncrementalRefused {
+                parent: parent_id.expect("checked"),
+                error: Box::new(error),
+            })
+        }
         other => Some(other?),
     };
     let ingested = ingested?;
@@ -298,17 +334,35 @@ async fn run_locked(
     };
     conn.close().await;
 
+    let received = streamed.received;
     let start_lsn: Lsn = parse_lsn(&streamed.start_lsn)?;
     let stop_lsn: Lsn = parse_lsn(&streamed.stop_lsn)?;
     let start_timeline = TimelineId(streamed.start_timeline);
     let stop_timeline = TimelineId(streamed.stop_timeline);
-    cross_check(&streamed.pg_manifest, &ingested.files)?;
+    let pg_manifest = if ingested.replaced.is_empty() {
+        cross_check(&streamed.pg_manifest, &ingested.files)?;
+        streamed.pg_manifest
+    } else {
+        // The server's manifest describes what it sent; the one stored describes the complete
+        // files (see backup::incremental), and both are checked.
+        cross_check(&streamed.pg_manifest, &as_sent(&ingested))?;
+        let rewritten = incremental::rewrite_manifest(&streamed.pg_manifest, &ingested.replaced)
+            .map_err(BackupError::ManifestMismatch)?;
+        cross_check(&rewritten, &ingested.files)?;
+        rewritten
+    };
+    if let Some(p) = &parent_id {
+        tracing::info!(
+            "incremental against backup {p}: {} files made complete from its chunks",
+            ingested.replaced.len().saturating_sub(1)
+        );
+    }
 
     // 4. What the manifest needs besides the files.
     storage
         .put(
             &layout::pg_backup_manifest_key(&id),
-            Bytes::from(streamed.pg_manifest),
+            Bytes::from(pg_manifest),
             PutMode::Overwrite,
         )
         .await?;
@@ -355,6 +409,7 @@ async fn run_locked(
         files: ingested.files,
         size_bytes,
         new_bytes: ingested.stats.new_bytes,
+        incremental_from: parent_id,
     };
     let body = serde_json::to_vec(&manifest).expect("serialisable");
     // The lock is checked on both sides of the commit point (issue 15, item 4): an `expire`
@@ -382,9 +437,10 @@ async fn run_locked(
         }
     }
     tracing::info!(
-        "backup {id} complete: {} files, {} ({} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
+        "backup {id} complete: {} files, {} ({} received from the server, {} new in {} packs, {} chunks reused), WAL {start_lsn} to {stop_lsn} on timeline {stop_timeline}",
         manifest.files.len(),
         human_bytes(size_bytes),
+        human_bytes(received),
         human_bytes(manifest.new_bytes),
         ingested.stats.packs,
         ingested.stats.reused_chunks,
@@ -414,6 +470,8 @@ struct Streamed {
     stop_timeline: u32,
     tablespaces: Vec<TablespaceEntry>,
     pg_manifest: Vec<u8>,
+    /// Tar bytes the server sent (archives, not the manifest).
+    received: u64,
 }
 
 /// Runs BASE_BACKUP and feeds its archives to the tar reader.
@@ -468,6 +526,7 @@ async fn stream_backup(
             }
             BackupEvent::ArchiveData(data) => {
                 progress.add(data.len() as u64);
+                out.received += data.len() as u64;
                 batch.push(data);
                 if batch.iter().map(Bytes::len).sum::<usize>() >= ARCHIVE_BATCH {
                     send_batch(&archive_tx, &mut batch).await?;
@@ -566,6 +625,138 @@ fn cross_check(
         }
     }
     Ok(())
+}
+
+/// The files of `ingested` as the server sent them (incremental files and `backup_label`
+/// under their sent names, sizes and CRC-32C), for [`cross_check`] with its manifest.
+fn as_sent(ingested: &tar_reader::Ingested) -> Vec<crate::repo::manifest::FileEntry> {
+    let replaced: std::collections::HashMap<&str, &incremental::Replaced> = ingested
+        .replaced
+        .iter()
+        .map(|r| (r.path.as_str(), r))
+        .collect();
+    ingested
+        .files
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            if let Some(r) = replaced.get(f.path.as_str()) {
+                f.path = r.sent_path.clone();
+                f.size = r.sent_size;
+                f.crc32c = Some(format!("{:08x}", r.sent_crc32c));
+            }
+            f
+        })
+        .collect()
+}
+
+/// Whether a server error during an incremental BASE_BACKUP is about the incremental backup
+/// itself (WAL summaries, the uploaded manifest), rather than, say, a data checksum failure.
+fn incremental_error(e: &WalsenderError) -> bool {
+    match e {
+        WalsenderError::Server { message, .. } => {
+            let m = message.to_lowercase();
+            ["summar", "manifest", "incremental"]
+                .iter()
+                .any(|w| m.contains(w))
+        }
+        _ => false,
+    }
+}
+
+/// The backup an incremental backup builds on: the newest of this system and timeline whose
+/// `backup_manifest` is stored, uploaded to the server (UPLOAD_MANIFEST), with what the tar
+/// reader needs to make the incremental files complete. `None` (with a warning: a full backup
+/// follows) when there is no such backup.
+///
+/// # Errors
+/// A server older than 17 or with `summarize_wal` off; the server refusing the manifest;
+/// storage errors.
+async fn incremental_parent(
+    conn: &mut ReplicationConnection,
+    storage: Arc<dyn Storage>,
+    system: &crate::walsender::SystemIdentity,
+    version_num: u32,
+) -> Result<Option<Arc<Parent>>, BackupError> {
+    if version_num < 170000 {
+        return Err(BackupError::IncrementalUnsupported(
+            conn.server_version().to_string(),
+        ));
+    }
+    let summarize = conn.show("summarize_wal").await?;
+    if summarize != "on" {
+        return Err(BackupError::SummarizeWalOff(summarize));
+    }
+    let block_text = conn.show("block_size").await?;
+    let block_size: u32 = block_text
+        .parse()
+        .ok()
+        .filter(|b: &u32| b.is_power_of_two() && (1024..=32768).contains(b))
+        .ok_or_else(|| BackupError::Protocol(format!("block_size '{block_text}'")))?;
+    let candidates: Vec<BackupManifest> = crate::recovery::source::load_manifests(storage.as_ref())
+        .await?
+        .into_iter()
+        .filter(|m| {
+            m.system_identifier == system.system_identifier
+                && m.pg_version_num / 10000 == version_num / 10000
+                && m.stop_timeline == TimelineId(system.timeline)
+        })
+        .collect();
+    let Some(m) = candidates.into_iter().max_by(|a, b| a.id.cmp(&b.id)) else {
+        tracing::warn!(
+            "no earlier backup of this cluster on timeline {} to build an incremental backup on:              taking a full backup",
+            system.timeline
+        );
+        return Ok(None);
+    };
+    let pg_manifest = match storage.get(&layout::pg_backup_manifest_key(&m.id)).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => {
+            tracing::warn!(
+                "backup {} has no backup_manifest in the repository to build an incremental                  backup on: taking a full backup",
+                m.id
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    conn.upload_manifest(&pg_manifest)
+        .await
+        .map_err(|error| match error {
+            WalsenderError::Server { .. } => BackupError::IncrementalRefused {
+                parent: m.id.clone(),
+                error: Box::new(error),
+            },
+            e => e.into(),
+        })?;
+    let handle = tokio::runtime::Handle::current();
+    let fetch = move |c: &crate::repo::manifest::ChunkRef, out: &mut [u8]| {
+        if !layout::is_pack_id(&c.pack) {
+            return Err(format!("invalid pack id '{}'", c.pack));
+        }
+        let key = layout::pack_key(&c.pack);
+        let end = c
+            .offset
+            .checked_add(c.length)
+            .ok_or_else(|| format!("chunk {} out of range", c.sha256))?;
+        let data = handle
+            .block_on(storage.get_range(&key, c.offset..end))
+            .map_err(|e| format!("reading the parent's chunk {}: {e}", c.sha256))?;
+        crate::repo::codec::decode_chunk_verified(&data, &c.sha256, out)
+            .map_err(|e| format!("the parent's chunk {} in {key}: {e}", c.sha256))
+    };
+    tracing::info!("incremental backup against backup {}", m.id);
+    Ok(Some(Arc::new(Parent {
+        id: m.id.0.clone(),
+        files: m
+            .files
+            .into_iter()
+            .filter(|f| f.kind == crate::repo::manifest::FileKind::File)
+            .map(|f| (f.path.clone(), f))
+            .collect(),
+        block_size,
+        fetch: Arc::new(fetch),
+    })))
 }
 
 /// Whether `manifest`, a CRC-32C as PostgreSQL's `backup_manifest` writes it (the bytes of the

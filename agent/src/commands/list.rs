@@ -56,6 +56,9 @@ pub struct BackupLine {
     pub files: usize,
     pub size_bytes: u64,
     pub new_bytes: u64,
+    /// The backup an incremental backup was taken against (it is complete without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<BackupId>,
 }
 
 /// Everything `list` shows.
@@ -103,6 +106,7 @@ pub async fn run(config: &Config) -> Result<Listing, ListError> {
             files: m.files.len(),
             size_bytes: m.size_bytes,
             new_bytes: m.new_bytes,
+            incremental_from: m.incremental_from.clone(),
         })
         .collect();
     // Read-only: judged by this host's clock (expire judges by the storage's).
@@ -163,7 +167,12 @@ pub fn render(l: &Listing) -> String {
                 human_bytes(b.size_bytes),
                 human_bytes(b.new_bytes),
                 b.label,
-                if b.keep { " (keep)" } else { "" }
+                match (&b.incremental_from, b.keep) {
+                    (Some(p), true) => format!(" (incremental from {p}, keep)"),
+                    (Some(p), false) => format!(" (incremental from {p})"),
+                    (None, true) => " (keep)".to_string(),
+                    (None, false) => String::new(),
+                }
             );
         }
     }

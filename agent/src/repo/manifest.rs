@@ -82,6 +82,10 @@ pub struct BackupManifest {
     pub size_bytes: u64,
     /// Compressed bytes this backup added to the repository (chunks no earlier backup stored).
     pub new_bytes: u64,
+    /// The backup this one was taken against with `--incremental` (PostgreSQL 17+). For
+    /// information only: the backup is stored complete and restores without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<BackupId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +141,11 @@ pub struct ChunkRef {
     pub offset: u64,
     pub length: u64,
     pub plain_length: u64,
+    /// CRC-32C of the chunk's plain bytes, 8 hex digits of its value (backups taken since
+    /// incremental backups exist): an incremental backup that keeps this chunk of its parent
+    /// combines the file's CRC-32C from it without reading the chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<String>,
 }
 
 #[cfg(test)]
@@ -185,6 +194,7 @@ mod proptests {
                 offset,
                 length,
                 plain_length,
+                crc32c: None,
             })
     }
 
@@ -258,6 +268,7 @@ mod proptests {
                     files,
                     size_bytes,
                     new_bytes,
+                    incremental_from: None,
                 },
             )
     }

@@ -60,6 +60,9 @@ pub struct BaseBackupOptions {
     /// Put a `tablespace_map` file in `base.tar` instead of the `pg_tblspc` symlinks
     /// (`TABLESPACE_MAP`), as `pg_basebackup -Ft` does.
     pub tablespace_map: bool,
+    /// An incremental backup against the manifest uploaded before on the same connection
+    /// ([`ReplicationConnection::upload_manifest`]); PostgreSQL 17+ (`INCREMENTAL`).
+    pub incremental: bool,
 }
 
 impl BaseBackupOptions {
@@ -74,6 +77,7 @@ impl BaseBackupOptions {
             progress: false,
             max_rate: None,
             tablespace_map: true,
+            incremental: false,
         }
     }
 }
@@ -135,7 +139,8 @@ static TAR_TRAILER: [u8; 1024] = [0; 1024];
 ///
 /// # Errors
 ///
-/// [`WalsenderError::UnsupportedServerVersion`] before 13 (no manifests),
+/// [`WalsenderError::UnsupportedServerVersion`] before 13 (no manifests), or before 17 for an
+/// incremental backup;
 /// [`WalsenderError::InvalidArgument`] for a label containing a NUL byte.
 pub(crate) fn build_command(
     opts: &BaseBackupOptions,
@@ -146,6 +151,12 @@ pub(crate) fn build_command(
         return Err(WalsenderError::UnsupportedServerVersion {
             version: server_version.to_owned(),
             what: "BASE_BACKUP",
+        });
+    }
+    if opts.incremental && server_version_num < 170000 {
+        return Err(WalsenderError::UnsupportedServerVersion {
+            version: server_version.to_owned(),
+            what: "incremental backups (PostgreSQL 17 or later)",
         });
     }
     let label = quote_literal(&opts.label)?;
@@ -170,6 +181,9 @@ pub(crate) fn build_command(
             parts.push("MANIFEST_CHECKSUMS 'CRC32C'".to_owned());
         }
         parts.push("TARGET 'client'".to_owned());
+        if opts.incremental {
+            parts.push("INCREMENTAL".to_owned());
+        }
         Ok(format!("BASE_BACKUP ( {} )", parts.join(", ")))
     } else {
         parts.push(format!("LABEL {label}"));
@@ -678,6 +692,7 @@ mod tests {
             progress: true,
             max_rate: Some(1024),
             tablespace_map: true,
+            incremental: false,
         }
     }
 
@@ -698,6 +713,23 @@ mod tests {
             build_command(&plain, 170000, "17beta1").unwrap(),
             "BASE_BACKUP ( LABEL 'x', WAIT true, TARGET 'client' )"
         );
+    }
+
+    #[test]
+    fn incremental_command_for_17_and_later_only() {
+        let incr = BaseBackupOptions {
+            incremental: true,
+            ..opts()
+        };
+        assert!(build_command(&incr, 170002, "17.2")
+            .unwrap()
+            .ends_with("TARGET 'client', INCREMENTAL )"));
+        for (num, v) in [(160004, "16.4"), (140010, "14.10")] {
+            assert!(matches!(
+                build_command(&incr, num, v),
+                Err(WalsenderError::UnsupportedServerVersion { .. })
+            ));
+        }
     }
 
     #[test]

@@ -28,6 +28,9 @@ use super::tls::{self, Verify};
 use super::version::parse_server_version_num;
 use super::wire::{self, Wire};
 
+/// CopyData payload size for UPLOAD_MANIFEST, in bytes.
+const UPLOAD_PIECE: usize = 64 * 1024;
+
 /// Result of IDENTIFY_SYSTEM (walsender.c `IdentifySystem()`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemIdentity {
@@ -404,6 +407,62 @@ impl ReplicationConnection {
             base_backup::build_command(&opts, self.server_version_num, self.server_version())?;
         self.send_query(&command).await?;
         Ok(BaseBackupStream::new(self, &opts))
+    }
+
+    /// Runs UPLOAD_MANIFEST (PostgreSQL 17+): sends `manifest`, the `backup_manifest` of the
+    /// backup an incremental BASE_BACKUP on this connection is to be taken against, with the
+    /// CopyIn sub-protocol (walsender.c `UploadManifest()`; the server parses and checks it
+    /// in basebackup_incremental.c before ReadyForQuery).
+    ///
+    /// # Errors
+    ///
+    /// [`WalsenderError::UnsupportedServerVersion`] before 17; the classified server error
+    /// (e.g. a manifest of another system) — the connection stays usable; I/O and protocol
+    /// errors.
+    pub async fn upload_manifest(&mut self, manifest: &[u8]) -> Result<(), WalsenderError> {
+        if self.server_version_num < 170000 {
+            return Err(WalsenderError::UnsupportedServerVersion {
+                version: self.server_version().to_owned(),
+                what: "incremental backups (PostgreSQL 17 or later)",
+            });
+        }
+        self.send_query("UPLOAD_MANIFEST").await?;
+        let mut error = None;
+        loop {
+            match self.wire.read_message().await? {
+                Message::CopyInResponse(_) => {
+                    for piece in manifest.chunks(UPLOAD_PIECE) {
+                        frontend::CopyData::new(piece)
+                            .map_err(|e| {
+                                WalsenderError::InvalidArgument(format!(
+                                    "cannot encode the manifest: {e}"
+                                ))
+                            })?
+                            .write(&mut self.wire.wbuf);
+                        self.wire.flush().await?;
+                    }
+                    frontend::copy_done(&mut self.wire.wbuf);
+                    self.wire.flush().await?;
+                }
+                Message::CommandComplete(_) => {}
+                Message::ErrorResponse(body) => {
+                    let msg = wire::server_message(body.fields())?;
+                    error = Some(classify_server_error(msg, &self.user, false));
+                }
+                Message::NoticeResponse(body) => {
+                    wire::log_notice(&wire::server_message(body.fields())?)
+                }
+                Message::ParameterStatus(body) => self.set_parameter(&body)?,
+                Message::ReadyForQuery(_) => {
+                    self.busy = false;
+                    return match error {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                _ => return Err(unexpected_message("message in UPLOAD_MANIFEST response")),
+            }
+        }
     }
 
     /// Sends Terminate and closes the connection.

@@ -180,6 +180,9 @@ impl WalsenderError {
                 "set wal_level = replica (or logical) and restart the server".to_owned()
             }
             Self::Server { hint, .. } => return hint.clone(),
+            Self::UnsupportedServerVersion { what, .. } if what.contains("17") => {
+                "take a full backup (without --incremental)".to_owned()
+            }
             Self::UnsupportedServerVersion { .. } => {
                 "pgpitr needs PostgreSQL 13 or later".to_owned()
             }

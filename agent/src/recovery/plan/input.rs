@@ -126,6 +126,7 @@ mod tests {
             files: vec![],
             size_bytes: 12345,
             new_bytes: 99,
+            incremental_from: None,
         };
         let s = BackupSummary::from(&m);
         assert_eq!(
