@@ -30,6 +30,9 @@ def psql(conn, sql):
 
 
 def wait_archived(conn):
+    # A record first: right after a switch, pg_switch_wal() switches nothing and the segment
+    # waited for would never be archived.
+    psql(conn, "SELECT pg_logical_emit_message(false, 'pgpitr-bench', 'switch')")
     last = psql(conn, "SELECT pg_walfile_name(pg_current_wal_lsn())")
     psql(conn, "SELECT pg_switch_wal()")
     deadline = time.time() + 1800
