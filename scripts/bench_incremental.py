@@ -2,8 +2,10 @@
 """Incremental backup benchmark (PostgreSQL 17+), one run on this machine: a full `pgpitr backup`
 of a pgbench database (about 2 GB at the default scale), then about 1% of pgbench_accounts
 updated (one contiguous range of rows), then `pgpitr backup --incremental` and a full
-`pgpitr backup` of the same state. Reports wall time, the tar bytes the server sent (from
-pgpitr's own count) and the bytes each backup added to the repository. Prints Markdown. Run
+`pgpitr backup` of the same state. Reports wall time, the bytes the server read (the `rchar`
+of the walsender that served the backup, which the postmaster's /proc/<pid>/io accumulates when it
+reaps it; autovacuum is off so that no other child exits meanwhile), the tar bytes the server sent
+(from pgpitr's own count) and the bytes each backup added to the repository. Prints Markdown. Run
 through scripts/bench; needs PG17_SERVER_BIN (or PG18_SERVER_BIN with BENCH_PG=18), as
 `scripts/test --setup-only` prints, and PostgreSQL 15's client tools."""
 import json, os, re, shutil, subprocess, sys, tempfile, time
@@ -45,10 +47,41 @@ def wait_archived(conn):
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
 
-def backup(root, repo, sock, port, conn, extra):
-    """One measured `pgpitr backup`: (seconds, bytes received from the server, backup id)."""
+def postmaster(data):
+    with open(f"{data}/postmaster.pid") as f:
+        return f.readline().strip()
+
+
+def children_rchar(data):
+    """Bytes read through read()-like calls by the postmaster and the children it has reaped
+    (Linux adds a reaped child's I/O counters to its parent's /proc/<pid>/io)."""
+    with open(f"/proc/{postmaster(data)}/io") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("rchar:"))
+
+
+def walsenders(data):
+    """The postmaster's live walsender children (read from /proc, so that no new backend of our
+    own is started and reaped while we wait)."""
+    pid = postmaster(data)
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    found = []
+    for k in kids:
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"walsender" in f.read():
+                    found.append(k)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def backup(root, data, repo, sock, port, conn, extra):
+    """One measured `pgpitr backup`: (seconds, bytes the server read, bytes received from the
+    server, backup id)."""
     wait_archived(conn)
     settle()
+    read0 = children_rchar(data)
     cmd = as_pg(["env", f"PGPITR_REPO={repo}", f"PGPITR_CONNINFO=host={sock} port={port} user=postgres",
                  f"{root}/bin/pgpitr", "backup", "--checkpoint", "fast"] + extra)
     t0 = time.perf_counter()
@@ -59,7 +92,14 @@ def backup(root, repo, sock, port, conn, extra):
     m = re.search(r"\(([\d.]+) (\w+) received from the server", p.stderr)
     if not m:
         raise SystemExit(f"no byte count in: {p.stderr[-2000:]}")
-    return dt, float(m.group(1)) * UNITS[m.group(2)], p.stdout.strip()
+    # The walsender exits when pgpitr disconnects; wait until the postmaster has reaped it.
+    deadline = time.time() + 30
+    while walsenders(data):
+        if time.time() > deadline:
+            raise SystemExit("the walsender of the backup did not exit")
+        time.sleep(0.1)
+    read = children_rchar(data) - read0
+    return dt, read, float(m.group(1)) * UNITS[m.group(2)], p.stdout.strip()
 
 
 def main():
@@ -82,7 +122,7 @@ def main():
         with open(f"{data}/postgresql.conf", "a") as f:
             f.write(f"\nport = {port}\nunix_socket_directories = '{sock}'\nlisten_addresses = ''\n"
                     f"archive_mode = on\narchive_command = 'PGPITR_REPO={repo} {root}/bin/pgpitr-archive %p %f'\n"
-                    f"max_wal_size = '8GB'\nshared_buffers = '256MB'\nmax_wal_senders = 10\nsummarize_wal = on\n")
+                    f"max_wal_size = '8GB'\nshared_buffers = '256MB'\nmax_wal_senders = 10\nsummarize_wal = on\nautovacuum = off\n")
         run(as_pg([f"{server}/pg_ctl", "-D", data, "-l", f"{root}/log", "-w", "start"]))
         conn = ["-h", sock, "-p", port, "-U", "postgres"]
         run([f"{CLIENT}/pgbench", "-i", "-s", str(SCALE), "-q"] + conn + ["postgres"])
@@ -90,14 +130,14 @@ def main():
         size = int(psql(conn, "SELECT sum(pg_database_size(oid)) FROM pg_database"))
         version = psql(conn, "SHOW server_version")
 
-        t_base, sent_base, base_id = backup(root, repo, sock, port, conn, [])
+        t_base, read_base, sent_base, base_id = backup(root, data, repo, sock, port, conn, [])
         rows = SCALE * 100_000
         changed = int(rows * CHANGED)
         start = rows // 3
         psql(conn, f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > {start} AND aid <= {start + changed}")
         psql(conn, "CHECKPOINT")
-        t_incr, sent_incr, incr_id = backup(root, repo, sock, port, conn, ["--incremental"])
-        t_full, sent_full, full_id = backup(root, repo, sock, port, conn, [])
+        t_incr, read_incr, sent_incr, incr_id = backup(root, data, repo, sock, port, conn, ["--incremental"])
+        t_full, read_full, sent_full, full_id = backup(root, data, repo, sock, port, conn, [])
         listing = json.loads(run(as_pg(["env", f"PGPITR_REPO={repo}", f"{root}/bin/pgpitr", "list", "--json"])))
         new = {b["id"]: b["new_bytes"] for b in listing["backups"]}
         parents = {b["id"]: b.get("incremental_from") for b in listing["backups"]}
@@ -115,17 +155,19 @@ def main():
           f"databases, in page cache; the repository on the same disk. After the first full backup, "
           f"{changed:,} rows of pgbench_accounts ({CHANGED:.0%}, one contiguous range) updated, then "
           f"the incremental backup (against the first) and a full backup of the same state. "
-          f"\"Sent\" counts the tar bytes the server streamed (pgpitr's count); \"stored\" what the "
+          f"\"Read\" counts the bytes the walsender read (its `rchar`, page cache included); "
+          f"\"sent\" the tar bytes the server streamed (pgpitr's count); \"stored\" what the "
           f"backup added to the repository (compressed).\n")
-    print("| backup | seconds | sent by the server (MB) | stored (MB) |")
-    print("|---|---:|---:|---:|")
-    for label, t, sent, bid in (("first full backup (empty repository)", t_base, sent_base, base_id),
-                                ("`--incremental` after the change", t_incr, sent_incr, incr_id),
-                                ("full backup after the change", t_full, sent_full, full_id)):
-        print(f"| {label} | {t:.1f} | {sent / 1e6:.0f} | {new[bid] / 1e6:.1f} |")
+    print("| backup | seconds | read by the server (MB) | sent by the server (MB) | stored (MB) |")
+    print("|---|---:|---:|---:|---:|")
+    for label, t, read, sent, bid in (
+            ("first full backup (empty repository)", t_base, read_base, sent_base, base_id),
+            ("`--incremental` after the change", t_incr, read_incr, sent_incr, incr_id),
+            ("full backup after the change", t_full, read_full, sent_full, full_id)):
+        print(f"| {label} | {t:.1f} | {read / 1e6:.0f} | {sent / 1e6:.0f} | {new[bid] / 1e6:.1f} |")
     print()
     print(f"- incremental / full after the change: time {t_incr / t_full:.2f}×, "
-          f"bytes sent {sent_incr / sent_full:.3f}×")
+          f"bytes read {read_incr / read_full:.3f}×, bytes sent {sent_incr / sent_full:.3f}×")
 
 
 if __name__ == "__main__":
