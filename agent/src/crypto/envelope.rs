@@ -113,6 +113,140 @@ fn seal_with_prefix(
     out
 }
 
+/// The associated data a [`Sealer`] seals its segments with, set once, possibly from another
+/// thread than the one writing: the object's key, often known only once its content is hashed.
+#[derive(Clone, Default)]
+pub struct Binding(std::sync::Arc<std::sync::OnceLock<Vec<u8>>>);
+
+impl Binding {
+    /// Binds the object to `aad`; a later call changes nothing (and [`Sealer::finish`] then
+    /// refuses any other key).
+    pub fn bind(&self, aad: &[u8]) {
+        let _ = self.0.set(aad.to_vec());
+    }
+
+    fn get(&self) -> Option<&[u8]> {
+        self.0.get().map(Vec::as_slice)
+    }
+}
+
+/// Seals an object while its plain bytes arrive, into the very bytes [`seal`] makes of them
+/// (the header, then each segment once a later byte shows it is not the last one). Segments
+/// are sealed from the moment the object's key is bound ([`Sealer::binding`]); plain bytes
+/// written before wait in memory. Sealing as the bytes arrive, rather than after the last one,
+/// lets a caller that learns the key early (a WAL object's key carries the keyed hash of the
+/// segment, known before its compression ends) overlap sealing and writing with compressing.
+pub struct Sealer<W: std::io::Write> {
+    out: W,
+    stream: StreamBE32<XChaCha20Poly1305>,
+    binding: Binding,
+    /// Plain bytes not sealed yet; always less than a segment after a drain, once bound.
+    pending: Vec<u8>,
+    /// The next segment's number.
+    next: u32,
+    /// One segment and its tag, reused.
+    segment: Vec<u8>,
+}
+
+impl<W: std::io::Write> Sealer<W> {
+    /// Starts an object in `out` under `key`, with a fresh nonce prefix: writes the header.
+    ///
+    /// # Errors
+    /// `out`'s error.
+    pub fn new(key: &DataKey, out: W) -> std::io::Result<Sealer<W>> {
+        Sealer::with_prefix(key, out, &random_prefix())
+    }
+
+    fn with_prefix(
+        key: &DataKey,
+        mut out: W,
+        prefix: &[u8; NONCE_PREFIX_LEN],
+    ) -> std::io::Result<Sealer<W>> {
+        out.write_all(MAGIC)?;
+        out.write_all(prefix)?;
+        Ok(Sealer {
+            out,
+            stream: stream(key, prefix),
+            binding: Binding::default(),
+            pending: Vec::new(),
+            next: 0,
+            segment: Vec::with_capacity(SEGMENT + TAG),
+        })
+    }
+
+    /// Where to bind the object's key (its associated data).
+    pub fn binding(&self) -> Binding {
+        self.binding.clone()
+    }
+
+    /// Seals what is left as the last segment and returns the output.
+    ///
+    /// # Errors
+    /// `out`'s error; `InvalidInput` when the object was bound to another key than `aad`.
+    pub fn finish(mut self, aad: &[u8]) -> std::io::Result<W> {
+        self.binding.bind(aad);
+        if self.binding.get() != Some(aad) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an object sealed for one key was stored under another",
+            ));
+        }
+        self.drain(true)?;
+        Ok(self.out)
+    }
+
+    /// Seals and writes every pending segment that is not the last (all of them when `last`).
+    fn drain(&mut self, last: bool) -> std::io::Result<()> {
+        let Some(aad) = self.binding.get() else {
+            return Ok(());
+        };
+        let mut at = 0;
+        loop {
+            let left = self.pending.len() - at;
+            let is_last = last && left <= SEGMENT;
+            if left <= SEGMENT && !is_last {
+                break;
+            }
+            let n = left.min(SEGMENT);
+            self.segment.clear();
+            self.segment.extend_from_slice(&self.pending[at..at + n]);
+            self.stream
+                .encrypt_in_place(self.next, is_last, aad, &mut self.segment)
+                .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
+            self.out.write_all(&self.segment)?;
+            self.next += 1;
+            at += n;
+            if is_last {
+                break;
+            }
+        }
+        self.pending.drain(..at);
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write> std::fmt::Debug for Sealer<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("next", &self.next)
+            .field("pending", &self.pending.len())
+            .field("bound", &self.binding.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Sealer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        self.drain(false)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Opens a whole sealed object stored under `aad`.
 ///
 /// # Errors
@@ -321,6 +455,46 @@ mod tests {
         3 * SEGMENT,
         2_500_000,
     ];
+
+    /// Sealing as the bytes arrive, bound before, during or after them, makes exactly the
+    /// bytes of sealing them at once.
+    #[test]
+    fn a_sealer_makes_the_bytes_seal_makes() {
+        let prefix = [9u8; NONCE_PREFIX_LEN];
+        for &n in SIZES.iter().chain(&[2 * SEGMENT, 2 * SEGMENT + 17]) {
+            let plain = data(n);
+            let want = seal_with_prefix(&key(1), b"wal/x-1", &[&plain], &prefix);
+            for write in [1usize, 1000, SEGMENT, SEGMENT + 3, 1 << 20] {
+                for bind_after in [0usize, n / 2, n] {
+                    let mut s = Sealer::with_prefix(&key(1), Vec::new(), &prefix).unwrap();
+                    let binding = s.binding();
+                    let mut written = 0;
+                    for part in plain.chunks(write) {
+                        if written >= bind_after {
+                            binding.bind(b"wal/x-1");
+                        }
+                        std::io::Write::write_all(&mut s, part).unwrap();
+                        written += part.len();
+                    }
+                    let got = s.finish(b"wal/x-1").unwrap();
+                    assert!(
+                        got == want,
+                        "{n} bytes, writes of {write}, bound after {bind_after}"
+                    );
+                    assert_eq!(open(&key(1), b"wal/x-1", &got).unwrap(), plain);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_sealer_bound_to_one_key_refuses_another() {
+        let mut s = Sealer::new(&key(1), Vec::new()).unwrap();
+        s.binding().bind(b"wal/a-1");
+        std::io::Write::write_all(&mut s, &data(3 * SEGMENT)).unwrap();
+        let e = s.finish(b"wal/b-1").err().expect("another key");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    }
 
     #[test]
     fn lengths_invert() {

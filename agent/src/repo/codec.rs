@@ -35,7 +35,9 @@ pub struct Written {
 /// call needs only a few MiB of fresh memory, which is slow to fault in on a virtual machine.
 ///
 /// `in_order` sees each plain part after its frame was written, in order (for the restore-point
-/// scan). `released` is told each part's byte range once it has been both hashed and
+/// scan). `digested` is given the SHA-256 as soon as it is known, while parts may still be
+/// compressed and written (an encrypted repository binds the object's key then, and seals the
+/// rest as it comes). `released` is told each part's byte range once it has been both hashed and
 /// compressed and is never read again: a caller reading `plain` from a mapped file can then
 /// drop those pages from its mapping, so that its resident memory stays a few parts.
 ///
@@ -46,6 +48,7 @@ pub fn compress_into(
     out: &mut (dyn Write + Send),
     in_order: &mut (dyn FnMut(&[u8]) + Send),
     released: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    digested: &(dyn Fn(&[u8; 32]) + Sync),
 ) -> std::io::Result<Written> {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let parts: Vec<&[u8]> = if plain.is_empty() {
@@ -110,8 +113,8 @@ pub fn compress_into(
             }
         }
     };
-    let mut hasher = Sha256::new();
-    let mut hash_parts = || {
+    let hash_parts = || -> [u8; 32] {
+        let mut hasher = Sha256::new();
         for (i, part) in parts.iter().enumerate() {
             hasher.update(part);
             hashed.store(i + 1, SeqCst);
@@ -119,15 +122,18 @@ pub fn compress_into(
                 released(range(i));
             }
         }
+        hasher.finalize().into()
     };
-    std::thread::scope(|s| {
+    let sha256 = std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(compress_parts);
         }
-        hash_parts();
+        let sha256 = hash_parts();
+        digested(&sha256);
         // Then help with the parts left: on poorly compressible WAL (full-page images), lz4
         // takes longer than SHA-256.
         compress_parts();
+        sha256
     });
     let o = order.into_inner().expect("no panics");
     if let Some(e) = o.failed {
@@ -136,7 +142,7 @@ pub fn compress_into(
     let index = PartIndex {
         plain_len: plain.len() as u64,
         part_size: PART_SIZE as u32,
-        sha256: hasher.finalize().into(),
+        sha256,
         parts: o.part_hashes,
     };
     let encoded = index.encode();
@@ -660,7 +666,7 @@ mod tests {
             }
         }
         let mut frames = Frames(Vec::new());
-        let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}).unwrap();
+        let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}, &|_| {}).unwrap();
         let index = frames.0.pop().expect("the part index is written last");
         Compressed {
             frames: frames.0,
@@ -840,6 +846,7 @@ mod tests {
             let mut seen = Vec::new();
             let released =
                 std::sync::Mutex::new(vec![0u32; plain.len().div_ceil(PART_SIZE).max(1)]);
+            let digested = std::sync::Mutex::new(Vec::new());
             let digest = compress_into(
                 &plain,
                 &mut object,
@@ -849,8 +856,11 @@ mod tests {
                     assert_eq!(r.end, (r.start + PART_SIZE).min(len));
                     released.lock().unwrap()[r.start / PART_SIZE] += 1;
                 },
+                &|sha| digested.lock().unwrap().push(*sha),
             )
             .unwrap();
+            // The SHA-256 is handed over once, and is the one returned.
+            assert_eq!(*digested.lock().unwrap(), vec![digest.sha256]);
             // One frame per part, in order, as a single thread encodes them, then the index.
             let mut expected = Vec::new();
             let mut parts: Vec<&[u8]> = plain.chunks(PART_SIZE).collect();
@@ -979,7 +989,7 @@ mod tests {
         }
         let plain = pseudo_random(8 * PART_SIZE);
         let mut out = FailAfter { left: 2, calls: 0 };
-        let err = compress_into(&plain, &mut out, &mut |_| {}, &|_| {}).unwrap_err();
+        let err = compress_into(&plain, &mut out, &mut |_| {}, &|_| {}, &|_| {}).unwrap_err();
         assert_eq!(err.to_string(), "disk full");
         assert_eq!(out.calls, 3, "nothing is written after the failure");
     }
@@ -1038,7 +1048,7 @@ mod proptests {
     /// An object as the archiver stores it: frames, then its part index.
     fn object_of(plain: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        compress_into(plain, &mut out, &mut |_| {}, &|_| {}).unwrap();
+        compress_into(plain, &mut out, &mut |_| {}, &|_| {}, &|_| {}).unwrap();
         out
     }
 

@@ -110,6 +110,14 @@ impl EncryptedStorage {
     }
 }
 
+/// An error of writing a staged object: a full disk says so (see `super::io_message`).
+fn staged_error(key: &str, e: &std::io::Error) -> StorageError {
+    StorageError::Permanent {
+        key: key.to_string(),
+        message: super::io_message(e),
+    }
+}
+
 #[async_trait::async_trait]
 impl Storage for EncryptedStorage {
     fn location(&self) -> String {
@@ -144,17 +152,32 @@ impl Storage for EncryptedStorage {
         put
     }
 
-    /// In memory: the object's key, which it is sealed to, is known only at the end.
-    async fn stage(&self, _dir: &str) -> StorageResult<Staged> {
-        Ok(Staged::Memory(Vec::new()))
+    /// Sealed as it is written into what the storage underneath stages (a temporary file of a
+    /// local repository, memory for S3); its segments wait in memory until the caller binds the
+    /// object's key ([`Staged::binding`]), or until [`Storage::put_staged`] names it.
+    async fn stage(&self, dir: &str) -> StorageResult<Staged> {
+        let inner = self.inner.stage(dir).await?;
+        let sealer = envelope::Sealer::new(&self.key, inner).map_err(|e| staged_error(dir, &e))?;
+        Ok(Staged::Sealing(Box::new(sealer)))
     }
 
     async fn put_staged(&self, key: &str, staged: Staged, mode: PutMode) -> StorageResult<()> {
         match staged {
             Staged::Memory(parts) => self.put_parts(key, parts, mode).await,
-            Staged::File(_) => Err(StorageError::Permanent {
+            Staged::Sealing(sealer) if !is_clear_key(key) => {
+                super::validate_key(key)?;
+                let aad = key.as_bytes().to_vec();
+                let inner = tokio::task::spawn_blocking(move || sealer.finish(&aad))
+                    .await
+                    .expect("sealing")
+                    .map_err(|e| staged_error(key, &e))?;
+                let put = self.inner.put_staged(key, inner, mode).await;
+                self.headers.lock().expect("no panics").remove(key);
+                put
+            }
+            Staged::Sealing(_) | Staged::File(_) => Err(StorageError::Permanent {
                 key: key.to_string(),
-                message: "a temporary file given to an encrypted repository".into(),
+                message: "an object staged by another storage".into(),
             }),
         }
     }
@@ -259,6 +282,60 @@ mod tests {
         let raw: DynStorage = Arc::new(LocalStorage::new(dir.to_path_buf()));
         let enc = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]));
         (raw, enc)
+    }
+
+    /// A staged object bound to its key early is sealed into the temporary file as it is
+    /// written, and reads back; one bound to another key than it is stored under is refused
+    /// and leaves nothing behind.
+    #[tokio::test]
+    async fn staged_objects_are_sealed_as_written_and_only_for_their_key() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, enc) = pair(dir.path());
+        let plain: Vec<u8> = (0..600_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let mut staged = enc.stage("wal/a/").await.unwrap();
+        staged.binding().unwrap().bind(b"wal/a/one");
+        for part in plain.chunks(100_000) {
+            staged.write_all(part).unwrap();
+        }
+        // Bound: everything but the last segment is already in the temporary file.
+        fn bytes_under(p: &std::path::Path) -> u64 {
+            std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .map(|p| {
+                    if p.is_dir() {
+                        bytes_under(&p)
+                    } else {
+                        p.metadata().unwrap().len()
+                    }
+                })
+                .sum()
+        }
+        let temp = bytes_under(dir.path());
+        assert!(
+            temp >= plain.len() as u64 - envelope::SEGMENT as u64,
+            "{temp}"
+        );
+        enc.put_staged("wal/a/one", staged, PutMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(enc.get("wal/a/one").await.unwrap(), plain);
+        assert!(raw.get("wal/a/one").await.unwrap().len() > plain.len());
+
+        let mut staged = enc.stage("wal/a/").await.unwrap();
+        staged.binding().unwrap().bind(b"wal/a/two");
+        staged.write_all(&plain).unwrap();
+        let e = enc.put_staged("wal/a/three", staged, PutMode::Create).await;
+        assert!(e.is_err());
+        let left: Vec<_> = enc
+            .list("wal/a/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(left, vec!["wal/a/one".to_string()]);
     }
 
     #[tokio::test]

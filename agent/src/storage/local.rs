@@ -447,6 +447,10 @@ impl Storage for LocalStorage {
         match staged {
             Staged::File(temp) => blocking(move || this.commit_blocking(&key, temp, mode)).await,
             Staged::Memory(parts) => blocking(move || this.put_blocking(&key, &parts, mode)).await,
+            Staged::Sealing(_) => Err(StorageError::Permanent {
+                key,
+                message: "an object staged by an encrypted repository".into(),
+            }),
         }
     }
 

@@ -137,9 +137,9 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     async fn put_staged(&self, key: &str, staged: Staged, mode: PutMode) -> StorageResult<()> {
         match staged {
             Staged::Memory(parts) => self.put_parts(key, parts, mode).await,
-            Staged::File(_) => Err(StorageError::Permanent {
+            Staged::File(_) | Staged::Sealing(_) => Err(StorageError::Permanent {
                 key: key.to_string(),
-                message: "a temporary file of a local repository, given to another storage".into(),
+                message: "an object staged by another storage".into(),
             }),
         }
     }
@@ -198,6 +198,20 @@ pub enum Staged {
     Memory(Vec<Bytes>),
     /// A temporary file in the object's directory, removed when dropped (local storage).
     File(local::TempFile),
+    /// Sealed as it is written, into what the storage under an encrypted repository staged
+    /// (`encrypted::EncryptedStorage`).
+    Sealing(Box<crate::crypto::envelope::Sealer<Staged>>),
+}
+
+impl Staged {
+    /// Where to bind the object's key once it is known, so that sealing can start before the
+    /// last byte is written; `None` when the bytes are not sealed here.
+    pub fn binding(&self) -> Option<crate::crypto::envelope::Binding> {
+        match self {
+            Staged::Sealing(s) => Some(s.binding()),
+            Staged::Memory(_) | Staged::File(_) => None,
+        }
+    }
 }
 
 impl std::io::Write for Staged {
@@ -208,6 +222,7 @@ impl std::io::Write for Staged {
                 Ok(buf.len())
             }
             Staged::File(f) => f.write(buf),
+            Staged::Sealing(s) => s.write(buf),
         }
     }
 
