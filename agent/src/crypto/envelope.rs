@@ -492,7 +492,7 @@ mod tests {
         let mut s = Sealer::new(&key(1), Vec::new()).unwrap();
         s.binding().bind(b"wal/a-1");
         std::io::Write::write_all(&mut s, &data(3 * SEGMENT)).unwrap();
-        let e = s.finish(b"wal/b-1").err().expect("another key");
+        let e = s.finish(b"wal/b-1").expect_err("another key");
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     }
 
