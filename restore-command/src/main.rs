@@ -97,7 +97,10 @@ async fn fetch(cli: &Cli) -> Result<(archive_get::Restored, Option<String>), Fet
                 tracing::warn!("location {name} is unreachable, reading the next one: {e}");
             }
             Ok(restored) => {
-                return Ok((restored, (i > 0 || cli.from.is_some()).then(|| name.clone())))
+                return Ok((
+                    restored,
+                    (i > 0 || cli.from.is_some()).then(|| name.clone()),
+                ))
             }
             Err(e) => return Err(e),
         }
