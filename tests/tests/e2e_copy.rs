@@ -9,6 +9,10 @@
 //!   copy. A segment deleted from the middle of the copy's WAL makes `pgpitr-restore` exit 202
 //!   ("gap"), never 1, while a segment past the end is "not found" (exit 1). `expire --copy`
 //!   applies the copy's policy under the copy's lock.
+//! - `archive_to_copies = true`: every WAL file lands in both locations; while the copy
+//!   cannot take one, archiving of it fails (not reported archived) until it can.
+//! - An encrypted repository: the copy holds the same sealed bytes under the same keys, and its
+//!   key slots; `verify --copy` opens everything; a restore from the copy recovers.
 //! - Garage: the repository and the copy in two buckets behind two proxies; every object
 //!   written to the copy carries the copy's storage class (`STANDARD_IA`), none written to the
 //!   repository does; with the repository answering 500 to everything (unreachable after the
@@ -439,4 +443,82 @@ fn archive_to_copies_stores_every_wal_file_in_every_location_or_fails() {
     archive_everything(&c);
     assert!(wal(&copy).iter().any(|k| k.contains(&seg)));
     assert_eq!(wal(&repo), wal(&copy));
+}
+
+#[test]
+fn an_encrypted_repository_is_copied_sealed_and_restores_from_the_copy() {
+    let (_main_dir, repo) = local_repo();
+    let (_copy_dir, copy) = local_repo();
+    let secrets = temp_dir("copy-secrets");
+    give_to_pg_user(secrets.path());
+    let passphrase = secrets.path().join("passphrase");
+    std::fs::write(&passphrase, "copy passphrase\n").unwrap();
+    pgpitr_tests::set_mode(&passphrase, 0o600);
+    give_to_pg_user(&passphrase);
+    let config = config_file(
+        secrets.path(),
+        &format!("[[copy]]\nname = \"disk\"\nrepo = \"{}\"\n", copy.display()),
+    );
+    let main_env: Env = vec![
+        ("PGPITR_REPO".into(), repo.display().to_string()),
+        (
+            "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
+            passphrase.display().to_string(),
+        ),
+    ];
+    let env = with(&main_env, &[("PGPITR_CONFIG", config.to_str().unwrap())]);
+    pgpitr_ok(&main_env, &["key", "create"]);
+    let c = archiving_cluster(main_env.clone(), "");
+    create_markers(&c);
+    backup(&main_env, &c);
+    add_markers(&c, 4);
+    archive_everything(&c);
+    let report = copy_json(&env, &[]);
+    assert_eq!(
+        report["backups_sent"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+    // Objects as stored: the same bytes under the same keys, key slots included.
+    for key in data_objects(&copy).into_iter().chain(
+        files_under(&copy.join("keys"))
+            .into_iter()
+            .map(|p| p.strip_prefix(&copy).unwrap().display().to_string()),
+    ) {
+        assert_eq!(
+            std::fs::read(copy.join(&key)).unwrap(),
+            std::fs::read(repo.join(&key)).unwrap(),
+            "{key}"
+        );
+    }
+    assert!(!files_under(&copy.join("keys")).is_empty());
+    pgpitr_ok(&env, &["verify", "--copy", "disk"]);
+
+    let (target, expected) = target_after_marker(&c, nth_marker(&c, 2));
+    drop(c);
+    let root = temp_dir("copy-restore-enc");
+    let data = root.path().join("data");
+    pgpitr_ok(
+        &env,
+        &[
+            "restore",
+            "--from",
+            "disk",
+            "--target-time",
+            &target,
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--target-action",
+            "promote",
+            "--owner",
+            PG_USER,
+        ],
+    );
+    let mut r = Cluster::adopt(15, root, data);
+    r.start();
+    wait_promoted(&r);
+    assert_eq!(
+        r.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marker"),
+        expected
+    );
 }
