@@ -110,7 +110,78 @@ pub struct Config {
     /// is not part of it). Unset: the repository must not be encrypted.
     #[serde(default)]
     pub encryption_passphrase_file: Option<PathBuf>,
+    /// `pgpitr-archive` also stores each WAL file in every copy, and exits 0 only when every
+    /// location holds it; off: copies get WAL from `pgpitr copy`.
+    #[serde(default)]
+    pub archive_to_copies: bool,
+    /// Second locations (`[[copy]]` tables), each a complete repository of the same cluster
+    /// that `pgpitr copy` fills (docs/operations.md, "A second location"). File only: no
+    /// `PGPITR_*` variable names a copy.
+    #[serde(default, rename = "copy", skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<CopyConfig>,
 }
+
+/// One `[[copy]]` table: a second location with its own storage settings and retention.
+///
+/// Every `s3_*` key it leaves out takes the main repository's value (same server, another
+/// bucket needs only `repo`). Its `keep_*` keys are its own retention: when it sets any, only
+/// those apply to it; when it sets none, the main repository's `keep_*` apply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CopyConfig {
+    /// How `--to`, `--from` and `--copy` name it: 1 to 32 of `[a-z0-9_-]`, not `main`.
+    pub name: String,
+    /// The copy: an absolute directory path, or `s3://bucket/prefix`.
+    pub repo: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_force_path_style: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_sse: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_sse_kms_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_storage_class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<u32>,
+}
+
+/// The name `--from` gives the main repository.
+pub const MAIN_LOCATION: &str = "main";
+
+/// The keys of a `[[copy]]` table and their types.
+const COPY_KEYS: &[(&str, Kind)] = &[
+    ("name", Kind::Str),
+    ("repo", Kind::Str),
+    ("s3_endpoint", Kind::Str),
+    ("s3_region", Kind::Str),
+    ("s3_force_path_style", Kind::Bool),
+    ("s3_timeout", Kind::Str),
+    ("s3_retries", Kind::Int),
+    ("s3_sse", Kind::Str),
+    ("s3_sse_kms_key_id", Kind::Str),
+    ("s3_storage_class", Kind::Str),
+    ("keep_last", Kind::Int),
+    ("keep_within", Kind::Str),
+    ("keep_daily", Kind::Int),
+    ("keep_weekly", Kind::Int),
+    ("keep_monthly", Kind::Int),
+];
 
 fn default_region() -> String {
     "us-east-1".into()
@@ -181,6 +252,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("max_drill_age", Kind::Str),
     ("metrics_cache", Kind::Str),
     ("encryption_passphrase_file", Kind::Str),
+    ("archive_to_copies", Kind::Bool),
 ];
 
 /// A configuration error; the message names the file or variable and the key.
@@ -205,6 +277,10 @@ pub enum ConfigError {
     UnknownKey { path: PathBuf, key: String },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error("copy {name}: {message}")]
+    Copy { name: String, message: String },
+    #[error("no location named `{0}`: `main` is the repository, the others are the `name`s of the [[copy]] tables")]
+    NoSuchLocation(String),
 }
 
 impl ConfigError {
@@ -341,12 +417,111 @@ impl Config {
         }
         self.thresholds()?;
         self.metrics_cache()?;
+        let mut names = std::collections::HashSet::new();
+        for copy in &self.copies {
+            let valid = !copy.name.is_empty()
+                && copy.name.len() <= 32
+                && copy.name != MAIN_LOCATION
+                && copy.name.bytes().all(|b| {
+                    b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'_' || b == b'-'
+                });
+            let err = |message: String| ConfigError::Copy {
+                name: if valid {
+                    copy.name.clone()
+                } else {
+                    "(invalid name)".into()
+                },
+                message,
+            };
+            if !valid {
+                return Err(err(
+                    "`name` must be 1 to 32 of a-z, 0-9, _ and -, and not `main`".into(),
+                ));
+            }
+            if !names.insert(copy.name.as_str()) {
+                return Err(err("two [[copy]] tables have this name".into()));
+            }
+            let location = self.with_copy(copy);
+            if location.repo.trim_end_matches('/') == self.repo.trim_end_matches('/') {
+                return Err(err("`repo` is the main repository itself".into()));
+            }
+            location.validate().map_err(|e| err(e.to_string()))?;
+        }
         match self.repo_kind()? {
             RepoKind::Local(p) if !p.is_absolute() => Err(ConfigError::Repo {
                 message: "a local repository must be an absolute path (archive_command runs in the data directory)".into(),
             }),
             _ => Ok(()),
         }
+    }
+
+    /// The configuration of location `name`: itself for `main`, else the configuration with
+    /// the `[[copy]]` table `name` as its repository (see [`CopyConfig`] for what a copy
+    /// inherits). Every command then works on that location as on a repository.
+    ///
+    /// # Errors
+    /// [`ConfigError::NoSuchLocation`].
+    pub fn location(&self, name: &str) -> Result<Config, ConfigError> {
+        if name == MAIN_LOCATION {
+            return Ok(self.clone());
+        }
+        self.copies
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| self.with_copy(c))
+            .ok_or_else(|| ConfigError::NoSuchLocation(name.to_string()))
+    }
+
+    /// The names of every location, the main repository first, then the copies in file order.
+    pub fn location_names(&self) -> Vec<String> {
+        std::iter::once(MAIN_LOCATION.to_string())
+            .chain(self.copies.iter().map(|c| c.name.clone()))
+            .collect()
+    }
+
+    fn with_copy(&self, c: &CopyConfig) -> Config {
+        let own_retention = c.keep_last.is_some()
+            || c.keep_within.is_some()
+            || c.keep_daily.is_some()
+            || c.keep_weekly.is_some()
+            || c.keep_monthly.is_some();
+        let mut out = Config {
+            repo: c.repo.clone(),
+            s3_endpoint: c.s3_endpoint.clone().or_else(|| self.s3_endpoint.clone()),
+            s3_region: c
+                .s3_region
+                .clone()
+                .unwrap_or_else(|| self.s3_region.clone()),
+            s3_force_path_style: c.s3_force_path_style.unwrap_or(self.s3_force_path_style),
+            s3_timeout: c
+                .s3_timeout
+                .clone()
+                .unwrap_or_else(|| self.s3_timeout.clone()),
+            s3_retries: c.s3_retries.unwrap_or(self.s3_retries),
+            s3_sse: c.s3_sse.clone().or_else(|| self.s3_sse.clone()),
+            // A copy that chooses its own encryption does not inherit the main's KMS key.
+            s3_sse_kms_key_id: match &c.s3_sse {
+                Some(_) => c.s3_sse_kms_key_id.clone(),
+                None => c
+                    .s3_sse_kms_key_id
+                    .clone()
+                    .or_else(|| self.s3_sse_kms_key_id.clone()),
+            },
+            s3_storage_class: c
+                .s3_storage_class
+                .clone()
+                .or_else(|| self.s3_storage_class.clone()),
+            copies: Vec::new(),
+            ..self.clone()
+        };
+        if own_retention {
+            out.keep_last = c.keep_last;
+            out.keep_within = c.keep_within.clone();
+            out.keep_daily = c.keep_daily;
+            out.keep_weekly = c.keep_weekly;
+            out.keep_monthly = c.keep_monthly;
+        }
+        out
     }
 
     /// `s3_timeout` as a duration.
@@ -597,19 +772,53 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> String {
 /// An unknown key is named only when it looks like a key (a short bare key), since a mangled
 /// line could put a secret where a key would be.
 fn check_types(path: &Path, table: &toml::Table) -> Result<(), ConfigError> {
+    check_table(path, table, KEYS, "")?;
+    let Some(copies) = table.get("copy") else {
+        return Ok(());
+    };
+    let bad = || ConfigError::Value {
+        key: "copy",
+        message: "expected [[copy]] tables (see docs/configuration.md)".into(),
+    };
+    for (i, copy) in copies.as_array().ok_or_else(bad)?.iter().enumerate() {
+        let copy = copy.as_table().ok_or_else(bad)?;
+        check_table(path, copy, COPY_KEYS, &format!("[[copy]] #{}: ", i + 1))?;
+        for required in ["name", "repo"] {
+            if !copy.contains_key(required) {
+                return Err(ConfigError::Copy {
+                    name: format!("#{}", i + 1),
+                    message: format!("`{required}` is required"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`check_types`] of one table against `keys`; `context` prefixes an unknown key's name.
+fn check_table(
+    path: &Path,
+    table: &toml::Table,
+    keys: &[(&'static str, Kind)],
+    context: &str,
+) -> Result<(), ConfigError> {
     for (key, value) in table {
-        let Some((name, kind)) = KEYS.iter().find(|(k, _)| k == key) else {
+        if context.is_empty() && key == "copy" {
+            continue;
+        }
+        let Some((name, kind)) = keys.iter().find(|(k, _)| k == key) else {
             let shown = key.len() <= 40
                 && key
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let shown = if shown {
+                key.clone()
+            } else {
+                "(not shown)".into()
+            };
             return Err(ConfigError::UnknownKey {
                 path: path.to_path_buf(),
-                key: if shown {
-                    key.clone()
-                } else {
-                    "(not shown)".into()
-                },
+                key: format!("{context}{shown}"),
             });
         };
         let (ok, expected) = match kind {
@@ -867,6 +1076,79 @@ mod tests {
     }
 
     #[test]
+    fn copies_inherit_storage_keys_and_keep_their_own_retention() {
+        let text = "repo = \"s3://main/p\"\ns3_endpoint = \"http://127.0.0.1:3900\"\n\
+            s3_region = \"garage\"\ns3_force_path_style = true\nkeep_last = 4\n\
+            [[copy]]\nname = \"dr\"\nrepo = \"s3://dr/p\"\ns3_storage_class = \"STANDARD_IA\"\nkeep_monthly = 24\n\
+            [[copy]]\nname = \"disk\"\nrepo = \"/srv/copy\"\n";
+        let c = Config::from_parts(None, Some(text), &[]).unwrap();
+        assert_eq!(c.location_names(), ["main", "dr", "disk"]);
+        let dr = c.location("dr").unwrap();
+        assert_eq!(dr.repo, "s3://dr/p");
+        assert_eq!(
+            (
+                dr.s3_endpoint.as_deref(),
+                dr.s3_region.as_str(),
+                dr.s3_force_path_style
+            ),
+            (Some("http://127.0.0.1:3900"), "garage", true)
+        );
+        assert_eq!(dr.s3_storage_class.as_deref(), Some("STANDARD_IA"));
+        // Its own retention replaces the main's as a whole.
+        assert_eq!((dr.keep_last, dr.keep_monthly), (None, Some(24)));
+        assert!(dr.copies.is_empty());
+        // No keep_* of its own: the main's.
+        let disk = c.location("disk").unwrap();
+        assert_eq!((disk.keep_last, disk.keep_monthly), (Some(4), None));
+        assert_eq!(c.location("main").unwrap(), c);
+        assert!(matches!(
+            c.location("nope"),
+            Err(ConfigError::NoSuchLocation(_))
+        ));
+        // A configuration with copies round-trips through TOML.
+        let again = Config::from_parts(None, Some(&toml::to_string(&c).unwrap()), &[]).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn bad_copies_are_named() {
+        for (table, want) in [
+            ("repo = \"/c\"", "`name` is required"),
+            ("name = \"x\"", "`repo` is required"),
+            ("name = \"main\"\nrepo = \"/c\"", "not `main`"),
+            ("name = \"Zq7 x\"\nrepo = \"/c\"", "1 to 32"),
+            ("name = \"x\"\nrepo = \"/a/\"", "the main repository itself"),
+            ("name = \"x\"\nrepo = \"c\"", "absolute"),
+            (
+                "name = \"x\"\nrepo = \"/c\"\nkeep_within = \"soon\"",
+                "keep_within",
+            ),
+            (
+                "name = \"x\"\nrepo = \"/c\"\ns3_storage_class = \"Zq7\"",
+                "s3_storage_class",
+            ),
+            (
+                "name = \"x\"\nrepo = \"/c\"\nconninfo = \"Zq7\"",
+                "[[copy]] #1: conninfo",
+            ),
+            (
+                "name = \"x\"\nrepo = \"/c\"\nkeep_last = \"Zq7\"",
+                "keep_last",
+            ),
+        ] {
+            let text = format!("repo = \"/a\"\n[[copy]]\n{table}\n");
+            let e = Config::from_parts(None, Some(&text), &[]).unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains(want) && !m.contains("Zq7"), "{table}: {m}");
+        }
+        let two = "repo = \"/a\"\n[[copy]]\nname = \"x\"\nrepo = \"/c\"\n[[copy]]\nname = \"x\"\nrepo = \"/d\"\n";
+        let e = Config::from_parts(None, Some(two), &[]).unwrap_err();
+        assert!(e.to_string().contains("two [[copy]] tables"), "{e}");
+        let e = Config::from_parts(None, Some("repo = \"/a\"\ncopy = 1\n"), &[]).unwrap_err();
+        assert!(e.to_string().contains("[[copy]] tables"), "{e}");
+    }
+
+    #[test]
     fn retention_keys() {
         let c = Config::from_parts(
             None,
@@ -968,6 +1250,8 @@ mod proptests {
                     max_drill_age,
                     metrics_cache,
                     encryption_passphrase_file: encryption_passphrase_file.map(PathBuf::from),
+                    archive_to_copies: false,
+                    copies: Vec::new(),
                 },
             )
     }

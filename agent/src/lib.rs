@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod commands;
 pub mod config;
+pub mod copy;
 pub mod crypto;
 pub mod heap;
 pub mod logging;

@@ -1,7 +1,8 @@
 //! `pgpitr`: the agent. Parses arguments, runs one command from `pgpitr::commands`, maps the
 //! result to an exit code: 0 success, 1 failure, 2 bad arguments or configuration (clap's own
 //! usage errors also exit 2), 3 a restore whose recovery ended before its target;
-//! `drill` exits 1 when a step failed (named on stderr and in the record). `status` follows
+//! `drill` exits 1 when a step failed (named on stderr and in the record), `copy` when a copy
+//! is incomplete (its errors in the report). `status` follows
 //! the Nagios plugin convention instead: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (configuration).
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,9 @@ enum Command {
     /// Delete backups, WAL and packs that the retention policy no longer keeps, and killed
     /// writers' staging objects older than --staging-grace.
     Expire(commands::expire::ExpireArgs),
+    /// Bring the backups and WAL each copy's retention keeps to the copies (`[[copy]]`):
+    /// only what a copy lacks, each object verified on arrival; resumable after a kill.
+    Copy(commands::copy::CopyArgs),
     /// Re-read every object: chunk and WAL checksums, pack indexes, WAL continuity; warn about
     /// killed writers' staging objects (which do not fail it).
     Verify(commands::verify::VerifyArgs),
@@ -99,6 +103,8 @@ fn main() -> ExitCode {
                 || e.downcast_ref::<commands::drill::DrillError>()
                     .is_some_and(|e| e.is_usage())
                 || e.downcast_ref::<commands::key::KeyCommandError>()
+                    .is_some_and(|e| e.is_usage())
+                || e.downcast_ref::<commands::copy::CopyError>()
                     .is_some_and(|e| e.is_usage());
             ExitCode::from(if usage { exit::USAGE } else { exit::FAILURE })
         }
@@ -163,6 +169,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Plan(args) => {
             let (config, rt) = load(config_path)?;
+            let (_, config) = rt.block_on(pgpitr::copy::read::first_reachable(
+                &config,
+                args.from.as_deref(),
+            ))?;
             let plan = rt.block_on(commands::plan::run(&config, &args))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -173,6 +183,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Restore(args) => {
             let (config, rt) = load(config_path)?;
+            let (from, config) = rt.block_on(pgpitr::copy::read::first_reachable(
+                &config,
+                args.from.as_deref(),
+            ))?;
+            if from != pgpitr::config::MAIN_LOCATION {
+                eprintln!("pgpitr: restoring from copy {from}");
+            }
             let report = rt.block_on(commands::restore::run(&config, &args, &bin_dir()))?;
             print!("{}", commands::restore::render(&report));
             Ok(ExitCode::from(report.exit_code()))
@@ -192,8 +209,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Copy(args) => {
+            let (config, rt) = load(config_path)?;
+            let reports = rt.block_on(commands::copy::run(&config, &args))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", commands::copy::render(&reports));
+            }
+            Ok(if reports.iter().all(commands::copy::CopyReport::ok) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            })
+        }
         Command::Expire(args) => {
             let (config, rt) = load(config_path)?;
+            let config = match &args.copy {
+                Some(name) => config.location(name)?,
+                None => config,
+            };
             let report = rt.block_on(commands::expire::run(&config, &args))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -204,6 +239,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify(args) => {
             let (config, rt) = load(config_path)?;
+            let config = match &args.copy {
+                Some(name) => config.location(name)?,
+                None => config,
+            };
             let report = rt.block_on(commands::verify::run(&config, &args))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -24,6 +24,11 @@ struct Cli {
     /// Configuration file (default: $PGPITR_CONFIG, then /etc/pgpitr/pgpitr.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Read location NAME first: `main` (the repository) or a copy's name (`[[copy]]`). The
+    /// next location is read only when this one is unreachable, never when it answers that
+    /// it does not hold the file.
+    #[arg(long, value_name = "NAME")]
+    from: Option<String>,
     /// %f: the name of the WAL file PostgreSQL wants.
     wal_name: String,
     /// %p: where to write it, relative to the data directory.
@@ -52,6 +57,8 @@ fn main() -> ExitCode {
         yield_cpu_to_recovery();
         let result = pgpitr::logging::runtime().block_on(async {
             let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
+            let from = cli.from.as_deref().unwrap_or(pgpitr::config::MAIN_LOCATION);
+            let config = config.location(from).map_err(FetchError::from)?;
             archive_get::refill(&config, &cli.wal_name, &cli.dest).await
         });
         if let Err(e) = result {
@@ -59,15 +66,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let result = pgpitr::logging::runtime().block_on(async {
-        let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
-        archive_get::run(&config, &cli.wal_name, &cli.dest).await
-    });
+    let result = pgpitr::logging::runtime().block_on(fetch(&cli));
     match result {
-        Ok(restored) => {
+        Ok((restored, location)) => {
             tracing::info!(name = %cli.wal_name, source = ?restored.source, "restored");
             if let Some(after) = restored.refill_after {
-                spawn_refill(&cli, &after.to_string());
+                spawn_refill(&cli, &after.to_string(), location.as_deref());
             }
             ExitCode::SUCCESS
         }
@@ -77,6 +81,31 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// Fetches `%f` from the first location (`--from`, else the repository) that is reachable,
+/// in the order of `pgpitr::copy::read::order`; also returns the name of the one that
+/// answered when it is not the default, for the refill.
+async fn fetch(cli: &Cli) -> Result<(archive_get::Restored, Option<String>), FetchError> {
+    let config = Config::load(cli.config.as_deref()).map_err(FetchError::from)?;
+    let names = pgpitr::copy::read::order(&config, cli.from.as_deref())?;
+    let last = names.len() - 1;
+    for (i, name) in names.iter().enumerate() {
+        let location = config.location(name)?;
+        match archive_get::run(&location, &cli.wal_name, &cli.dest).await {
+            Err(e) if i < last && e.is_unreachable() => {
+                tracing::warn!("location {name} is unreachable, reading the next one: {e}");
+            }
+            Ok(restored) => {
+                return Ok((
+                    restored,
+                    (i > 0 || cli.from.is_some()).then(|| name.clone()),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("at least the main location")
 }
 
 /// Niceness of the background refill: its downloads and decompression use the CPU that the
@@ -98,7 +127,7 @@ fn yield_cpu_to_recovery() {
 /// Starts `pgpitr-restore --refill` in the background, detached: its own process group, no
 /// stdio (PostgreSQL's log is not its log), not waited for. A failure to start only means the
 /// next calls fetch from the repository themselves.
-fn spawn_refill(cli: &Cli, after: &str) {
+fn spawn_refill(cli: &Cli, after: &str, location: Option<&str>) {
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let Ok(exe) = std::env::current_exe() else {
@@ -107,6 +136,9 @@ fn spawn_refill(cli: &Cli, after: &str) {
     let mut cmd = Command::new(exe);
     if let Some(config) = &cli.config {
         cmd.arg("--config").arg(config);
+    }
+    if let Some(from) = location {
+        cmd.arg("--from").arg(from);
     }
     cmd.arg("--refill")
         .arg(after)

@@ -48,6 +48,17 @@ pub enum ArchiveError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    /// `archive_to_copies`: the repository holds the file, copy `name` does not.
+    #[error("copy {name}: {source}")]
+    Copy {
+        name: String,
+        source: Box<ArchiveError>,
+    },
+    #[error("copy {name}: {source}")]
+    CopyTarget {
+        name: String,
+        source: crate::copy::target::TargetError,
+    },
 }
 
 impl ArchiveError {
@@ -57,18 +68,59 @@ impl ArchiveError {
         match self {
             ArchiveError::Config(e) if e.storage_error().is_some() => 1,
             ArchiveError::Usage(_) | ArchiveError::Config(_) => 2,
-            ArchiveError::Repo(_) => 1,
+            ArchiveError::Repo(_) | ArchiveError::CopyTarget { .. } => 1,
+            ArchiveError::Copy { source, .. } => source.exit_code(),
         }
     }
 }
 
 /// Archives `wal_path` (`%p`, relative to the data directory, which is the working directory)
-/// under the name `wal_name` (`%f`).
+/// under the name `wal_name` (`%f`); with `archive_to_copies`, then into every copy too
+/// (an empty copy is first bound to the repository: `repo.json` and key slots,
+/// [`crate::copy::target::prepare`]). Success only when every location holds the file.
 ///
 /// # Errors
 /// A `%f` that is not a WAL file name, an unreadable `%p`, a file that is not the segment it is
-/// named after, a repository of another cluster, a different archived copy, storage failures.
+/// named after, a repository of another cluster, a different archived copy, storage failures;
+/// [`ArchiveError::Copy`] for the first copy that does not hold the file.
 pub async fn run(
+    config: &Config,
+    wal_path: &Path,
+    wal_name: &str,
+) -> Result<ArchiveReport, ArchiveError> {
+    let report = run_one(config, wal_path, wal_name).await?;
+    if !config.archive_to_copies || config.copies.is_empty() {
+        return Ok(report);
+    }
+    let main_raw = config.raw_storage().await?;
+    let identity = RepoIdentity::load(
+        config
+            .storage_with_key_cache(Some(&spool::key_cache_dir(config, wal_path)))
+            .await?
+            .as_ref(),
+    )
+    .await?;
+    for copy in &config.copies {
+        let location = config.location(&copy.name)?;
+        let copy_raw = location.raw_storage().await?;
+        crate::copy::target::prepare(main_raw.as_ref(), &identity, copy_raw.as_ref())
+            .await
+            .map_err(|source| ArchiveError::CopyTarget {
+                name: copy.name.clone(),
+                source,
+            })?;
+        run_one(&location, wal_path, wal_name)
+            .await
+            .map_err(|source| ArchiveError::Copy {
+                name: copy.name.clone(),
+                source: Box::new(source),
+            })?;
+    }
+    Ok(report)
+}
+
+/// [`run`] for one location.
+async fn run_one(
     config: &Config,
     wal_path: &Path,
     wal_name: &str,

@@ -592,6 +592,7 @@ async fn steps(ctx: &Ctx<'_>, p: &Mutex<Progress>) -> Result<String, StepFailure
         }
     }
     let restore_args = RestoreArgs {
+        from: None,
         target: target_args,
         pgdata: ctx.scratch.pgdata.clone(),
         target_action: TargetAction::Pause,

@@ -37,7 +37,6 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError};
 use crate::pg::{RestorePointRecord, TimelineId};
 use crate::recovery::plan::BackupSummary;
-use crate::recovery::recoverable_windows;
 use crate::recovery::source::{partition_by_wal, RepoState};
 use crate::repo::layout::{self, PackObject};
 use crate::repo::lease;
@@ -46,13 +45,17 @@ use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::ArchivedWal;
 use crate::repo::RepoError;
-use crate::retention::{self, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
+use crate::retention::{self, KeepWithin, PolicyError, RetentionPolicy, Verdict};
 use crate::storage::{PutMode, StorageError};
 
 use super::backup::human_bytes;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExpireArgs {
+    /// Expire the copy NAME (a `[[copy]]` table's `name`) by its own `keep_*` keys, under its
+    /// own lock, instead of the repository.
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
     /// Keep the N newest backups.
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
@@ -262,27 +265,10 @@ async fn run_locked(
     }
 
     // Backups.
-    let summaries: Vec<BackupSummary> = state.manifests.iter().map(BackupSummary::from).collect();
-    let restorable: HashSet<BackupId> =
-        recoverable_windows(&summaries, &state.wal, &state.histories, seg_size)
-            .into_iter()
-            .flat_map(|w| w.restorable)
-            .collect();
-    let live = retention::live_timeline(&summaries, &state.wal, &state.histories, seg_size);
+    let (facts, live) =
+        retention::backup_facts(&state.manifests, &state.wal, &state.histories, seg_size);
     report.latest_timeline = Some(live.timeline);
     report.latest_timeline_backup = live.backup.clone();
-    let facts: Vec<BackupFacts> = state
-        .manifests
-        .iter()
-        .map(|m| BackupFacts {
-            id: m.id.clone(),
-            stop_time: m.stop_time,
-            keep: m.keep,
-            restorable: restorable.contains(&m.id),
-            restores_latest_timeline: (live.backup.as_ref() == Some(&m.id))
-                .then_some(live.timeline),
-        })
-        .collect();
     let mut verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
 
     // Leases of restores, judged by the storage's clock (a dry run writes nothing, so it uses

@@ -5,6 +5,7 @@ pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
 pub mod check;
+pub mod copy;
 pub mod drill;
 pub mod expire;
 pub mod init;

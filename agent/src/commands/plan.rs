@@ -131,6 +131,10 @@ impl TargetArgs {
 pub struct PlanArgs {
     #[command(flatten)]
     pub target: TargetArgs,
+    /// Read location NAME first: `main` (the repository) or a copy's name; the next locations
+    /// are tried only when it is unreachable.
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,

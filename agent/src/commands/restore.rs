@@ -37,6 +37,11 @@ pub const START_LOG: &str = "pgpitr-start.log";
 pub struct RestoreArgs {
     #[command(flatten)]
     pub target: TargetArgs,
+    /// Read location NAME first: `main` (the repository) or a copy's name; the next locations
+    /// are tried only when it is unreachable. The restored server's restore_command reads
+    /// from the location the restore read.
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
     /// The new data directory; it must not exist or be empty (its parent must exist).
     #[arg(long, value_name = "DIR")]
     pub pgdata: PathBuf,

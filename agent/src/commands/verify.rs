@@ -41,6 +41,9 @@ const PARALLEL: usize = 4;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifyArgs {
+    /// Verify the copy NAME (a `[[copy]]` table's `name`) instead of the repository.
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
     /// Verify only this backup: its chunks, and the WAL its replay reads.
     #[arg(long, value_name = "ID", value_parser = parse_id)]
     pub backup: Option<BackupId>,

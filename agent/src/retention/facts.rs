@@ -60,6 +60,36 @@ pub fn live_timeline(
     LiveTimeline { timeline, backup }
 }
 
+/// What [`super::decide`] needs about each of `manifests` (in their order), and the live
+/// timeline: whether each is restorable on some timeline and which one restores the latest.
+/// `expire` and `copy` judge backups with it.
+pub fn backup_facts(
+    manifests: &[crate::repo::manifest::BackupManifest],
+    wal: &[ArchivedWal],
+    histories: &[TimelineHistory],
+    seg_size: WalSegSize,
+) -> (Vec<super::BackupFacts>, LiveTimeline) {
+    let summaries: Vec<BackupSummary> = manifests.iter().map(BackupSummary::from).collect();
+    let restorable: std::collections::HashSet<BackupId> =
+        crate::recovery::recoverable_windows(&summaries, wal, histories, seg_size)
+            .into_iter()
+            .flat_map(|w| w.restorable)
+            .collect();
+    let live = live_timeline(&summaries, wal, histories, seg_size);
+    let facts = manifests
+        .iter()
+        .map(|m| super::BackupFacts {
+            id: m.id.clone(),
+            stop_time: m.stop_time,
+            keep: m.keep,
+            restorable: restorable.contains(&m.id),
+            restores_latest_timeline: (live.backup.as_ref() == Some(&m.id))
+                .then_some(live.timeline),
+        })
+        .collect();
+    (facts, live)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,6 @@ pub mod facts;
 pub mod policy;
 pub mod wal;
 
-pub use facts::{live_timeline, LiveTimeline};
+pub use facts::{backup_facts, live_timeline, LiveTimeline};
 pub use policy::{decide, BackupFacts, KeepWithin, PolicyError, RetentionPolicy, Verdict};
 pub use wal::expirable_wal;
