@@ -197,17 +197,33 @@ pub fn evaluate(facts: &Facts, t: &Thresholds, now: Timestamp) -> Vec<Check> {
                 Some(e) => time(e),
                 None => "its end".into(),
             };
-            out.push(plain(
-                "window",
-                Level::Ok,
-                format!(
-                    "timeline {}: recoverable from {} to {}",
-                    w.timeline,
-                    time(w.start),
-                    end
-                ),
-                None,
-            ));
+            // With older stretches (a WAL window, `keep_wal_within`), the window is the newest
+            // and the older ones are named after it.
+            let (start, older) = match w.ranges.split_last() {
+                Some((newest, older)) if !older.is_empty() => (newest.start, older),
+                _ => (w.start, &[][..]),
+            };
+            let mut message = format!(
+                "timeline {}: recoverable from {} to {}",
+                w.timeline,
+                time(start),
+                end
+            );
+            if !older.is_empty() {
+                let earlier: Vec<String> = older
+                    .iter()
+                    .map(|r| match (r.point, r.end) {
+                        (true, _) | (false, None) => time(r.start),
+                        (false, Some(e)) => format!("{} to {}", time(r.start), time(e)),
+                    })
+                    .collect();
+                message.push_str(&format!(
+                    "; before that only at {} earlier moment(s) or stretch(es): {}",
+                    older.len(),
+                    earlier.join(", ")
+                ));
+            }
+            out.push(plain("window", Level::Ok, message, None));
         }
     }
 
@@ -373,6 +389,7 @@ mod tests {
                 start_backup: BackupId("20261129T120000Z".into()),
                 end: Some(ago(60)),
                 end_lsn: None,
+                ranges: Vec::new(),
             }],
             repository_bytes: 5 << 30,
             written_last_7d_bytes: 1 << 30,
