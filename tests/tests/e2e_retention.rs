@@ -1355,6 +1355,32 @@ fn expire_with_a_wal_window_on_real_backups() {
     phase("five backups taken and re-dated");
 
     let wal_before = keys(&repo, "wal");
+    // A window of zero or garbage is refused, naming the option or the key; nothing changes.
+    pgpitr_fails(
+        &env,
+        &["expire", "--keep-daily", "7", "--keep-wal-within", "0d"],
+        &["--keep-wal-within", "more than zero"],
+    );
+    let mut garbage = env.clone();
+    garbage.push(("PGPITR_KEEP_WAL_WITHIN".into(), "two weeks".into()));
+    pgpitr_fails(
+        &garbage,
+        &["expire", "--keep-daily", "7"],
+        &["keep_wal_within"],
+    );
+    // The dry run says which backups keep only their own WAL.
+    let dry = pgpitr_ok(&windowed, &["expire", "--dry-run", "--keep-daily", "7"]);
+    let own = format!(
+        "consistent end (pgpitr restore --backup ID --target immediate): {}, {}",
+        b(0),
+        b(1)
+    );
+    let base = format!(
+        "continuous WAL from the start of backup {} on timeline 1",
+        b(2)
+    );
+    assert!(dry.contains(&own) && dry.contains(&base), "{dry}");
+    assert_eq!(keys(&repo, "wal"), wal_before);
     let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(
         &env,
         &[
