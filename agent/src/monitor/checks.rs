@@ -409,6 +409,36 @@ mod tests {
     }
 
     #[test]
+    fn a_wal_window_names_the_isolated_points_before_it() {
+        use crate::monitor::facts::RangeFact;
+        let range = |start: u64, end: u64, point: bool| RangeFact {
+            start: ago(start),
+            start_backup: BackupId("20261101T000000Z".into()),
+            end: Some(ago(end)),
+            end_lsn: crate::pg::Lsn(0x3000000),
+            point,
+        };
+        let mut f = healthy();
+        f.windows[0].ranges = vec![
+            range(40 * D, 40 * D, true),
+            range(30 * D, 29 * D, false),
+            range(20 * D, 60, false),
+        ];
+        let checks = evaluate(&f, &T, now());
+        let w = checks.iter().find(|c| c.name == "window").unwrap();
+        assert_eq!(w.level, Level::Ok);
+        assert_eq!(
+            w.message,
+            "timeline 1: recoverable from 2026-11-10 12:00:00 UTC to 2026-11-30 11:59:00 UTC; before that only at 2 earlier moment(s) or stretch(es): 2026-10-21 12:00:00 UTC, 2026-10-31 12:00:00 UTC to 2026-11-01 12:00:00 UTC"
+        );
+        // One range: the line as without a WAL window.
+        f.windows[0].ranges.truncate(1);
+        let checks = evaluate(&f, &T, now());
+        let w = checks.iter().find(|c| c.name == "window").unwrap();
+        assert!(!w.message.contains("before that"), "{}", w.message);
+    }
+
+    #[test]
     fn a_healthy_repository_is_ok_everywhere() {
         let checks = evaluate(&healthy(), &T, now());
         assert_eq!(overall(&checks), Level::Ok, "{checks:#?}");

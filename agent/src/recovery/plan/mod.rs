@@ -134,7 +134,10 @@ pub struct WalEnd {
 /// # Errors
 /// [`PlanError`]: no backups, an unknown backup or timeline, no backup on the timeline's
 /// history, a target before the earliest backup's end, a forced backup that cannot reach the
-/// target, a missing segment or history file, a WAL file stored twice with different contents.
+/// target, a target between two recoverable ranges (the WAL between them not archived, e.g.
+/// outside a WAL window: [`window::RecoverableWindow::between_at_lsn`] and
+/// [`window::RecoverableWindow::between_at_time`]), a missing segment or history file, a WAL
+/// file stored twice with different contents.
 pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
     if input.backups.is_empty() {
         return Err(PlanError::NoBackups);
