@@ -267,6 +267,60 @@ mod tests {
     }
 
     #[test]
+    fn after_a_fork_the_window_of_each_history_stays_reachable() {
+        // The history of `each_history_has_its_own_base`, through `expirable_wal`: only
+        // segment 3 of timeline 1 goes (below d05's start, the older base, and not d01's own);
+        // d01 still restores to its end, and a target on timeline 2 inside the window plans.
+        use crate::recovery::{plan, PlanInput, RecoveryTarget, RecoveryTargetSpec};
+        let kept = vec![
+            backup("d01", 1, 2, 1),
+            backup("d05", 1, 4, 5),
+            backup("d10", 1, 8, 10),
+            backup("d20", 1, 10, 20),
+            backup("d22", 2, 9, 22),
+        ];
+        let mut wal = [segs(1, 2, 11), segs(2, 6, 10)].concat();
+        wal.push(file("00000002.history"));
+        let histories = vec![history(2, "1\t0/6000028\tx\n")];
+        let w = wal_window(&kept, &wal, &histories, SEG, "14d".parse().unwrap(), now());
+        let (continuous, own): (Vec<BackupSummary>, Vec<BackupSummary>) = kept
+            .iter()
+            .cloned()
+            .partition(|b| w.continuous.contains(&b.id));
+        let gone = crate::retention::expirable_wal(&continuous, &own, &wal, &histories, SEG);
+        let names: Vec<String> = gone.iter().map(|g| g.name.to_string()).collect();
+        assert_eq!(names, vec!["000000010000000000000003"]);
+        let left: Vec<ArchivedWal> = wal.into_iter().filter(|x| !gone.contains(x)).collect();
+        let plan_of = |target: RecoveryTarget, forced: Option<&str>| {
+            let mut input = PlanInput::new(
+                kept.clone(),
+                left.clone(),
+                histories.clone(),
+                SEG,
+                RecoveryTargetSpec {
+                    target,
+                    ..RecoveryTargetSpec::default()
+                },
+            );
+            input.forced_backup = forced.map(|id| BackupId(id.into()));
+            plan(&input)
+        };
+        let p = plan_of(RecoveryTarget::Immediate, Some("d01")).unwrap();
+        assert_eq!(p.backup.id.0, "d01");
+        let p = plan_of(RecoveryTarget::Lsn("0/7000000".parse().unwrap()), None).unwrap();
+        assert_eq!(
+            (p.backup.id.0.as_str(), p.target_timeline),
+            ("d05", TimelineId(2))
+        );
+        // A target between d01's end and d05's on timeline 2's history is refused.
+        let e = plan_of(RecoveryTarget::Lsn("0/3800000".parse().unwrap()), None).unwrap_err();
+        assert!(
+            matches!(e, crate::recovery::PlanError::TargetBetweenRanges { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_backup_on_an_unknown_history_keeps_its_wal() {
         // Timeline 3's history is not archived: no known history holds the backup.
         let kept = vec![backup("d01", 3, 2, 1), backup("d10", 1, 5, 10)];
