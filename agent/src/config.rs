@@ -86,6 +86,11 @@ pub struct Config {
     /// The newest backup of each of the N newest months with a backup.
     #[serde(default)]
     pub keep_monthly: Option<u32>,
+    /// The WAL window: continuous WAL (point-in-time recovery to any moment) for this long
+    /// (`14d`; more than zero); older kept backups keep only their own WAL. Unset: all WAL from
+    /// the oldest kept backup on.
+    #[serde(default)]
+    pub keep_wal_within: Option<String>,
     /// `pgpitr status`: the newest backup older than this is a warning, older than twice this
     /// critical (`8d`; units s, m, h, d, w).
     #[serde(default = "default_max_backup_age")]
@@ -246,6 +251,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("keep_daily", Kind::Int),
     ("keep_weekly", Kind::Int),
     ("keep_monthly", Kind::Int),
+    ("keep_wal_within", Kind::Str),
     ("max_backup_age", Kind::Str),
     ("max_wal_age", Kind::Str),
     ("max_verify_age", Kind::Str),
@@ -415,6 +421,7 @@ impl Config {
                 message: e.to_string(),
             })?;
         }
+        self.keep_wal_within()?;
         self.thresholds()?;
         self.metrics_cache()?;
         let mut names = std::collections::HashSet::new();
@@ -547,6 +554,22 @@ impl Config {
             self.s3_storage_class.as_deref(),
         )
         .map_err(|(key, message)| ConfigError::Value { key, message })
+    }
+
+    /// The WAL window of `pgpitr expire` (`keep_wal_within`), when set.
+    ///
+    /// # Errors
+    /// A value that is not a duration, or zero.
+    pub fn keep_wal_within(&self) -> Result<Option<crate::retention::KeepWithin>, ConfigError> {
+        self.keep_wal_within
+            .as_deref()
+            .map(|w| {
+                crate::retention::KeepWithin::parse_window(w).map_err(|e| ConfigError::Value {
+                    key: "keep_wal_within",
+                    message: e.to_string(),
+                })
+            })
+            .transpose()
     }
 
     /// The age limits of `pgpitr status` (`max_backup_age`, `max_wal_age`, `max_verify_age`,
@@ -1166,6 +1189,33 @@ mod tests {
             assert!(e.to_string().contains(&bad[..9]), "{e}");
         }
     }
+
+    #[test]
+    fn keep_wal_within_is_a_positive_duration() {
+        let c = Config::from_parts(
+            None,
+            Some("repo = \"/a\"\nkeep_wal_within = \"14d\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.keep_wal_within().unwrap().unwrap().seconds, 14 * 86_400);
+        let c = Config::from_parts(
+            None,
+            None,
+            &env(&[("PGPITR_REPO", "/a"), ("PGPITR_KEEP_WAL_WITHIN", "36h")]),
+        )
+        .unwrap();
+        assert_eq!(c.keep_wal_within().unwrap().unwrap().to_string(), "36h");
+        for bad in ["\"0d\"", "\"0\"", "\"two weeks\"", "\"\"", "14"] {
+            let e = Config::from_parts(
+                None,
+                Some(&format!("repo = \"/a\"\nkeep_wal_within = {bad}\n")),
+                &[],
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("keep_wal_within"), "{bad}: {e}");
+        }
+    }
 }
 
 /// Hostile configuration files and variables: property-based (see `crate::proptest_config`).
@@ -1194,6 +1244,7 @@ mod proptests {
                 proptest::option::of(any::<u32>()),
                 proptest::option::of(any::<u32>()),
                 proptest::option::of(any::<u32>()),
+                proptest::option::of("[1-9][0-9]{0,5}[smhdw]"),
             ),
             (
                 "[1-9][0-9]{0,2}s|[1-5][0-9]?m",
@@ -1219,7 +1270,14 @@ mod proptests {
                 |(
                     (repo, s3_endpoint, s3_region, s3_force_path_style, conninfo, spool_dir),
                     (archive_batch, archive_parallel, restore_prefetch, restore_parallel),
-                    (keep_last, keep_within, keep_daily, keep_weekly, keep_monthly),
+                    (
+                        keep_last,
+                        keep_within,
+                        keep_daily,
+                        keep_weekly,
+                        keep_monthly,
+                        keep_wal_within,
+                    ),
                     (s3_timeout, s3_retries, encryption_passphrase_file),
                     (max_backup_age, max_wal_age, max_verify_age, max_drill_age, metrics_cache),
                     (s3_sse, kms_key_id, s3_storage_class),
@@ -1244,6 +1302,7 @@ mod proptests {
                     keep_daily,
                     keep_weekly,
                     keep_monthly,
+                    keep_wal_within,
                     max_backup_age,
                     max_wal_age,
                     max_verify_age,
@@ -1303,8 +1362,9 @@ mod proptests {
                 (format!("PGPITR_{}", key.to_ascii_uppercase()), value.clone()),
             ];
             if let Err(e) = Config::from_parts(None, None, &env) {
-                // `repo` and `keep_within` name the value they refuse, and hold no secret.
-                if key != "repo" && key != "keep_within" {
+                // `repo`, `keep_within` and `keep_wal_within` name the value they refuse, and
+                // hold no secret.
+                if !["repo", "keep_within", "keep_wal_within"].contains(&key) {
                     prop_assert!(!e.to_string().contains(&value), "{}", e);
                 }
             }

@@ -122,6 +122,12 @@ fn wait_for_repo_json(c: &Cluster, repo: &Path) {
 
 /// Restores backup `id` to its consistency point, starts it and returns `count(*)` of `t`.
 fn restore_and_count(env: &Env, id: &str) -> i64 {
+    let c = restore_immediate(env, id);
+    c.psql("SELECT count(*) FROM t").trim().parse().unwrap()
+}
+
+/// Restores backup `id` to its consistency point (`--target immediate`) and starts it.
+fn restore_immediate(env: &Env, id: &str) -> Cluster {
     let root = temp_dir("restore");
     let data = root.path().join("data");
     let out = pgpitr_ok(
@@ -148,7 +154,7 @@ fn restore_and_count(env: &Env, id: &str) -> i64 {
         "the restore of {id} did not finish recovery:\n{}",
         c.log()
     );
-    c.psql("SELECT count(*) FROM t").trim().parse().unwrap()
+    c
 }
 
 #[test]
@@ -1292,4 +1298,219 @@ fn leftover_staging_files_are_reported_by_verify_and_removed_by_expire_after_the
         "{clean}"
     );
     assert_eq!(ids(&repo), vec![id]);
+}
+
+/// The segment number of a WAL key (`wal/<dir>/<name>-<sha>.lz4`), for segments, `.partial`
+/// and `.backup` files; `None` for `.history` files.
+fn segno_of_key(key: &str) -> Option<u64> {
+    let file = key.rsplit('/').next().unwrap();
+    let name: pgpitr::pg::WalFileName = file.split('-').next().unwrap().parse().unwrap();
+    name.segment()
+        .map(|s| s.segno(pgpitr::pg::WalSegSize::DEFAULT))
+}
+
+/// Issue 19: a WAL window (`keep_wal_within`) on real backups. Five backups with marker rows
+/// committed before each, the four older ones re-dated to 40, 30, 20 and 10 days ago;
+/// `--keep-daily 7 --keep-wal-within 14d` keeps every backup, continuous WAL from the start of
+/// the one 20 days old (the newest before the window) and only their own WAL for the two
+/// older: exactly that WAL stays. Verify passes with the window configured and names the gap
+/// without it; `list` and `status` show two isolated points before the window; a time between
+/// the points is refused naming both; each old backup restores to its consistent end with its
+/// markers; a time inside the window restores exactly.
+#[test]
+fn expire_with_a_wal_window_on_real_backups() {
+    use pgpitr_tests::pitr::{
+        add_markers, archive_everything, create_markers, marker_ids, nth_marker, restore_and_start,
+        target_after_marker,
+    };
+    let began = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>6.1}s] {what}", began.elapsed().as_secs_f64());
+    let (_repo_dir, repo) = local_repo();
+    let env = repo_env(&repo);
+    let mut windowed = env.clone();
+    windowed.push(("PGPITR_KEEP_WAL_WITHIN".into(), "14d".into()));
+    let store = storage_of(&env);
+    let c = archiving_cluster(env.clone(), "");
+    create_markers(&c);
+    wait_for_repo_json(&c, &repo);
+    let mut taken = Vec::new();
+    for _ in 0..5 {
+        // Three markers and at least one segment of WAL alone before each backup.
+        add_markers(&c, 3);
+        archive_everything(&c);
+        taken.push(backup(&env, &c));
+    }
+    // Markers 16..18 after the newest backup, archived.
+    add_markers(&c, 3);
+    archive_everything(&c);
+    let now = jiff::Timestamp::now();
+    for (i, days) in [40, 30, 20, 10].iter().enumerate() {
+        move_backup(
+            &store,
+            &taken[i],
+            now - jiff::SignedDuration::from_hours(24 * days),
+        );
+    }
+    let b = |i: usize| taken[i].clone();
+    phase("five backups taken and re-dated");
+
+    let wal_before = keys(&repo, "wal");
+    // A window of zero or garbage is refused, naming the option or the key; nothing changes.
+    pgpitr_fails(
+        &env,
+        &["expire", "--keep-daily", "7", "--keep-wal-within", "0d"],
+        &["--keep-wal-within", "more than zero"],
+    );
+    let mut garbage = env.clone();
+    garbage.push(("PGPITR_KEEP_WAL_WITHIN".into(), "two weeks".into()));
+    pgpitr_fails(
+        &garbage,
+        &["expire", "--keep-daily", "7"],
+        &["keep_wal_within"],
+    );
+    // The dry run says which backups keep only their own WAL.
+    let dry = pgpitr_ok(&windowed, &["expire", "--dry-run", "--keep-daily", "7"]);
+    let own = format!(
+        "consistent end (pgpitr restore --backup ID --target immediate): {}, {}",
+        b(0),
+        b(1)
+    );
+    let base = format!(
+        "continuous WAL from the start of backup {} on timeline 1",
+        b(2)
+    );
+    assert!(dry.contains(&own) && dry.contains(&base), "{dry}");
+    assert_eq!(keys(&repo, "wal"), wal_before);
+    let report: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &env,
+        &[
+            "expire",
+            "--json",
+            "--keep-daily",
+            "7",
+            "--keep-wal-within",
+            "14d",
+        ],
+    ))
+    .unwrap();
+    assert!(expired_of(&report).is_empty(), "{report}");
+    assert_eq!(
+        report["policy"], "keep-daily 7, keep-wal-within 14d",
+        "{report}"
+    );
+    let window = &report["wal_window"];
+    assert_eq!(
+        window["own_wal_only"],
+        serde_json::json!([b(0), b(1)]),
+        "{report}"
+    );
+    assert_eq!(window["bases"][0]["backup"], b(2), "{report}");
+    assert_eq!(window["bases"][0]["timeline"], 1, "{report}");
+
+    // Exactly the WAL outside the window went: b0's and b1's own WAL stay, and all from b2 on.
+    let m = manifests(&repo);
+    let seg = |l: pgpitr::pg::Lsn| l.segno(pgpitr::pg::WalSegSize::DEFAULT);
+    let own = |i: usize| seg(m[i].start_lsn)..=seg(m[i].stop_lsn);
+    let want: Vec<String> = wal_before
+        .iter()
+        .filter(|k| match segno_of_key(k) {
+            None => true,
+            Some(n) => own(0).contains(&n) || own(1).contains(&n) || n >= seg(m[2].start_lsn),
+        })
+        .cloned()
+        .collect();
+    let gone = wal_before.len() - want.len();
+    assert!(
+        gone >= 2,
+        "nothing between the backups to expire: {wal_before:?}"
+    );
+    assert_eq!(keys(&repo, "wal"), want);
+    assert_eq!(report["wal_files"], gone, "{report}");
+    // Stable: a second run deletes nothing more.
+    let again: serde_json::Value = serde_json::from_str(&pgpitr_ok(
+        &windowed,
+        &["expire", "--json", "--keep-daily", "7"],
+    ))
+    .unwrap();
+    assert_eq!(again["wal_files"], 0, "{again}");
+    phase("expired");
+
+    // verify: passes under the window, names the gap after b0 without it.
+    pgpitr_ok(&windowed, &["verify"]);
+    pgpitr_fails(
+        &env,
+        &["verify"],
+        &[&format!("a gap between backup {}", b(0))],
+    );
+    phase("verified");
+
+    // list and status show the points and the window.
+    let listed: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&env, &["list", "--json"])).unwrap();
+    let ranges = listed["windows"][0]["ranges"].as_array().unwrap();
+    assert_eq!(ranges.len(), 3, "{listed}");
+    for (i, r) in ranges.iter().enumerate() {
+        assert_eq!(r["from"]["backup"], b(i), "{listed}");
+        assert_eq!(r["point"], i < 2, "{listed}");
+    }
+    let text = pgpitr_ok(&env, &["list"]);
+    for i in [0, 1] {
+        assert!(
+            text.contains("before that, only at")
+                && text.contains(&format!("--backup {} --target immediate", b(i))),
+            "{text}"
+        );
+    }
+    let status = pgpitr(&env, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let window_fact = &status["facts"]["windows"][0];
+    assert_eq!(
+        window_fact["ranges"].as_array().unwrap().len(),
+        3,
+        "{status}"
+    );
+    let line = status["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "window")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("before that only at 2 earlier moment(s)"),
+        "{line}"
+    );
+
+    // A time between the two points: refused, naming both.
+    let between = (m[0].stop_time + jiff::SignedDuration::from_hours(24 * 5)).to_string();
+    pgpitr_fails(
+        &env,
+        &["plan", "--target-time", &between],
+        &[
+            "between two recoverable ranges",
+            &format!("the end of backup {}", b(0)),
+            &format!("the end of backup {}", b(1)),
+        ],
+    );
+    phase("list, status, plan");
+
+    // Each old backup restores to its consistent end, with the markers committed before it.
+    for i in [0, 1] {
+        let restored = restore_immediate(&env, &b(i));
+        let n = restored.psql("SELECT count(*) FROM marker");
+        assert_eq!(n, (3 * (i + 1)).to_string(), "backup {i}");
+    }
+    // A time between markers 13 and 14 (after b3, before b4): replayed from b3 exactly.
+    let (target, expected) = target_after_marker(&c, nth_marker(&c, 13));
+    assert_eq!(expected.split(',').count(), 13, "{expected}");
+    let (restored, report) =
+        restore_and_start(15, &env, &["--target-time", &target], &[], &Env::new());
+    assert!(
+        report.contains(&format!("restored backup {}", b(3))),
+        "{report}"
+    );
+    assert_eq!(marker_ids(&restored, None), expected);
+    phase("restored the points and a time inside the window");
 }

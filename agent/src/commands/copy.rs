@@ -169,6 +169,7 @@ pub fn retention_of(location: &Config) -> Result<Option<RetentionPolicy>, Config
         keep_daily: location.keep_daily,
         keep_weekly: location.keep_weekly,
         keep_monthly: location.keep_monthly,
+        keep_wal_within: location.keep_wal_within()?,
     };
     Ok((!policy.is_empty()).then_some(policy))
 }

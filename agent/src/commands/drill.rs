@@ -754,13 +754,17 @@ fn newest_window(state: &RepoState) -> Option<crate::recovery::RecoverableWindow
     .max_by_key(|w| w.timeline)
 }
 
-/// A uniformly random LSN after the end of the oldest restorable backup and before the start of
-/// the newest archived segment of the newest timeline's window: every such LSN is followed by
-/// a replayed record, so recovery can stop there. (The window's end is known as an LSN only:
+/// A uniformly random LSN after the start of the newest timeline's continuous window (the end
+/// of the oldest backup from which WAL is archived without a gap up to the newest segment) and
+/// before the start of the newest archived segment of that window: every such LSN is followed
+/// by a replayed record, so recovery can stop there. (The window's end is known as an LSN only:
 /// the repository keeps no commit times.)
 fn random_target(state: &RepoState) -> Result<DrillTarget, String> {
     let w = newest_window(state).ok_or("the repository has no restorable backup")?;
-    let (earliest, latest) = (w.earliest.expect("filtered"), w.latest.expect("filtered"));
+    // The continuous window only: under a WAL window (`keep_wal_within`) older backups are
+    // isolated points, and a target between them is unreachable.
+    let earliest = w.continuous_from().expect("filtered");
+    let latest = w.latest.as_ref().expect("filtered");
     let lo = earliest.lsn.0 + 1;
     let hi = latest
         .last_segment

@@ -45,7 +45,7 @@ use crate::repo::manifest::{BackupId, BackupManifest};
 use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::ArchivedWal;
 use crate::repo::RepoError;
-use crate::retention::{self, KeepWithin, PolicyError, RetentionPolicy, Verdict};
+use crate::retention::{self, KeepWithin, PolicyError, RetentionPolicy, Verdict, WalWindow};
 use crate::storage::{PutMode, StorageError};
 
 use super::backup::human_bytes;
@@ -71,6 +71,11 @@ pub struct ExpireArgs {
     /// Keep the newest backup of each of the N newest months.
     #[arg(long, value_name = "N")]
     pub keep_monthly: Option<u32>,
+    /// Keep continuous WAL (recovery to any moment) for this long: 14d, 36h. Older kept backups
+    /// keep only their own WAL and restore to their consistent end (--backup ID --target
+    /// immediate). Unset: all WAL from the oldest kept backup.
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    pub keep_wal_within: Option<KeepWithin>,
     /// Mark backup ID as never expiring (stored in its manifest); repeatable. Alone, only marks.
     #[arg(long = "keep", value_name = "ID", value_parser = parse_id)]
     pub keep: Vec<BackupId>,
@@ -100,6 +105,10 @@ pub const DELETE_BATCH: u32 = 64;
 
 fn parse_id(s: &str) -> Result<BackupId, String> {
     BackupId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_window(s: &str) -> Result<KeepWithin, String> {
+    KeepWithin::parse_window(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +147,9 @@ pub struct ExpireReport {
     /// The newest backup restorable on the latest timeline's history: always kept, with the WAL
     /// it needs. `None` when there is none.
     pub latest_timeline_backup: Option<BackupId>,
+    /// With `keep_wal_within`: which kept backups keep continuous WAL and which only their own
+    /// ([`retention::window`]). `None` without a WAL window.
+    pub wal_window: Option<WalWindow>,
     pub expired_backups: Vec<BackupId>,
     pub wal_files: usize,
     pub wal_bytes: u64,
@@ -161,7 +173,7 @@ pub struct ExpireReport {
 /// The policy from `args` over `config`.
 ///
 /// # Errors
-/// A `keep_within` in the configuration that does not parse.
+/// A `keep_within` or `keep_wal_within` in the configuration that does not parse.
 pub fn policy(config: &Config, args: &ExpireArgs) -> Result<RetentionPolicy, ConfigError> {
     let within = match (&args.keep_within, &config.keep_within) {
         (Some(w), _) => Some(*w),
@@ -177,6 +189,10 @@ pub fn policy(config: &Config, args: &ExpireArgs) -> Result<RetentionPolicy, Con
         keep_daily: args.keep_daily.or(config.keep_daily),
         keep_weekly: args.keep_weekly.or(config.keep_weekly),
         keep_monthly: args.keep_monthly.or(config.keep_monthly),
+        keep_wal_within: match args.keep_wal_within {
+            Some(w) => Some(w),
+            None => config.keep_wal_within()?,
+        },
     })
 }
 
@@ -225,6 +241,7 @@ async fn run_locked(
         backups: Vec::new(),
         latest_timeline: None,
         latest_timeline_backup: None,
+        wal_window: None,
         expired_backups: Vec::new(),
         wal_files: 0,
         wal_bytes: 0,
@@ -269,7 +286,8 @@ async fn run_locked(
         retention::backup_facts(&state.manifests, &state.wal, &state.histories, seg_size);
     report.latest_timeline = Some(live.timeline);
     report.latest_timeline_backup = live.backup.clone();
-    let mut verdicts = retention::decide(&facts, policy, jiff::Timestamp::now())?;
+    let now = jiff::Timestamp::now();
+    let mut verdicts = retention::decide(&facts, policy, now)?;
 
     // Leases of restores, judged by the storage's clock (a dry run writes nothing, so it uses
     // this host's). Listed again before every batch of deletions.
@@ -309,9 +327,18 @@ async fn run_locked(
         }
     }
 
-    // WAL.
+    // WAL: continuous from the start of each kept backup, or, under a WAL window, from those
+    // of the window's bases on and only their own for older ones.
     let kept_summaries: Vec<BackupSummary> = kept.iter().map(|m| BackupSummary::from(*m)).collect();
-    let mut wal = retention::expirable_wal(&kept_summaries, &state.wal, &state.histories, seg_size);
+    let (mut wal, window) = retention::expirable_under(
+        &kept_summaries,
+        &state.wal,
+        &state.histories,
+        seg_size,
+        policy.keep_wal_within,
+        now,
+    );
+    report.wal_window = window;
     wal.retain(|w| {
         w.name
             .segment()
@@ -330,7 +357,6 @@ async fn run_locked(
         .collect();
     let newest_start = kept.iter().map(|m| m.start_time).max();
     let min_age = args.pack_min_age.seconds;
-    let now = jiff::Timestamp::now();
     let mut by_pack: HashMap<String, Vec<(String, u64)>> = HashMap::new();
     for o in storage.list(layout::PACKS_ROOT).await? {
         let id = match layout::parse_pack_key(&o.key) {
@@ -525,6 +551,9 @@ pub fn render(r: &ExpireReport) -> String {
         )),
         (None, _) => {}
     }
+    if let Some(w) = &r.wal_window {
+        render_wal_window(w, &mut out);
+    }
     for l in &r.leases {
         out.push_str(&format!("held back by lease {l}\n"));
     }
@@ -563,6 +592,35 @@ pub fn render(r: &ExpireReport) -> String {
     }
     render_staging(r, &mut out);
     out
+}
+
+/// The lines about the WAL window.
+fn render_wal_window(w: &WalWindow, out: &mut String) {
+    out.push_str(&format!(
+        "WAL window {}: every moment since {} stays recoverable",
+        w.keep_wal_within,
+        w.since.strftime("%Y-%m-%d %H:%M:%S UTC")
+    ));
+    if w.bases.is_empty() {
+        out.push_str("; no kept backup is older, so all WAL from the oldest kept backup stays\n");
+    } else {
+        let bases: Vec<String> = w
+            .bases
+            .iter()
+            .map(|b| format!("{} on timeline {}", b.backup, b.timeline))
+            .collect();
+        out.push_str(&format!(
+            "; continuous WAL from the start of backup {}\n",
+            bases.join(", ")
+        ));
+    }
+    if !w.own_wal_only.is_empty() {
+        let ids: Vec<String> = w.own_wal_only.iter().map(|b| b.to_string()).collect();
+        out.push_str(&format!(
+            "older kept backup(s) keep only their own WAL and restore to their consistent end (pgpitr restore --backup ID --target immediate): {}\n",
+            ids.join(", ")
+        ));
+    }
 }
 
 /// The lines about leftover staging objects, when there are any.

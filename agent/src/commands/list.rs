@@ -1,6 +1,8 @@
 //! `pgpitr list`: the repository's backups (from `backups/*/manifest.json`, the committed ones
 //! only), its archived WAL per timeline, and the recoverable window per timeline (computed by
-//! [`crate::recovery::window`], with the planner's rules). `--json` prints one JSON document:
+//! [`crate::recovery::window`], with the planner's rules): the window, then, newest first, the
+//! older stretches that are recoverable without a gap (isolated consistent ends of backups kept
+//! outside a WAL window, `keep_wal_within`). `--json` prints one JSON document:
 //! `{"backups": [...], "wal": [...], "windows": [...], "restore_points": [...]}`; restore points
 //! are those whose WAL is still archived, the names `--target-name` can reach.
 
@@ -205,7 +207,9 @@ pub fn render(l: &Listing) -> String {
     s.push_str("\nrecoverable window:\n");
     let mut any = false;
     for w in &l.windows {
-        match (&w.earliest, &w.latest) {
+        // With more than one range, the newest is the window and the older ones follow.
+        let earliest = w.continuous_from();
+        match (earliest, &w.latest) {
             (Some(e), Some(latest)) => {
                 any = true;
                 let _ = writeln!(
@@ -231,6 +235,27 @@ pub fn render(l: &Listing) -> String {
                 );
             }
             _ => {}
+        }
+        for r in w.older_ranges().iter().rev() {
+            if r.point {
+                let _ = writeln!(
+                    s,
+                    "  timeline {}: before that, only at {} UTC (end of backup {}, {}): its consistent end (--backup {} --target immediate)",
+                    w.timeline.0,
+                    time(r.from.time),
+                    r.from.backup,
+                    r.from.lsn,
+                    r.from.backup
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  timeline {}: before that, from {} to {}",
+                    w.timeline.0,
+                    r.describe_from(),
+                    r.describe_to()
+                );
+            }
         }
         for i in &w.incomplete {
             let _ = writeln!(

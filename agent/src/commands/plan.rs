@@ -291,7 +291,7 @@ pub fn render(plan: &RecoveryPlan) -> String {
             plan.segments.len() + plan.history_files.len()
         ),
     );
-    if let Some(e) = &plan.window.earliest {
+    if let Some(e) = plan.window.continuous_from() {
         let to = match &plan.window.latest {
             Some(l) => format!(" to lsn {} (end of {})", l.end_lsn, l.last_segment),
             None => String::new(),
@@ -302,6 +302,20 @@ pub fn render(plan: &RecoveryPlan) -> String {
                 "timeline {}: from {} (end of backup {}, lsn {}){to}",
                 plan.window.timeline, e.time, e.backup, e.lsn
             ),
+        );
+    }
+    for r in plan.window.older_ranges().iter().rev() {
+        line(
+            "",
+            if r.point {
+                format!("before a gap, only {}", r.describe_from())
+            } else {
+                format!(
+                    "before a gap, from {} to {}",
+                    r.describe_from(),
+                    r.describe_to()
+                )
+            },
         );
     }
     for (i, (k, v)) in plan.recovery_settings().iter().enumerate() {

@@ -11,14 +11,17 @@
 //!   decompressed and checked against the SHA-256 in its key; `.history` files also parse;
 //! - WAL continuity, per history that holds each selected backup ([`crate::recovery::plan`]'s
 //!   rules, as for `pgpitr plan`): the backup's own WAL, then everything up to the newest
-//!   archived segment of that history, without a gap.
+//!   archived segment of that history, without a gap — except, under a WAL window
+//!   (`keep_wal_within`), for the backups older than the window's base, which keep only their
+//!   own WAL ([`crate::retention::window`], judged at the time `verify` starts, as `expire`
+//!   judges it).
 //!
 //! Leftover staging objects (a killed writer's `.tmp.*` file, an incomplete S3 multipart
 //! upload: [`crate::repo::staging`]) are reported as warnings with their size and age; they are
 //! not part of any backup or WAL file, so they never fail `verify` (`pgpitr expire` removes
 //! them once older than `--staging-grace`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -352,6 +355,16 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
         }
     }
     let timelines = Timelines::new(&histories);
+    let own_wal_only: HashSet<BackupId> = match config.keep_wal_within()? {
+        Some(within) => {
+            let all: Vec<BackupSummary> = manifests.iter().map(BackupSummary::from).collect();
+            crate::retention::wal_window(&all, &listing, &histories, seg_size, within, started_at)
+                .own_wal_only
+                .into_iter()
+                .collect()
+        }
+        None => HashSet::new(),
+    };
     let mut wal_in_scope: BTreeSet<WalFileName> = BTreeSet::new();
     for m in &selected {
         let b = BackupSummary::from(*m);
@@ -382,6 +395,9 @@ pub async fn run(config: &Config, args: &VerifyArgs) -> Result<VerifyReport, Ver
                         m.id
                     ),
                 );
+                continue;
+            }
+            if own_wal_only.contains(&m.id) {
                 continue;
             }
             let last = listing

@@ -106,11 +106,16 @@ pub fn select(
         .iter()
         .map(|m| crate::recovery::plan::BackupSummary::from(*m))
         .collect();
-    let expirable: HashSet<String> =
-        retention::expirable_wal(&kept_summaries, &wal, &source.histories, seg_size)
-            .into_iter()
-            .map(|w| w.key)
-            .collect();
+    let keep_wal_within = policy.and_then(|p| p.keep_wal_within);
+    let (expirable, _) = retention::expirable_under(
+        &kept_summaries,
+        &wal,
+        &source.histories,
+        seg_size,
+        keep_wal_within,
+        now,
+    );
+    let expirable: HashSet<String> = expirable.into_iter().map(|w| w.key).collect();
 
     let mut out = Selection::default();
     let target_wal: HashSet<&str> = target.wal.iter().map(|w| w.key.as_str()).collect();

@@ -197,17 +197,33 @@ pub fn evaluate(facts: &Facts, t: &Thresholds, now: Timestamp) -> Vec<Check> {
                 Some(e) => time(e),
                 None => "its end".into(),
             };
-            out.push(plain(
-                "window",
-                Level::Ok,
-                format!(
-                    "timeline {}: recoverable from {} to {}",
-                    w.timeline,
-                    time(w.start),
-                    end
-                ),
-                None,
-            ));
+            // With older stretches (a WAL window, `keep_wal_within`), the window is the newest
+            // and the older ones are named after it.
+            let (start, older) = match w.ranges.split_last() {
+                Some((newest, older)) if !older.is_empty() => (newest.start, older),
+                _ => (w.start, &[][..]),
+            };
+            let mut message = format!(
+                "timeline {}: recoverable from {} to {}",
+                w.timeline,
+                time(start),
+                end
+            );
+            if !older.is_empty() {
+                let earlier: Vec<String> = older
+                    .iter()
+                    .map(|r| match (r.point, r.end) {
+                        (true, _) | (false, None) => time(r.start),
+                        (false, Some(e)) => format!("{} to {}", time(r.start), time(e)),
+                    })
+                    .collect();
+                message.push_str(&format!(
+                    "; before that only at {} earlier moment(s) or stretch(es): {}",
+                    older.len(),
+                    earlier.join(", ")
+                ));
+            }
+            out.push(plain("window", Level::Ok, message, None));
         }
     }
 
@@ -373,6 +389,7 @@ mod tests {
                 start_backup: BackupId("20261129T120000Z".into()),
                 end: Some(ago(60)),
                 end_lsn: None,
+                ranges: Vec::new(),
             }],
             repository_bytes: 5 << 30,
             written_last_7d_bytes: 1 << 30,
@@ -389,6 +406,36 @@ mod tests {
             .map(|c| c.level)
             .max()
             .unwrap_or_else(|| panic!("no check {name}: {checks:?}"))
+    }
+
+    #[test]
+    fn a_wal_window_names_the_isolated_points_before_it() {
+        use crate::monitor::facts::RangeFact;
+        let range = |start: u64, end: u64, point: bool| RangeFact {
+            start: ago(start),
+            start_backup: BackupId("20261101T000000Z".into()),
+            end: Some(ago(end)),
+            end_lsn: crate::pg::Lsn(0x3000000),
+            point,
+        };
+        let mut f = healthy();
+        f.windows[0].ranges = vec![
+            range(40 * D, 40 * D, true),
+            range(30 * D, 29 * D, false),
+            range(20 * D, 60, false),
+        ];
+        let checks = evaluate(&f, &T, now());
+        let w = checks.iter().find(|c| c.name == "window").unwrap();
+        assert_eq!(w.level, Level::Ok);
+        assert_eq!(
+            w.message,
+            "timeline 1: recoverable from 2026-11-10 12:00:00 UTC to 2026-11-30 11:59:00 UTC; before that only at 2 earlier moment(s) or stretch(es): 2026-10-21 12:00:00 UTC, 2026-10-31 12:00:00 UTC to 2026-11-01 12:00:00 UTC"
+        );
+        // One range: the line as without a WAL window.
+        f.windows[0].ranges.truncate(1);
+        let checks = evaluate(&f, &T, now());
+        let w = checks.iter().find(|c| c.name == "window").unwrap();
+        assert!(!w.message.contains("before that"), "{}", w.message);
     }
 
     #[test]

@@ -91,6 +91,26 @@ pub struct WindowFact {
     pub end: Option<Timestamp>,
     /// The first LSN after that segment.
     pub end_lsn: Option<Lsn>,
+    /// The stretches recoverable without a gap, oldest first ([`crate::recovery::window`]):
+    /// one for a continuous window; with a WAL window (`keep_wal_within`) or lost WAL, the
+    /// window (last) after isolated points and older stretches.
+    pub ranges: Vec<RangeFact>,
+}
+
+/// One stretch of a history recoverable without a gap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RangeFact {
+    /// Its earliest moment: the stop time of its oldest backup.
+    pub start: Timestamp,
+    pub start_backup: BackupId,
+    /// Its latest moment: the newest backup's stop time when its WAL ends there, else the
+    /// storage time of its last segment (never before `start`); `None` when the backend lists
+    /// no storage times.
+    pub end: Option<Timestamp>,
+    /// The first LSN after its last segment.
+    pub end_lsn: Lsn,
+    /// Only a backup's consistent end (its own WAL alone is archived).
+    pub point: bool,
 }
 
 /// The last recorded run of a kind and when one last passed.
@@ -178,6 +198,21 @@ impl Facts {
                         .and_then(|l| segment_stored(l.last_segment))
                         .map(|e| e.max(start.time)),
                     end_lsn: w.latest.as_ref().map(|l| l.end_lsn),
+                    ranges: w
+                        .ranges
+                        .iter()
+                        .map(|r| RangeFact {
+                            start: r.from.time,
+                            start_backup: r.from.backup.clone(),
+                            end: if r.ends_at_backup {
+                                Some(r.last_backup_end.time)
+                            } else {
+                                segment_stored(r.last_segment).map(|e| e.max(r.from.time))
+                            },
+                            end_lsn: r.end_lsn,
+                            point: r.point,
+                        })
+                        .collect(),
                 })
             })
             .collect();

@@ -347,6 +347,7 @@ mod tests {
                 latest: None,
                 restorable: Vec::new(),
                 incomplete: Vec::new(),
+                ranges: Vec::new(),
             },
             notes: Vec::new(),
         }

@@ -34,10 +34,14 @@ pub struct RetentionPolicy {
     pub keep_daily: Option<u32>,
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
+    /// The WAL window ([`super::window`]): continuous WAL for this long, only their own WAL for
+    /// older kept backups. `None`: all WAL from the oldest kept backup on. Keeps no backup by
+    /// itself, so it is not a rule of [`RetentionPolicy::is_empty`].
+    pub keep_wal_within: Option<KeepWithin>,
 }
 
 impl RetentionPolicy {
-    /// Whether any rule is set.
+    /// Whether any rule that keeps backups is set.
     pub fn is_empty(&self) -> bool {
         self.keep_last.is_none()
             && self.keep_within.is_none()
@@ -63,6 +67,9 @@ impl RetentionPolicy {
             if let Some(n) = v {
                 parts.push(format!("{name} {n}"));
             }
+        }
+        if let Some(w) = &self.keep_wal_within {
+            parts.push(format!("keep-wal-within {w}"));
         }
         parts.join(", ")
     }
@@ -103,6 +110,23 @@ impl KeepWithin {
             text_n: n,
             text_unit: unit,
         })
+    }
+
+    /// [`KeepWithin::parse`] for a WAL window (`keep_wal_within`), which cannot be empty: a
+    /// window of zero would keep no continuous WAL at all, not even the live timeline's.
+    ///
+    /// # Errors
+    /// The text, when it does not parse or is zero.
+    pub fn parse_window(s: &str) -> Result<KeepWithin, crate::pg::ParseError> {
+        let w = KeepWithin::parse(s)?;
+        if w.seconds == 0 {
+            return Err(crate::pg::ParseError::new(
+                "WAL window",
+                s,
+                "more than zero: 14d, 36h, 2w (leave it unset to keep all WAL from the oldest kept backup)",
+            ));
+        }
+        Ok(w)
     }
 }
 

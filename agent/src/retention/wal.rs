@@ -6,22 +6,31 @@
 //! timeline's names sort after every name of the old one although its LSNs are lower, and a
 //! cluster upgrade starts again at timeline 1.
 //!
+//! Kept backups come in two kinds ([`super::window`]): those that keep continuous WAL from their
+//! start on (all of them without a WAL window) and those that keep only their own WAL.
+//!
 //! A file of timeline T at segment n (segments, `.partial` and `.backup` files alike) goes only
 //! when:
 //! - T's history is known (timeline 1, or its `.history` file is archived) — otherwise kept;
-//! - when some kept backup is "related" to T — T is on a known history that holds the backup
-//!   (T is the backup's timeline, one of its ancestors, or a descendant forked after it), or T is
-//!   the backup's own start or stop timeline — n is below the start segment of every such
-//!   backup;
-//! - when no kept backup is related to T, n is below the start segment of every kept backup;
-//! - and it is not a segment that replay from a kept backup reads on any history that holds it
-//!   (checked explicitly, as a safety net).
+//! - when some continuous backup is "related" to T — T is on a known history that holds the
+//!   backup (T is the backup's timeline, one of its ancestors, or a descendant forked after it),
+//!   or T is the backup's own start or stop timeline — n is below the start segment of every
+//!   such backup;
+//! - when no continuous backup is related to T, n is below the start segment of every
+//!   continuous backup;
+//! - it is not a segment that replay from a continuous backup reads on any history that holds
+//!   it (checked explicitly, as a safety net);
+//! - and it is not a backup's own WAL, for every own-WAL-only backup: T is the backup's start or
+//!   stop timeline and n lies from its start through its stop segment (the `.backup` file is
+//!   named after the start segment), or it is a segment replay reads from the backup's start
+//!   through its stop segment on a history that holds it.
 //!
-//! `.history` files are never deleted; with no kept backup nothing is deleted.
+//! `.history` files are never deleted; with no continuous backup nothing is deleted.
 //!
 //! The live timeline's WAL is kept through its backup: the newest backup restorable on the
-//! latest timeline is always among the kept ones (`retention::policy`), and the latest timeline
-//! is related to it, so nothing of that timeline from the backup's start on goes.
+//! latest timeline is always among the kept ones (`retention::policy`) and always continuous
+//! ([`super::window`]), and the latest timeline is related to it, so nothing of that timeline
+//! from the backup's start on goes.
 
 use std::collections::HashSet;
 
@@ -29,9 +38,34 @@ use crate::pg::{TimelineHistory, TimelineId, WalFileName, WalSegSize, WalSegment
 use crate::recovery::plan::{walk, BackupSummary, Timelines, WalIndex};
 use crate::repo::wal::ArchivedWal;
 
-/// The WAL objects of `wal` that no kept backup needs, in name order.
+/// The WAL objects of `wal` that the `kept` backups do not need under an optional WAL window
+/// (`keep_wal_within`, judged at `now`): without one, every kept backup keeps continuous WAL
+/// from its start on; with one, [`super::wal_window`] says which keep only their own. Returns
+/// the expirable objects and the window, for reports. The one rule of `expire` and `copy`.
+pub fn expirable_under(
+    kept: &[BackupSummary],
+    wal: &[ArchivedWal],
+    histories: &[TimelineHistory],
+    seg_size: WalSegSize,
+    keep_wal_within: Option<super::KeepWithin>,
+    now: jiff::Timestamp,
+) -> (Vec<ArchivedWal>, Option<super::WalWindow>) {
+    let Some(within) = keep_wal_within else {
+        return (expirable_wal(kept, &[], wal, histories, seg_size), None);
+    };
+    let window = super::wal_window(kept, wal, histories, seg_size, within, now);
+    let own: HashSet<&crate::repo::manifest::BackupId> = window.own_wal_only.iter().collect();
+    let (continuous, own_wal_only): (Vec<BackupSummary>, Vec<BackupSummary>) =
+        kept.iter().cloned().partition(|b| !own.contains(&b.id));
+    let expirable = expirable_wal(&continuous, &own_wal_only, wal, histories, seg_size);
+    (expirable, Some(window))
+}
+
+/// The WAL objects of `wal` that no kept backup needs, in name order: `kept` keep continuous
+/// WAL from their start on, `own_wal_only` only their own (see the module documentation).
 pub fn expirable_wal(
     kept: &[BackupSummary],
+    own_wal_only: &[BackupSummary],
     wal: &[ArchivedWal],
     histories: &[TimelineHistory],
     seg_size: WalSegSize,
@@ -52,6 +86,18 @@ pub fn expirable_wal(
             needed.extend(walk(branch, &index, seg_size, start_of(b), None).segments);
         }
     }
+    let stop_of = |b: &BackupSummary| b.stop_lsn.segno(seg_size);
+    for b in own_wal_only {
+        for branch in timelines.all().filter(|x| x.holds_backup(b).is_ok()) {
+            needed.extend(walk(branch, &index, seg_size, start_of(b), Some(stop_of(b))).segments);
+        }
+    }
+    let own_wal_of_some = |seg: WalSegmentName| {
+        own_wal_only.iter().any(|b| {
+            (seg.timeline == b.start_timeline || seg.timeline == b.stop_timeline)
+                && (start_of(b)..=stop_of(b)).contains(&seg.segno(seg_size))
+        })
+    };
 
     // The lowest start segment among the kept backups related to each timeline.
     let related_min = |t: TimelineId| -> Option<u64> {
@@ -81,6 +127,9 @@ pub fn expirable_wal(
                 return false;
             }
             if matches!(w.name, WalFileName::Segment(_)) && needed.contains(&seg) {
+                return false;
+            }
+            if own_wal_of_some(seg) {
                 return false;
             }
             let limit = *limits
@@ -151,12 +200,12 @@ mod tests {
         wal.push(file(&format!("{}.00000028.backup", seg(1, 5))));
         let histories = vec![history(2, "1\t0/F000000\tx\n")];
         let kept = vec![backup("k", (1, 1), "0/5000028", "0/6000100")];
-        let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
+        let got = names(&expirable_wal(&kept, &[], &wal, &histories, SEG));
         let mut want: Vec<String> = (1..=4).map(|n| seg(1, n)).collect();
         want.push(format!("{}.00000028.backup", seg(1, 2)));
         assert_eq!(got, want);
         // Nothing kept, nothing deleted.
-        assert!(expirable_wal(&[], &wal, &histories, SEG).is_empty());
+        assert!(expirable_wal(&[], &[], &wal, &histories, SEG).is_empty());
     }
 
     #[test]
@@ -176,7 +225,7 @@ mod tests {
             backup("a", (1, 1), "0/A000028", "0/A000100"),
             backup("b", (2, 2), "0/8000028", "0/8000100"),
         ];
-        let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
+        let got = names(&expirable_wal(&kept, &[], &wal, &histories, SEG));
         let want: Vec<String> = [
             (1..=7).map(|n| seg(1, n)).collect::<Vec<_>>(),
             vec![seg(2, 6), seg(2, 7)],
@@ -195,7 +244,7 @@ mod tests {
             backup("a", (1, 1), "0/5000028", "0/5000100"),
             backup("b", (2, 2), "0/A000028", "0/A000100"),
         ];
-        let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
+        let got = names(&expirable_wal(&kept, &[], &wal, &histories, SEG));
         assert_eq!(got, (1..=4).map(|n| seg(1, n)).collect::<Vec<_>>());
     }
 
@@ -216,12 +265,13 @@ mod tests {
         let b2 = backup("b2", (1, 1), "0/9000028", "0/9000100");
         let alone = names(&expirable_wal(
             std::slice::from_ref(&b2),
+            &[],
             &wal,
             &histories,
             SEG,
         ));
         assert!(alone.contains(&seg(2, 7)), "{alone:?}");
-        let got = names(&expirable_wal(&[b0, b2], &wal, &histories, SEG));
+        let got = names(&expirable_wal(&[b0, b2], &[], &wal, &histories, SEG));
         assert_eq!(got, vec![seg(1, 1)]);
     }
 
@@ -237,7 +287,7 @@ mod tests {
             history(5, "1\t0/9000028\tx\n"),
         ];
         let kept = vec![backup("k", (1, 1), "0/8000028", "0/8000100")];
-        let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
+        let got = names(&expirable_wal(&kept, &[], &wal, &histories, SEG));
         let want: Vec<String> = [
             (1..=7).map(|n| seg(1, n)).collect::<Vec<_>>(),
             (3..=5).map(|n| seg(3, n)).collect(),
@@ -257,7 +307,55 @@ mod tests {
             history(3, "1\t0/5000000\tx\n2\t0/9000000\ty\n"),
         ];
         let kept = vec![backup("new", (1, 1), "0/28000028", "0/28000100")];
-        let got = names(&expirable_wal(&kept, &wal, &histories, SEG));
+        let got = names(&expirable_wal(&kept, &[], &wal, &histories, SEG));
         assert_eq!(got, (20..=22).map(|n| seg(3, n)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_own_wal_only_backup_keeps_its_start_through_stop_and_its_backup_file() {
+        // Kept: "old" (segments 3-4, own WAL only) and "base" (segment 8, continuous). Segments
+        // 1-2 and 5-7 go, 3-4 and the `.backup` file of "old" stay, 8 on stays.
+        let mut wal = segs(1, 1, 10);
+        wal.push(file(&format!("{}.00000028.backup", seg(1, 3))));
+        wal.push(file(&format!("{}.00000028.backup", seg(1, 6))));
+        let old = backup("old", (1, 1), "0/3000028", "0/4000100");
+        let base = backup("base", (1, 1), "0/8000028", "0/8000100");
+        let got = names(&expirable_wal(
+            std::slice::from_ref(&base),
+            std::slice::from_ref(&old),
+            &wal,
+            &[],
+            SEG,
+        ));
+        let want: Vec<String> = vec![
+            seg(1, 1),
+            seg(1, 2),
+            seg(1, 5),
+            seg(1, 6),
+            seg(1, 7),
+            format!("{}.00000028.backup", seg(1, 6)),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn an_own_wal_only_backup_keeps_the_segment_a_later_timeline_holds_its_end_in() {
+        // Timeline 2 left timeline 1 inside the stop segment (4) of "old": replay along
+        // timeline 2's history reads segment 4 from timeline 2, so both copies stay.
+        let wal = [segs(1, 1, 6), segs(2, 4, 9), vec![file("00000002.history")]].concat();
+        let histories = vec![history(2, "1\t0/4000200\tx\n")];
+        let old = backup("old", (1, 1), "0/3000028", "0/4000100");
+        let base = backup("base", (2, 2), "0/8000028", "0/8000100");
+        let got = names(&expirable_wal(&[base], &[old], &wal, &histories, SEG));
+        let want: Vec<String> = vec![
+            seg(1, 1),
+            seg(1, 2),
+            seg(1, 5),
+            seg(1, 6),
+            seg(2, 5),
+            seg(2, 6),
+            seg(2, 7),
+        ];
+        assert_eq!(got, want);
     }
 }

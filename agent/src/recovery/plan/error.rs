@@ -31,6 +31,15 @@ pub enum PlanError {
         earliest_time: Timestamp,
         earliest_lsn: Lsn,
     },
+    #[error("the target {target} lies between two recoverable ranges on the history of timeline {timeline}: the WAL between them is not archived (kept only within the WAL window, keep_wal_within, or lost); the nearest reachable moments are {before} before the target and {after} after it; choose a target in a range (`pgpitr list` shows them)")]
+    TargetBetweenRanges {
+        target: String,
+        timeline: TimelineId,
+        /// The latest reachable moment before the target, described.
+        before: String,
+        /// The earliest reachable moment after the target, described.
+        after: String,
+    },
     #[error("WAL segment {segment} is missing from the archive; it is needed for {needed_for}")]
     MissingSegment {
         segment: WalSegmentName,

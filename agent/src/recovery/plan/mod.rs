@@ -134,7 +134,10 @@ pub struct WalEnd {
 /// # Errors
 /// [`PlanError`]: no backups, an unknown backup or timeline, no backup on the timeline's
 /// history, a target before the earliest backup's end, a forced backup that cannot reach the
-/// target, a missing segment or history file, a WAL file stored twice with different contents.
+/// target, a target between two recoverable ranges (the WAL between them not archived, e.g.
+/// outside a WAL window: [`window::RecoverableWindow::between_at_lsn`] and
+/// [`window::RecoverableWindow::between_at_time`]), a missing segment or history file, a WAL
+/// file stored twice with different contents.
 pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
     if input.backups.is_empty() {
         return Err(PlanError::NoBackups);
@@ -206,6 +209,13 @@ pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
         }
         Goal::Time(_) | Goal::Xid(_) | Goal::UnknownName(_) => None,
     };
+    let window = window::window_on(branch, &input.backups, &index, seg_size);
+    let between = |b: window::Between<'_>| PlanError::TargetBetweenRanges {
+        target: target.to_string(),
+        timeline: tt,
+        before: b.before.describe_to(),
+        after: b.after.describe_from(),
+    };
     let walked = walk(branch, &index, seg_size, start, through);
     if let Some(missing) = walked.first_missing {
         let m = missing.segno(seg_size);
@@ -214,6 +224,18 @@ pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
             .filter(|(t, _)| *t >= m)
             .min_by_key(|(t, _)| *t)
         {
+            // Past the backup's own WAL, a target between two ranges is named as such.
+            let target_lsn = match &goal {
+                Goal::Lsn(l) => Some(*l),
+                Goal::RestorePoint(_, rp) => Some(rp.lsn),
+                _ => None,
+            };
+            if let Some(b) = target_lsn
+                .filter(|_| m > stop)
+                .and_then(|l| window.between_at_lsn(l))
+            {
+                return Err(between(b));
+            }
             return Err(PlanError::MissingSegment {
                 segment: missing,
                 needed_for: why.clone(),
@@ -224,6 +246,17 @@ pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
         .segments
         .last()
         .expect("the walk covers at least the backup's own segments");
+    // A time target after a range that ends at its newest backup, before the next range: the
+    // planned WAL ends before the next range begins, so recovery could never reach it.
+    if let Goal::Time(t) = &goal {
+        let end = last.next(seg_size).start_lsn(seg_size);
+        if let Some(b) = window
+            .between_at_time(*t)
+            .filter(|b| end <= b.after.from.lsn)
+        {
+            return Err(between(b));
+        }
+    }
 
     // Sizes, refusing WAL stored twice with different contents.
     let mut bytes_to_fetch = 0;
@@ -287,7 +320,6 @@ pub fn plan(input: &PlanInput) -> Result<RecoveryPlan, PlanError> {
         ));
     }
 
-    let window = window::window_on(branch, &input.backups, &index, seg_size);
     Ok(RecoveryPlan {
         backup: b.clone(),
         reason,

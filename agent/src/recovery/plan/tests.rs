@@ -522,3 +522,110 @@ fn a_gap_with_later_wal_is_reported() {
         ["the archive holds later WAL (up to 00000001000000000000000C) after the missing segment 000000010000000000000008; it cannot be replayed past the gap"]
     );
 }
+
+/// Issue 19: a WAL window. B1 (segments 2-3) kept only its own WAL; WAL from B2's start (6)
+/// through 0xA is continuous, with B3 (8-9) inside it.
+fn windowed() -> PlanInput {
+    input(
+        vec![
+            backup(B1, 1, "0/2000028", "0/3000100", "01:00"),
+            backup(B2, 1, "0/6000028", "0/6000100", "02:00"),
+            backup(B3, 1, "0/8000028", "0/9000100", "03:00"),
+        ],
+        vec![segs(1, 2, 3), segs(1, 6, 0xA)],
+    )
+}
+
+fn spec(target: T) -> RecoveryTargetSpec {
+    RecoveryTargetSpec {
+        target,
+        ..RecoveryTargetSpec::default()
+    }
+}
+
+#[test]
+fn a_window_is_a_list_of_ranges_with_isolated_points() {
+    let i = windowed();
+    let w = window::recoverable_windows(&i.backups, &i.wal, &i.histories, SEG);
+    let r = &w[0].ranges;
+    assert_eq!(r.len(), 2, "{r:#?}");
+    assert!(r[0].point && r[0].ends_at_backup, "{:#?}", r[0]);
+    assert_eq!(
+        (r[0].from.backup.0.as_str(), r[0].end_lsn),
+        (B1, lsn("0/4000000"))
+    );
+    assert!(!r[1].point && !r[1].ends_at_backup, "{:#?}", r[1]);
+    let ids: Vec<&str> = r[1].backups.iter().map(|b| b.0.as_str()).collect();
+    assert_eq!(ids, vec![B2, B3]);
+    assert_eq!(
+        (r[1].last_backup_end.backup.0.as_str(), r[1].end_lsn),
+        (B3, lsn("0/B000000"))
+    );
+    assert_eq!(w[0].continuous_from().unwrap().backup.0, B2);
+    assert_eq!(w[0].older_ranges().len(), 1);
+    // Without the gap, one range from B1.
+    let full = input(i.backups.clone(), vec![segs(1, 2, 0xA)]);
+    let w = window::recoverable_windows(&full.backups, &full.wal, &full.histories, SEG);
+    assert_eq!(w[0].ranges.len(), 1);
+    assert_eq!(w[0].continuous_from().unwrap().backup.0, B1);
+    assert!(w[0].older_ranges().is_empty());
+}
+
+#[test]
+fn a_target_between_two_ranges_is_refused_naming_the_nearest_moments() {
+    let mut i = windowed();
+    for target in [T::Lsn(lsn("0/5000000")), T::Time(at("01:30"))] {
+        i.spec = spec(target.clone());
+        let e = plan(&i).unwrap_err();
+        let PlanError::TargetBetweenRanges { before, after, .. } = &e else {
+            panic!("{target}: {e}");
+        };
+        assert!(before.contains(B1) && before.contains("0/3000100"), "{e}");
+        assert!(after.contains(B2) && after.contains("0/6000100"), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("2026-11-01 01:00:00 UTC") && text.contains("2026-11-01 02:00:00 UTC"),
+            "{text}"
+        );
+    }
+    // The old backup's own consistent end stays reachable.
+    i.spec = spec(T::Immediate);
+    i.forced_backup = Some(BackupId(B1.into()));
+    let p = plan(&i).unwrap();
+    assert_eq!(
+        (p.backup.id.0.as_str(), compact(&p.segments).as_str()),
+        (B1, "1:2..3")
+    );
+    // Targets inside the continuous range plan as before.
+    i.forced_backup = None;
+    for (target, from) in [
+        (T::Lsn(lsn("0/7000000")), B2),
+        (T::Time(at("02:30")), B2),
+        (T::Lsn(lsn("0/A000000")), B3),
+        (T::Latest, B3),
+    ] {
+        i.spec = spec(target.clone());
+        assert_eq!(plan(&i).unwrap().backup.id.0, from, "{target}");
+    }
+    // The end of the isolated point itself is reachable by time.
+    i.spec = spec(T::Time(at("01:00")));
+    assert_eq!(plan(&i).unwrap().backup.id.0, B1);
+}
+
+#[test]
+fn a_gap_after_a_stretch_that_does_not_end_at_a_backup_is_named_by_lsn() {
+    // B1's WAL runs on to segment 4 (its end time is not known): an LSN target in the gap is
+    // refused naming lsn 0/5000000; a time target cannot be judged and plans, with the note.
+    let mut i = windowed();
+    i.wal.extend(segs(1, 4, 4));
+    i.spec = spec(T::Lsn(lsn("0/5800000")));
+    let e = plan(&i).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("lsn 0/5000000 (the end of WAL segment 000000010000000000000004"),
+        "{e}"
+    );
+    i.spec = spec(T::Time(at("01:30")));
+    let p = plan(&i).unwrap();
+    assert_eq!(p.backup.id.0, B1);
+}

@@ -1,9 +1,12 @@
 //! What the repository can recover, for `pgpitr list`: per timeline, the archived WAL segments
 //! (first, last, gaps) and the recoverable window — from the end of the oldest restorable backup
-//! to the end of the WAL archived without a gap after the newest one. Pure: computed from the
-//! same inputs as the planner, with the same rules (a backup counts only on the histories that
-//! hold it, segments are read as PostgreSQL reads them across timeline switches, `.partial`
-//! files never count).
+//! to the end of the WAL archived without a gap after the newest one — and, inside it, the
+//! ranges that are recoverable without a gap ([`RecoverableRange`]): with a WAL window
+//! (`keep_wal_within`, [`crate::retention::window`]) or after lost WAL, a continuous range plus
+//! isolated points (backups whose own WAL alone is kept, restorable to their consistent end).
+//! Pure: computed from the same inputs as the planner, with the same rules (a backup counts
+//! only on the histories that hold it, segments are read as PostgreSQL reads them across
+//! timeline switches, `.partial` files never count).
 
 use jiff::Timestamp;
 use serde::Serialize;
@@ -107,6 +110,120 @@ pub struct RecoverableWindow {
     pub restorable: Vec<BackupId>,
     /// Backups on this history whose own WAL is not all archived (yet), oldest first.
     pub incomplete: Vec<IncompleteBackup>,
+    /// The stretches recoverable without a gap, by position along the history (oldest first);
+    /// between two of them nothing is recoverable. Empty when no backup is restorable.
+    pub ranges: Vec<RecoverableRange>,
+}
+
+/// A stretch of one history recoverable without a gap: from the end of its oldest restorable
+/// backup (by position) to the end of the WAL archived without a gap from that backup's start.
+/// Every moment in it is reachable from one of its backups; nothing between it and the next
+/// range is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecoverableRange {
+    /// The earliest reachable moment: the end of the range's oldest backup.
+    pub from: WindowStart,
+    /// The end of the range's newest backup (the same as `from` for one backup): everything up
+    /// to it is reachable, by time as well as by LSN.
+    pub last_backup_end: WindowStart,
+    /// The restorable backups that end in the range, by position.
+    pub backups: Vec<BackupId>,
+    /// The last segment of the range's WAL.
+    #[serde(serialize_with = "display_serde::one")]
+    pub last_segment: WalSegmentName,
+    /// The first LSN after `last_segment`: replay cannot go beyond it.
+    pub end_lsn: Lsn,
+    /// The segment after `last_segment`, which the archive lacks.
+    #[serde(serialize_with = "display_serde::one")]
+    pub first_missing: WalSegmentName,
+    /// The WAL ends in the stop segment of the newest backup: nothing after `last_backup_end`
+    /// is reachable (its time is the range's end).
+    pub ends_at_backup: bool,
+    /// One backup and only its own WAL: the range is its consistent end alone, reachable with
+    /// `--backup ID --target immediate`.
+    pub point: bool,
+}
+
+impl RecoverableRange {
+    /// The earliest reachable moment, for messages: `<time> (lsn <lsn>, the end of backup <id>)`.
+    pub fn describe_from(&self) -> String {
+        describe_end_of(&self.from)
+    }
+
+    /// The latest reachable moment, for messages: the newest backup's end when the WAL stops
+    /// there, else the end of the archived WAL (by LSN: the archive keeps no commit times).
+    pub fn describe_to(&self) -> String {
+        if self.ends_at_backup {
+            describe_end_of(&self.last_backup_end)
+        } else {
+            format!(
+                "lsn {} (the end of WAL segment {}, the last archived without a gap)",
+                self.end_lsn, self.last_segment
+            )
+        }
+    }
+}
+
+fn describe_end_of(w: &WindowStart) -> String {
+    format!(
+        "{} (lsn {}, the end of backup {})",
+        w.time.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        w.lsn,
+        w.backup
+    )
+}
+
+/// Where a target lies between two ranges of a window: the range before it and the one after.
+#[derive(Debug, Clone, Copy)]
+pub struct Between<'a> {
+    pub before: &'a RecoverableRange,
+    pub after: &'a RecoverableRange,
+}
+
+impl RecoverableWindow {
+    /// Where the continuous window starts: the first reachable moment of the newest range (the
+    /// end of the oldest restorable backup when there are no ranges, or one).
+    pub fn continuous_from(&self) -> Option<&WindowStart> {
+        match self.ranges.split_last() {
+            Some((newest, older)) if !older.is_empty() => Some(&newest.from),
+            _ => self.earliest.as_ref(),
+        }
+    }
+
+    /// The ranges before the newest one, oldest first: isolated points and older stretches,
+    /// each followed by a gap.
+    pub fn older_ranges(&self) -> &[RecoverableRange] {
+        self.ranges.split_last().map_or(&[], |(_, older)| older)
+    }
+
+    /// The ranges around `lsn` when it lies after the WAL of one range and before the first
+    /// reachable point of the next; `None` when it lies inside a range, before the first or
+    /// after the last.
+    pub fn between_at_lsn(&self, lsn: Lsn) -> Option<Between<'_>> {
+        self.ranges.windows(2).find_map(|pair| {
+            (pair[0].end_lsn <= lsn && lsn < pair[1].from.lsn).then_some(Between {
+                before: &pair[0],
+                after: &pair[1],
+            })
+        })
+    }
+
+    /// The ranges around time `t` when it lies after the end of a range whose WAL ends at its
+    /// newest backup (so its last moment is known by time) and before the first reachable
+    /// point of the next. A backup taken on a primary ends its stop segment with a WAL switch
+    /// right after its stop (`do_pg_backup_stop`, xlog.c), so nothing later lies in that
+    /// segment; after a backup taken on a standby the rest of the segment is reachable by LSN
+    /// (`--target-lsn`) only. A range that ends elsewhere ends at an LSN whose time the archive
+    /// does not know: `None` then, as inside a range, before the first or after the last.
+    pub fn between_at_time(&self, t: Timestamp) -> Option<Between<'_>> {
+        self.ranges.windows(2).find_map(|pair| {
+            (pair[0].ends_at_backup && pair[0].last_backup_end.time < t && t < pair[1].from.time)
+                .then_some(Between {
+                    before: &pair[0],
+                    after: &pair[1],
+                })
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -163,7 +280,7 @@ pub(crate) fn window_on(
         .filter(|b| b.wal_segment_size == seg_size && branch.holds_backup(b).is_ok())
         .collect();
     on.sort_by_key(|b| (b.stop_time, b.stop_lsn, b.id.clone()));
-    let mut restorable = Vec::new();
+    let mut restorable: Vec<&BackupSummary> = Vec::new();
     let mut incomplete = Vec::new();
     for b in on {
         let own = walk(
@@ -200,9 +317,62 @@ pub(crate) fn window_on(
         timeline: branch.timeline(),
         earliest,
         latest,
+        ranges: ranges(branch, &restorable, index, seg_size),
         restorable: restorable.iter().map(|b| b.id.clone()).collect(),
         incomplete,
     }
+}
+
+/// The ranges of `restorable` (backups on `branch` whose own WAL is archived along it): by
+/// position, a backup joins the range before it when it ends inside that range's WAL (its WAL
+/// then ends where the range's does), else it opens a new range.
+fn ranges(
+    branch: &Branch,
+    restorable: &[&BackupSummary],
+    index: &WalIndex<'_>,
+    seg_size: WalSegSize,
+) -> Vec<RecoverableRange> {
+    let mut by_position = restorable.to_vec();
+    by_position.sort_by_key(|b| (b.stop_lsn, b.stop_time, b.id.clone()));
+    let end_of = |b: &BackupSummary| WindowStart {
+        backup: b.id.clone(),
+        time: b.stop_time,
+        lsn: b.stop_lsn,
+    };
+    let mut out: Vec<RecoverableRange> = Vec::new();
+    for b in by_position {
+        let stop = b.stop_lsn.segno(seg_size);
+        if let Some(r) = out
+            .last_mut()
+            .filter(|r| stop < r.first_missing.segno(seg_size))
+        {
+            r.backups.push(b.id.clone());
+            r.last_backup_end = end_of(b);
+            r.ends_at_backup = r.last_segment.segno(seg_size) == stop;
+            r.point = false;
+            continue;
+        }
+        let all = walk(branch, index, seg_size, b.start_lsn.segno(seg_size), None);
+        let last = all
+            .segments
+            .last()
+            .expect("a restorable backup's own WAL is archived");
+        let first_missing = all
+            .first_missing
+            .expect("a walk without a bound ends at a missing segment");
+        let ends_at_backup = last.segno(seg_size) == stop;
+        out.push(RecoverableRange {
+            from: end_of(b),
+            last_backup_end: end_of(b),
+            backups: vec![b.id.clone()],
+            last_segment: *last,
+            end_lsn: last.next(seg_size).start_lsn(seg_size),
+            first_missing,
+            ends_at_backup,
+            point: ends_at_backup,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
