@@ -129,9 +129,24 @@ fn storage_locks_what_is_written_once_and_never_the_mutable_objects() {
         ("unlocked", "has no Object Lock enabled"),
         ("defaulted", "default Object Lock retention"),
     ] {
-        let s = storage_of(&locked_env(&m, bucket, "governance", "10m"));
+        let env = locked_env(&m, bucket, "governance", "10m");
+        let s = storage_of(&env);
         let e = rt.block_on(s.check_writable()).unwrap_err().to_string();
         assert!(e.contains(want) && !e.contains('\n'), "{bucket}: {e}");
+        // `pgpitr check` fails its storage row with the same words.
+        let out = pgpitr(&env, &["check", "--json"]);
+        assert!(!out.status.success(), "{}", text(&out));
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let row = checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "storage")
+            .unwrap();
+        assert!(
+            row["ok"] == false && row["detail"].as_str().unwrap().contains(want),
+            "{row}"
+        );
     }
 
     let s: DynStorage = storage_of(&locked_env(&m, "locked", "governance", "10m"));
@@ -281,9 +296,32 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
     let before_b = marker_ids(&c, None);
     add_markers(&c, 2);
     archive_everything(&c);
+    // Backup B reuses A's packs: it extends their locks (PutObjectRetention) before its commit.
+    let reused: Vec<String> = rt
+        .block_on(s.list("packs/"))
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(!reused.is_empty());
+    let mut seen = proxy.seen();
+    proxy.record();
     let b = backup(&env, &c);
+    let extended: Vec<String> = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.target.contains("?retention"))
+        .map(|r| r.target.split_once('?').unwrap().0.to_string())
+        .collect();
+    for key in &reused {
+        assert!(
+            extended.contains(&format!("/repo/{PREFIX}/{key}")),
+            "{key} not extended by backup B: {extended:?}"
+        );
+    }
     archive_everything(&c);
-    assert_every_write_locked_but_the_mutable_ones(&proxy.seen());
+    seen.extend(proxy.seen());
+    assert_every_write_locked_but_the_mutable_ones(&seen);
 
     // `pgpitr check` reports the lock. (Its archiving check switches WAL, which does nothing
     // at the very start of a segment: write something first.)
@@ -304,7 +342,9 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
     );
 
     // The policy lets backup A go, its lock does not: retained, whole, in text and JSON.
-    let policy = ["expire", "--keep-last", "1", "--keep-within", "1s"];
+    // (`--keep-within 0s` overrides the configuration's 150s; within counts whole seconds.)
+    std::thread::sleep(Duration::from_secs(2));
+    let policy = ["expire", "--keep-last", "1", "--keep-within", "0s"];
     let dry = pgpitr_ok(&env, &[&policy[..], &["--dry-run"]].concat());
     assert!(
         dry.contains("retained by Object Lock: 1 backup(s)"),
