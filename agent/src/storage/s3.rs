@@ -344,6 +344,7 @@ impl S3Storage {
             .map(|(number, body)| {
                 let upload_id = upload_id.clone();
                 let part_checksum = part_checksum.clone();
+                let with_checksum = part_checksum.is_some();
                 async move {
                     let out = self
                         .client
@@ -360,7 +361,13 @@ impl S3Storage {
                     Ok(CompletedPart::builder()
                         .part_number(number)
                         .set_e_tag(out.e_tag().map(str::to_string))
-                        .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                        // Only an upload created with a checksum algorithm (a locked one)
+                        // expects the parts' checksums at its completion.
+                        .set_checksum_crc32(
+                            with_checksum
+                                .then(|| out.checksum_crc32().map(str::to_string))
+                                .flatten(),
+                        )
                         .build())
                 }
             })
