@@ -50,6 +50,11 @@ pub struct Config {
     /// Storage class of every object written (`STANDARD_IA`, ...; see docs/configuration.md).
     #[serde(default)]
     pub s3_storage_class: Option<String>,
+    /// S3 Object Lock of every object pgpitr writes once (WAL, packs, manifests): `governance`
+    /// or `compliance`, locked for what the retention policy (`keep_*`) promises. The bucket
+    /// must have Object Lock enabled. See docs/operations.md, "Immutable backups".
+    #[serde(default)]
+    pub s3_object_lock: Option<String>,
     /// libpq connection string for `backup` and `check`, e.g. `host=/run/postgresql user=postgres`.
     #[serde(default)]
     pub conninfo: String,
@@ -240,6 +245,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("s3_sse", Kind::Str),
     ("s3_sse_kms_key_id", Kind::Str),
     ("s3_storage_class", Kind::Str),
+    ("s3_object_lock", Kind::Str),
     ("conninfo", Kind::Str),
     ("spool_dir", Kind::Str),
     ("archive_batch", Kind::Int),
@@ -415,11 +421,12 @@ impl Config {
             });
         }
         self.s3_write_options()?;
-        if let Some(w) = &self.keep_within {
-            crate::retention::KeepWithin::parse(w).map_err(|e| ConfigError::Value {
-                key: "keep_within",
-                message: e.to_string(),
-            })?;
+        self.retention_policy()?;
+        if self.s3_object_lock()?.is_some() && !self.repo.starts_with("s3://") {
+            return Err(ConfigError::Value {
+                key: "s3_object_lock",
+                message: "only an s3:// repository can be locked (Object Lock is a feature of S3 buckets); remove it, or move the repository to a bucket with Object Lock".into(),
+            });
         }
         self.keep_wal_within()?;
         self.thresholds()?;
@@ -572,6 +579,64 @@ impl Config {
             .transpose()
     }
 
+    /// `keep_last`, `keep_within`, `keep_daily`, `keep_weekly`, `keep_monthly` and
+    /// `keep_wal_within` as a policy (`pgpitr expire` overrides each with its `--keep-*` option).
+    ///
+    /// # Errors
+    /// A `keep_within` or `keep_wal_within` that is not a duration.
+    pub fn retention_policy(&self) -> Result<crate::retention::RetentionPolicy, ConfigError> {
+        let keep_within =
+            match &self.keep_within {
+                Some(w) => Some(crate::retention::KeepWithin::parse(w).map_err(|e| {
+                    ConfigError::Value {
+                        key: "keep_within",
+                        message: e.to_string(),
+                    }
+                })?),
+                None => None,
+            };
+        Ok(crate::retention::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_within,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_wal_within: self.keep_wal_within()?,
+        })
+    }
+
+    /// `s3_object_lock` with the retention of a new object
+    /// ([`crate::retention::promise::new_object_retention`]); `None` when unset or empty.
+    ///
+    /// # Errors
+    /// A mode other than `governance` or `compliance`; a policy that promises no duration
+    /// (no `keep_within`, `keep_daily`, `keep_weekly` or `keep_monthly` above 0).
+    pub fn s3_object_lock(&self) -> Result<Option<crate::storage::ObjectLock>, ConfigError> {
+        let Some(mode) = self
+            .s3_object_lock
+            .as_deref()
+            .filter(|m| !m.trim().is_empty())
+        else {
+            return Ok(None);
+        };
+        let mode = crate::storage::LockMode::parse(mode).ok_or(ConfigError::Value {
+            key: "s3_object_lock",
+            message: "expected \"governance\" or \"compliance\"".into(),
+        })?;
+        let policy = self.retention_policy()?;
+        let retain = crate::retention::promise::new_object_retention(&policy).ok_or(
+            ConfigError::Value {
+                key: "s3_object_lock",
+                message: "locks objects for what the retention policy promises, and this one promises no duration: set keep_within, keep_daily, keep_weekly or keep_monthly (keep_last counts backups, not time)".into(),
+            },
+        )?;
+        Ok(Some(crate::storage::ObjectLock {
+            mode,
+            retain,
+            is_mutable: crate::repo::layout::is_mutable,
+        }))
+    }
+
     /// The age limits of `pgpitr status` (`max_backup_age`, `max_wal_age`, `max_verify_age`,
     /// `max_drill_age`), in seconds.
     ///
@@ -615,6 +680,7 @@ impl Config {
                 loc.timeout = self.s3_timeout()?;
                 loc.retries = self.s3_retries;
                 loc.write = self.s3_write_options()?;
+                loc.lock = self.s3_object_lock()?;
                 Ok(RepoKind::S3(loc))
             })
         } else if self.repo.contains("://") {
@@ -1172,6 +1238,66 @@ mod tests {
     }
 
     #[test]
+    fn s3_object_lock_needs_a_bucket_and_a_policy_that_promises_time() {
+        let lock = |text: &str, env_pairs: &[(&str, &str)]| {
+            Config::from_parts(None, Some(text), &env(env_pairs)).map(|c| c.s3_object_lock())
+        };
+        let l = lock(
+            "repo = \"s3://b/p\"\ns3_object_lock = \"Compliance\"\nkeep_daily = 7\nkeep_monthly = 12\n",
+            &[],
+        )
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.mode, crate::storage::LockMode::Compliance);
+        assert_eq!(l.retain, std::time::Duration::from_secs(7 * 86_400));
+        assert!((l.is_mutable)("locks/1-2-3.lock") && !(l.is_mutable)("packs/ab/x.pack"));
+        let l = lock(
+            "repo = \"s3://b/p\"\nkeep_within = \"30d\"\n",
+            &[("PGPITR_S3_OBJECT_LOCK", "governance")],
+        )
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.mode, crate::storage::LockMode::Governance);
+        // Empty: unset (an environment variable can clear the file's value).
+        assert!(lock(
+            "repo = \"s3://b/p\"\ns3_object_lock = \"compliance\"\n",
+            &[("PGPITR_S3_OBJECT_LOCK", "")]
+        )
+        .unwrap()
+        .unwrap()
+        .is_none());
+        for (text, want) in [
+            (
+                "repo = \"/var/lib/pgpitr\"\ns3_object_lock = \"governance\"\nkeep_daily = 7\n",
+                "only an s3:// repository",
+            ),
+            (
+                "repo = \"s3://b/p\"\ns3_object_lock = \"Zq7\"\nkeep_daily = 7\n",
+                "\"governance\" or \"compliance\"",
+            ),
+            (
+                "repo = \"s3://b/p\"\ns3_object_lock = \"governance\"\nkeep_last = 7\n",
+                "promises no duration",
+            ),
+            (
+                "repo = \"s3://b/p\"\ns3_object_lock = \"governance\"\n",
+                "promises no duration",
+            ),
+        ] {
+            let e = Config::from_parts(None, Some(text), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("s3_object_lock") && e.contains(want),
+                "{text}: {e}"
+            );
+            assert!(!e.contains("Zq7"), "{e}");
+        }
+    }
+
+    #[test]
     fn retention_keys() {
         let c = Config::from_parts(
             None,
@@ -1291,6 +1417,7 @@ mod proptests {
                     s3_sse_kms_key_id: kms_key_id.filter(|_| s3_sse == Some("aws:kms")),
                     s3_sse: s3_sse.map(str::to_string),
                     s3_storage_class: s3_storage_class.map(str::to_string),
+                    s3_object_lock: None,
                     conninfo,
                     spool_dir: spool_dir.map(PathBuf::from),
                     archive_batch,

@@ -10,6 +10,7 @@ pub mod fault_proxy;
 pub mod garage;
 pub mod garage_cluster;
 pub mod monitoring;
+pub mod moto;
 pub mod pg;
 pub mod pitr;
 pub mod tmpfs;

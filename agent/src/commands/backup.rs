@@ -15,7 +15,10 @@
 //!    stored, `pg_snapshot_xmax(pg_current_snapshot())` read over an ordinary SQL connection
 //!    (optional), every WAL segment from the start to the stop LSN found in the repository
 //!    ([`wait_for_wal`]: pgpitr waits for its WAL itself, see there);
-//! 5. only then `backups/<id>/manifest.json`, written with [`PutMode::Create`]: the commit
+//! 5. with `s3_object_lock`, the lock of every pack (and index) the backup references extended
+//!    to what a new object is promised ([`extend_pack_locks`]): packs reused from earlier
+//!    backups must stay locked as long as this one;
+//! 6. only then `backups/<id>/manifest.json`, written with [`PutMode::Create`]: the commit
 //!    point. A backup that fails or is killed before leaves packs that the next backup reuses,
 //!    and no manifest.
 
@@ -388,7 +391,10 @@ async fn run_locked(
         e => e,
     })?;
 
-    // 5. The commit point.
+    // 5. Reused packs stay locked as long as this backup.
+    extend_pack_locks(storage.as_ref(), &ingested.files).await?;
+
+    // 6. The commit point.
     let size_bytes = ingested.files.iter().map(|f| f.size).sum();
     let manifest = BackupManifest {
         manifest_version: MANIFEST_VERSION,
@@ -450,6 +456,38 @@ async fn run_locked(
 
 /// Warns when the server's `archive_command` is not pgpitr-archive: the backup waits for its WAL
 /// in the repository anyway.
+/// With Object Lock, extends the lock of every pack and pack index that `files` reference to
+/// now + the retention of a new object (never shortening one), so that packs reused from
+/// earlier backups stay locked at least as long as the backup being committed.
+///
+/// # Errors
+/// Storage errors.
+async fn extend_pack_locks(
+    storage: &dyn Storage,
+    files: &[crate::repo::manifest::FileEntry],
+) -> Result<(), StorageError> {
+    let Some(lock) = storage.object_lock() else {
+        return Ok(());
+    };
+    let until = jiff::SignedDuration::try_from(lock.retain)
+        .ok()
+        .and_then(|d| jiff::Timestamp::now().checked_add(d).ok())
+        .unwrap_or(jiff::Timestamp::MAX);
+    let packs: HashSet<&str> = files
+        .iter()
+        .flat_map(|f| f.chunks.iter())
+        .map(|c| c.pack.as_str())
+        .collect();
+    let keys: Vec<(String, jiff::Timestamp)> = packs
+        .into_iter()
+        .flat_map(|p| [layout::pack_key(p), layout::pack_index_key(p)])
+        .map(|k| (k, until))
+        .collect();
+    let extended = crate::storage::extend_locks(storage, keys).await?;
+    tracing::debug!("extended the Object Lock of {extended} pack object(s)");
+    Ok(())
+}
+
 async fn check_archive_command(conn: &mut ReplicationConnection) {
     match conn.show("archive_command").await {
         Ok(cmd) if cmd.contains("pgpitr-archive") => {}

@@ -121,6 +121,17 @@ pub async fn run(config: &Config, args: &CheckArgs) -> Vec<Check> {
         },
     };
 
+    if let Some(lock) = storage.object_lock() {
+        out.push(Check::ok(
+            "object lock",
+            format!(
+                "{} mode: the bucket has Object Lock enabled; new objects are locked for {} (see docs/operations.md, \"Immutable backups\")",
+                lock.mode.name(),
+                crate::repo::staging::human_age(lock.retain.as_secs())
+            ),
+        ));
+    }
+
     let params = match ConnectParams::from_conninfo(&config.conninfo) {
         Ok(p) => p,
         Err(e) => {

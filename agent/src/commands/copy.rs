@@ -25,7 +25,7 @@ use crate::repo::layout;
 use crate::repo::lock::{LockError, RepoLock};
 use crate::repo::manifest::BackupId;
 use crate::repo::{RepoError, RepoIdentity};
-use crate::retention::{KeepWithin, PolicyError, RetentionPolicy};
+use crate::retention::{PolicyError, RetentionPolicy};
 use crate::storage::{DynStorage, Storage, StorageError};
 
 use super::backup::human_bytes;
@@ -154,23 +154,7 @@ pub async fn run(config: &Config, args: &CopyArgs) -> Result<Vec<CopyReport>, Co
 /// # Errors
 /// A `keep_within` that does not parse.
 pub fn retention_of(location: &Config) -> Result<Option<RetentionPolicy>, ConfigError> {
-    let within = location
-        .keep_within
-        .as_deref()
-        .map(KeepWithin::parse)
-        .transpose()
-        .map_err(|e| ConfigError::Value {
-            key: "keep_within",
-            message: e.to_string(),
-        })?;
-    let policy = RetentionPolicy {
-        keep_last: location.keep_last,
-        keep_within: within,
-        keep_daily: location.keep_daily,
-        keep_weekly: location.keep_weekly,
-        keep_monthly: location.keep_monthly,
-        keep_wal_within: location.keep_wal_within()?,
-    };
+    let policy = location.retention_policy()?;
     Ok((!policy.is_empty()).then_some(policy))
 }
 

@@ -22,6 +22,16 @@
 //! packs and every WAL file from its start; an unscoped lease makes `expire` delete no backup,
 //! WAL file or pack.
 //!
+//! With `s3_object_lock` ([`crate::storage::Storage::object_lock`]), before deleting anything
+//! `expire` extends the Object Lock of what the policy keeps to what it promises
+//! ([`crate::retention::promise::kept_backup_lock`]: the backups' manifests, the packs they
+//! reference and their own WAL, never shortened), and leaves every object still locked for a
+//! later run, reported as retained: an expired backup whose `manifest.json` or
+//! `backup_manifest` is locked is kept whole, with its packs and WAL, as if the policy kept it
+//! (so no backup is ever left half-deleted); a locked WAL file, restore point, pack or pack
+//! index stays (a pack goes only with its index). Deleting removes every version of a key by
+//! its id, which frees the space in a versioned bucket.
+//!
 //! Last, still under the lock, leftover staging objects of killed writers
 //! ([`crate::repo::staging`]) older than `--staging-grace` (24h) by the storage's clock are
 //! removed (local: unlinked; S3: the multipart upload aborted). Younger ones may be a live
@@ -46,7 +56,7 @@ use crate::repo::staging::{self, Leftover};
 use crate::repo::wal::ArchivedWal;
 use crate::repo::RepoError;
 use crate::retention::{self, KeepWithin, PolicyError, RetentionPolicy, Verdict, WalWindow};
-use crate::storage::{PutMode, StorageError};
+use crate::storage::{PutMode, Storage, StorageError};
 
 use super::backup::human_bytes;
 
@@ -168,6 +178,15 @@ pub struct ExpireReport {
     pub staging_bytes: u64,
     /// Leftover staging objects kept: not older than `--staging-grace`.
     pub staging_young_kept: usize,
+    /// Object Lock (`s3_object_lock`): expired backups kept whole because their manifests are
+    /// still locked; a later `expire` deletes them once the locks end.
+    pub locked_backups: usize,
+    /// WAL files and restore points no backup needs, kept because still locked.
+    pub locked_wal_files: usize,
+    /// Unreferenced packs kept because the pack or its index is still locked.
+    pub locked_packs: usize,
+    /// Objects whose lock was extended to what the policy now promises (not with `--dry-run`).
+    pub locks_extended: usize,
 }
 
 /// The policy from `args` over `config`.
@@ -175,24 +194,14 @@ pub struct ExpireReport {
 /// # Errors
 /// A `keep_within` or `keep_wal_within` in the configuration that does not parse.
 pub fn policy(config: &Config, args: &ExpireArgs) -> Result<RetentionPolicy, ConfigError> {
-    let within = match (&args.keep_within, &config.keep_within) {
-        (Some(w), _) => Some(*w),
-        (None, Some(text)) => Some(KeepWithin::parse(text).map_err(|e| ConfigError::Value {
-            key: "keep_within",
-            message: e.to_string(),
-        })?),
-        (None, None) => None,
-    };
+    let configured = config.retention_policy()?;
     Ok(RetentionPolicy {
-        keep_last: args.keep_last.or(config.keep_last),
-        keep_within: within,
-        keep_daily: args.keep_daily.or(config.keep_daily),
-        keep_weekly: args.keep_weekly.or(config.keep_weekly),
-        keep_monthly: args.keep_monthly.or(config.keep_monthly),
-        keep_wal_within: match args.keep_wal_within {
-            Some(w) => Some(w),
-            None => config.keep_wal_within()?,
-        },
+        keep_last: args.keep_last.or(configured.keep_last),
+        keep_within: args.keep_within.or(configured.keep_within),
+        keep_daily: args.keep_daily.or(configured.keep_daily),
+        keep_weekly: args.keep_weekly.or(configured.keep_weekly),
+        keep_monthly: args.keep_monthly.or(configured.keep_monthly),
+        keep_wal_within: args.keep_wal_within.or(configured.keep_wal_within),
     })
 }
 
@@ -254,6 +263,10 @@ async fn run_locked(
         staging_removed: Vec::new(),
         staging_bytes: 0,
         staging_young_kept: 0,
+        locked_backups: 0,
+        locked_wal_files: 0,
+        locked_packs: 0,
+        locks_extended: 0,
     };
 
     // --keep ID: mark first (an overwrite of the whole manifest object).
@@ -288,6 +301,15 @@ async fn run_locked(
     report.latest_timeline_backup = live.backup.clone();
     let now = jiff::Timestamp::now();
     let mut verdicts = retention::decide(&facts, policy, now)?;
+    // What the policy itself promises each backup it keeps (leases and locks promise nothing).
+    let locked = storage.object_lock().is_some();
+    let lock_targets: HashMap<BackupId, jiff::Timestamp> = verdicts
+        .iter()
+        .filter(|_| locked)
+        .filter_map(|v| {
+            retention::promise::kept_backup_lock(policy, v, now).map(|t| (v.id.clone(), t))
+        })
+        .collect();
 
     // Leases of restores, judged by the storage's clock (a dry run writes nothing, so it uses
     // this host's). Listed again before every batch of deletions.
@@ -305,6 +327,23 @@ async fn run_locked(
         if hold.everything || hold.backups.contains(&v.id) {
             v.keep = true;
             v.reasons.push("leased by a restore".into());
+        }
+    }
+    if locked {
+        // An expired backup whose manifests cannot be deleted yet stays whole.
+        for v in verdicts.iter_mut().filter(|v| !v.keep) {
+            let mut until = None;
+            for key in [
+                layout::backup_manifest_key(&v.id),
+                layout::pg_backup_manifest_key(&v.id),
+            ] {
+                until = until.max(storage.locked_until(&key).await?);
+            }
+            if let Some(t) = until {
+                v.keep = true;
+                v.reasons.push(format!("under Object Lock until {t}"));
+                report.locked_backups += 1;
+            }
         }
     }
     let kept_ids: HashSet<&BackupId> = verdicts.iter().filter(|v| v.keep).map(|v| &v.id).collect();
@@ -344,6 +383,17 @@ async fn run_locked(
             .segment()
             .is_some_and(|s| !hold.holds_wal(s.segno(seg_size), seg_size))
     });
+    if locked {
+        let mut unlocked = Vec::with_capacity(wal.len());
+        for w in wal {
+            if storage.locked_until(&w.key).await?.is_some() {
+                report.locked_wal_files += 1;
+            } else {
+                unlocked.push(w);
+            }
+        }
+        wal = unlocked;
+    }
     report.wal_files = wal.len();
     report.wal_bytes = wal.iter().map(|w| w.size).sum();
     report.freed_bytes += report.wal_bytes;
@@ -391,6 +441,10 @@ async fn run_locked(
                 report.young_packs_kept += 1;
                 continue;
             }
+            if locked && any_locked(storage, objects.iter().map(|(k, _)| k.as_str())).await? {
+                report.locked_packs += 1;
+                continue;
+            }
             let mut objects = objects.clone();
             // The index before the pack.
             objects.sort_by_key(|(k, _)| !k.ends_with(".idx"));
@@ -433,7 +487,16 @@ async fn run_locked(
         .cloned()
         .collect();
     let (_, orphaned) = partition_by_wal(&state.restore_points, &remaining, seg_size);
-    let orphaned: Vec<RestorePointRecord> = orphaned.into_iter().cloned().collect();
+    let mut unlocked = Vec::with_capacity(orphaned.len());
+    for p in orphaned {
+        let key = layout::restore_point_key(p.timeline, p.lsn);
+        if locked && storage.locked_until(&key).await?.is_some() {
+            report.locked_wal_files += 1;
+        } else {
+            unlocked.push(p.clone());
+        }
+    }
+    let orphaned: Vec<RestorePointRecord> = unlocked;
     steps.extend(
         orphaned
             .iter()
@@ -441,6 +504,20 @@ async fn run_locked(
     );
     for (_, objects) in &packs {
         steps.extend(objects.iter().map(|(key, _)| (key.clone(), None)));
+    }
+
+    if !lock_targets.is_empty() {
+        if let Some(lock) = lock {
+            lock.check().await?;
+        }
+        report.locks_extended = extend_locks(
+            storage,
+            &state.manifests,
+            &state.wal,
+            &lock_targets,
+            seg_size,
+        )
+        .await?;
     }
 
     let pause = Duration::from_millis(args.delete_delay_ms);
@@ -477,6 +554,70 @@ async fn run_locked(
         );
     }
     Ok(report)
+}
+
+/// Whether any of `keys` is still under Object Lock.
+///
+/// # Errors
+/// Storage errors of the HEAD requests.
+async fn any_locked(
+    storage: &dyn Storage,
+    keys: impl Iterator<Item = &str>,
+) -> Result<bool, ExpireError> {
+    for key in keys {
+        if storage.locked_until(key).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Extends the Object Lock of every object of the backups in `targets` (their two manifests,
+/// the packs and indexes they reference, and their own WAL: every archived file from the
+/// start segment through the stop segment on their timelines) to the latest target of the
+/// backups holding it; returns how many locks were extended.
+///
+/// # Errors
+/// Storage errors.
+async fn extend_locks(
+    storage: &dyn Storage,
+    manifests: &[BackupManifest],
+    wal: &[ArchivedWal],
+    targets: &HashMap<BackupId, jiff::Timestamp>,
+    seg_size: crate::pg::WalSegSize,
+) -> Result<usize, ExpireError> {
+    let mut until: HashMap<String, jiff::Timestamp> = HashMap::new();
+    let mut need = |key: String, t: jiff::Timestamp| {
+        let e = until.entry(key).or_insert(t);
+        *e = (*e).max(t);
+    };
+    for m in manifests {
+        let Some(&t) = targets.get(&m.id) else {
+            continue;
+        };
+        need(layout::backup_manifest_key(&m.id), t);
+        need(layout::pg_backup_manifest_key(&m.id), t);
+        let packs: HashSet<&str> = m
+            .files
+            .iter()
+            .flat_map(|f| f.chunks.iter())
+            .map(|c| c.pack.as_str())
+            .collect();
+        for p in packs {
+            need(layout::pack_key(p), t);
+            need(layout::pack_index_key(p), t);
+        }
+        let timelines = [m.start_timeline, m.stop_timeline];
+        let segments = m.start_lsn.segno(seg_size)..=m.stop_lsn.segno(seg_size);
+        for w in wal {
+            if w.name.segment().is_some_and(|s| {
+                timelines.contains(&s.timeline) && segments.contains(&s.segno(seg_size))
+            }) {
+                need(w.key.clone(), t);
+            }
+        }
+    }
+    Ok(crate::storage::extend_locks(storage, until.into_iter().collect()).await?)
 }
 
 /// Removes the leftover staging objects older than `--staging-grace` by the storage's clock
@@ -584,6 +725,18 @@ pub fn render(r: &ExpireReport) -> String {
         if r.dry_run { "would free" } else { "freed" },
         human_bytes(r.freed_bytes)
     ));
+    if r.locked_backups + r.locked_wal_files + r.locked_packs > 0 {
+        out.push_str(&format!(
+            "retained by Object Lock: {} backup(s), {} WAL file(s), {} pack(s); a later expire deletes them once their locks end\n",
+            r.locked_backups, r.locked_wal_files, r.locked_packs
+        ));
+    }
+    if r.locks_extended > 0 {
+        out.push_str(&format!(
+            "extended the Object Lock of {} object(s) to what the policy now promises\n",
+            r.locks_extended
+        ));
+    }
     if r.young_packs_kept > 0 {
         out.push_str(&format!(
             "{} unreferenced pack(s) kept for now: younger than the newest backup or --pack-min-age\n",

@@ -79,6 +79,9 @@ repo = "{repo}"
 # Server-side encryption and storage class of every object written (docs/configuration.md).
 # s3_sse = "AES256"                # or "aws:kms", with s3_sse_kms_key_id = "alias/..."
 # s3_storage_class = "STANDARD_IA" # GLACIER and DEEP_ARCHIVE are refused
+# Immutable backups: S3 Object Lock on WAL, packs and manifests, for what the keep_* policy
+# promises (a bucket with Object Lock enabled; docs/operations.md, "Immutable backups").
+# s3_object_lock = "governance"    # or "compliance"
 
 # How `pgpitr backup` and `pgpitr check` reach the server (libpq syntax; PGHOST, PGUSER,
 # PGPASSWORD and ~/.pgpass apply as usual). The role needs the REPLICATION attribute.

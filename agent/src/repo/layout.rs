@@ -15,6 +15,9 @@
 //! restore-points/<TLI>/<LSN>.json                   a restore point found in archived WAL
 //! ```
 //!
+//! With `s3_object_lock` every object is written locked except the mutable ones
+//! ([`is_mutable`]), which pgpitr rewrites or removes in normal operation.
+//!
 //! The SHA-256 (of the plain bytes, 64 hex digits) is part of a WAL object's key, so two
 //! different contents for one WAL file name can never overwrite each other, even on S3 servers
 //! that ignore conditional PUTs.
@@ -222,8 +225,55 @@ pub fn parse_restore_point_key(key: &str) -> Option<(TimelineId, Lsn)> {
     Some((TimelineId(hex(tli, 8)? as u32), Lsn(hex(lsn, 16)?)))
 }
 
+/// Whether pgpitr rewrites or removes the object under `key` in normal operation, so that it
+/// must never be under Object Lock: `repo.json` (it lives as long as the repository, which a
+/// lock could only follow by being renewed for ever), the repository
+/// lock's objects (`locks/`), restores' leases (`leases/`), run records (`runs/`) and key slots
+/// (`keys/`, removed by `pgpitr key remove`). Everything else — WAL, packs and their indexes,
+/// backup manifests, restore points — is written once and only ever deleted by `expire`.
+pub fn is_mutable(key: &str) -> bool {
+    key == REPO_JSON
+        || [
+            LOCKS_ROOT,
+            LEASES_ROOT,
+            crate::repo::runs::RUNS_ROOT,
+            crate::crypto::slots::KEYS_PREFIX,
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_objects_pgpitr_rewrites_or_removes_are_mutable() {
+        use super::*;
+        let sha = "ab".repeat(32);
+        let id = BackupId("20261123T130000Z".into());
+        for key in [
+            REPO_JSON.to_string(),
+            lock_key("1-2-3"),
+            beat_key("1-2-3"),
+            clock_key("1-2-3"),
+            lease_key("1-2-3"),
+            "runs/verify/1-2-3.json".to_string(),
+            crate::crypto::slots::slot_key("0123456789abcdef"),
+        ] {
+            assert!(is_mutable(&key), "{key}");
+        }
+        for key in [
+            wal_object_key("000000010000000000000001".parse().unwrap(), &sha),
+            wal_object_key("00000002.history".parse().unwrap(), &sha),
+            pack_key(&"c".repeat(32)),
+            pack_index_key(&"c".repeat(32)),
+            backup_manifest_key(&id),
+            pg_backup_manifest_key(&id),
+            restore_point_key(TimelineId(1), Lsn(0x100)),
+        ] {
+            assert!(!is_mutable(&key), "{key}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -1,12 +1,14 @@
 //! Retention: which backups, WAL files and packs `pgpitr expire` may delete. `facts` finds the
 //! latest timeline and the newest backup that restores it, `policy` decides which backups a
 //! retention policy keeps (always that one among them), `window` which kept backups keep
-//! continuous WAL under a WAL window (`keep_wal_within`) and `wal` which archived WAL no kept
-//! backup needs — pure functions with table-driven tests; the I/O (listing, locking, deleting in
-//! a crash-safe order) lives in `commands::expire`.
+//! continuous WAL under a WAL window (`keep_wal_within`), `wal` which archived WAL no kept
+//! backup needs and `promise` how long Object Lock keeps what the policy promises — pure
+//! functions with table-driven tests; the I/O (listing, locking, deleting in a crash-safe
+//! order) lives in `commands::expire`.
 
 pub mod facts;
 pub mod policy;
+pub mod promise;
 pub mod wal;
 pub mod window;
 

@@ -136,6 +136,18 @@ impl Storage for EncryptedStorage {
         self.inner.check_writable().await
     }
 
+    fn object_lock(&self) -> Option<&super::ObjectLock> {
+        self.inner.object_lock()
+    }
+
+    async fn locked_until(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        self.inner.locked_until(key).await
+    }
+
+    async fn extend_lock(&self, key: &str, until: jiff::Timestamp) -> StorageResult<bool> {
+        self.inner.extend_lock(key, until).await
+    }
+
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
         self.put_parts(key, vec![data], mode).await
     }

@@ -24,6 +24,61 @@ pub enum PutMode {
     Overwrite,
 }
 
+/// The S3 Object Lock retention mode of the objects pgpitr locks (`s3_object_lock`).
+///
+/// Both refuse every deletion of a locked object version and every shortening of its lock
+/// until the lock ends; they differ only for a user with `s3:BypassGovernanceRetention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// `GOVERNANCE`: a user with `s3:BypassGovernanceRetention` (and the bypass header) can
+    /// still delete a locked object or shorten its lock.
+    Governance,
+    /// `COMPLIANCE`: nobody, not even the account's root user, can delete a locked object or
+    /// shorten its lock before it ends.
+    Compliance,
+}
+
+impl LockMode {
+    /// `governance` or `compliance` (any case); `None` for anything else.
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "governance" => Some(LockMode::Governance),
+            "compliance" => Some(LockMode::Compliance),
+            _ => None,
+        }
+    }
+
+    /// `governance` or `compliance`, as configured and reported.
+    pub fn name(self) -> &'static str {
+        match self {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        }
+    }
+}
+
+/// The Object Lock a storage puts on what it writes: every object whose key `is_mutable` does
+/// not claim is written locked in `mode` until `retain` after the write (by this host's
+/// clock). Mutable objects (pgpitr rewrites or removes them in normal operation: the
+/// repository lock, leases, run records, `repo.json`, key slots) are never locked.
+#[derive(Clone)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    /// How long a new object stays locked ([`crate::retention::promise`]).
+    pub retain: std::time::Duration,
+    /// Keys never locked.
+    pub is_mutable: fn(&str) -> bool,
+}
+
+impl std::fmt::Debug for ObjectLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectLock")
+            .field("mode", &self.mode)
+            .field("retain", &self.retain)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An object's key, size in bytes and storage time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -89,7 +144,9 @@ pub type StorageResult<T> = Result<T, StorageError>;
 /// - `list` returns every object whose key starts with `prefix` (a prefix of any string, not only
 ///   of directories), sorted by key, never a partially written object, each with its size and,
 ///   where the backend lists it, its storage time.
-/// - `delete` of a missing key succeeds.
+/// - `delete` of a missing key succeeds. With Object Lock ([`Storage::object_lock`]) it removes
+///   every version of the key by its id, and fails with [`StorageError::Permanent`] on a
+///   version that is still locked (callers ask [`Storage::locked_until`] first).
 #[async_trait::async_trait]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Where the objects live, for messages: `/var/lib/pgpitr/repo` or `s3://bucket/prefix`.
@@ -107,8 +164,40 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Checks that the location exists and can be written, with an error that says what to fix.
+    /// Checks that the location exists and can be written, with an error that says what to fix
+    /// (with Object Lock configured: also that the bucket has Object Lock enabled and no
+    /// default retention).
     async fn check_writable(&self) -> StorageResult<()>;
+
+    /// The Object Lock this storage puts on what it writes; `None` when it locks nothing (a
+    /// local directory, or `s3_object_lock` unset). With a lock, objects are versioned and
+    /// [`Storage::delete`] removes every version by its id.
+    fn object_lock(&self) -> Option<&ObjectLock> {
+        None
+    }
+
+    /// When the lock on the current version of `key` ends, if it has not ended yet; `None`
+    /// when the object is not locked, does not exist, or the storage locks nothing. `expire`
+    /// asks before deleting and reports a locked object as retained.
+    ///
+    /// # Errors
+    /// Storage errors of the HEAD request.
+    async fn locked_until(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Makes the current version of `key` stay locked at least until `until` (PutObjectRetention
+    /// in the object's own mode, else the configured one); a lock that already lasts longer is
+    /// left alone, never shortened. A no-op on a storage without Object Lock and for a mutable
+    /// key; a missing object succeeds. Returns whether the lock was extended.
+    ///
+    /// # Errors
+    /// Storage errors.
+    async fn extend_lock(&self, key: &str, until: jiff::Timestamp) -> StorageResult<bool> {
+        let _ = (key, until);
+        Ok(false)
+    }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()>;
 
@@ -252,6 +341,28 @@ pub fn io_message(e: &std::io::Error) -> String {
         }
         _ => e.to_string(),
     }
+}
+
+/// [`Storage::extend_lock`] of every `(key, until)`, a few at a time; returns how many locks
+/// were extended.
+///
+/// # Errors
+/// The first storage error; some of the other locks may be extended by then.
+pub async fn extend_locks(
+    storage: &dyn Storage,
+    keys: Vec<(String, jiff::Timestamp)>,
+) -> StorageResult<usize> {
+    /// Extensions in flight at once.
+    const CONCURRENCY: usize = 8;
+    let mut extended = 0;
+    for batch in keys.chunks(CONCURRENCY) {
+        let done =
+            futures::future::join_all(batch.iter().map(|(k, t)| storage.extend_lock(k, *t))).await;
+        for d in done {
+            extended += usize::from(d?);
+        }
+    }
+    Ok(extended)
 }
 
 /// A shared handle to a repository's storage.

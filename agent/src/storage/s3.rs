@@ -4,6 +4,13 @@
 //! Objects above [`MULTIPART_THRESHOLD`] go up as multipart uploads. Every write (PutObject and
 //! CreateMultipartUpload; pgpitr never copies objects server-side) carries the configured
 //! [`WriteOptions`]: server-side encryption and storage class.
+//!
+//! With `s3_object_lock` ([`ObjectLock`]) every object whose key is not mutable is written
+//! with an Object Lock retention (`x-amz-object-lock-mode` and `-retain-until-date`; a multipart
+//! upload also gets a PutObjectRetention after its completion, for servers that ignore the
+//! headers of CreateMultipartUpload), the bucket is checked for Object Lock by
+//! [`Storage::check_writable`], and a delete removes every version of the key by its id: in a
+//! versioned bucket a plain DELETE only adds a delete marker and frees nothing.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -14,15 +21,18 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::DateTime;
 use aws_sdk_s3::types::{
-    CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled, ObjectLockMode,
+    ObjectLockRetention, ObjectLockRetentionMode, ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::{
-    validate_key, ObjectMeta, PutMode, StagingObject, Storage, StorageError, StorageResult,
+    validate_key, LockMode, ObjectLock, ObjectMeta, PutMode, StagingObject, Storage, StorageError,
+    StorageResult,
 };
 
 /// Objects larger than this are uploaded in parts of [`PART_SIZE`].
@@ -57,6 +67,8 @@ pub struct S3Location {
     pub retries: u32,
     /// Encryption and storage class of every object written.
     pub write: WriteOptions,
+    /// Object Lock of the objects written (`s3_object_lock`); `None`: nothing is locked.
+    pub lock: Option<ObjectLock>,
 }
 
 /// What every PutObject and CreateMultipartUpload asks of the server: `s3_sse`,
@@ -211,6 +223,7 @@ impl S3Location {
             timeout: DEFAULT_TIMEOUT,
             retries: DEFAULT_RETRIES,
             write: WriteOptions::default(),
+            lock: None,
         })
     }
 }
@@ -280,6 +293,18 @@ impl S3Storage {
         (sse, key_id, w.storage_class.map(Class::sdk))
     }
 
+    /// The Object Lock mode and retain-until date of a new object under `key`: `None` without
+    /// `s3_object_lock` and for mutable keys.
+    fn lock_of(&self, key: &str) -> Option<(ObjectLockMode, jiff::Timestamp)> {
+        let lock = self.location.lock.as_ref()?;
+        if (lock.is_mutable)(key) {
+            return None;
+        }
+        let retain = jiff::SignedDuration::try_from(lock.retain).ok()?;
+        let until = jiff::Timestamp::now().checked_add(retain).ok()?;
+        Some((object_lock_mode(lock.mode), until))
+    }
+
     fn full_key(&self, key: &str) -> StorageResult<String> {
         validate_key(key)?;
         Ok(format!("{}{}", self.location.prefix, key))
@@ -288,6 +313,7 @@ impl S3Storage {
     async fn put_multipart(&self, key: &str, full: &str, data: Bytes) -> StorageResult<()> {
         let bucket = &self.location.bucket;
         let (sse, key_id, class) = self.write_headers();
+        let lock = self.lock_of(key);
         let created = self
             .client
             .create_multipart_upload()
@@ -296,9 +322,13 @@ impl S3Storage {
             .set_server_side_encryption(sse)
             .set_ssekms_key_id(key_id)
             .set_storage_class(class)
+            .set_object_lock_mode(lock.as_ref().map(|(m, _)| m.clone()))
+            .set_object_lock_retain_until_date(lock.as_ref().map(|(_, t)| aws_time(*t)))
+            .set_checksum_algorithm(lock.as_ref().map(|_| ChecksumAlgorithm::Crc32))
             .send()
             .await
             .map_err(|e| map_err(key, e))?;
+        let part_checksum = lock.as_ref().map(|_| ChecksumAlgorithm::Crc32);
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let parts: Vec<(i32, Bytes)> = (0..data.len())
             .step_by(PART_SIZE)
@@ -313,6 +343,8 @@ impl S3Storage {
         let uploaded: StorageResult<Vec<CompletedPart>> = futures::stream::iter(parts)
             .map(|(number, body)| {
                 let upload_id = upload_id.clone();
+                let part_checksum = part_checksum.clone();
+                let with_checksum = part_checksum.is_some();
                 async move {
                     let out = self
                         .client
@@ -321,6 +353,7 @@ impl S3Storage {
                         .key(full)
                         .upload_id(upload_id)
                         .part_number(number)
+                        .set_checksum_algorithm(part_checksum)
                         .body(ByteStream::from(body))
                         .send()
                         .await
@@ -328,6 +361,13 @@ impl S3Storage {
                     Ok(CompletedPart::builder()
                         .part_number(number)
                         .set_e_tag(out.e_tag().map(str::to_string))
+                        // Only an upload created with a checksum algorithm (a locked one)
+                        // expects the parts' checksums at its completion.
+                        .set_checksum_crc32(
+                            with_checksum
+                                .then(|| out.checksum_crc32().map(str::to_string))
+                                .flatten(),
+                        )
                         .build())
                 }
             })
@@ -362,7 +402,12 @@ impl S3Storage {
                 .send()
                 .await;
         }
-        completed
+        completed?;
+        // Some servers (moto) complete the upload without the lock its creation asked for.
+        match lock {
+            Some((_, until)) => self.extend_lock(key, until).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// GET of `key` (or of `range` of it) with its whole body. The SDK retries a request that
@@ -453,6 +498,117 @@ impl S3Storage {
 }
 
 impl S3Storage {
+    /// With `s3_object_lock`: the bucket must have Object Lock enabled (else every locked
+    /// write fails) and no default retention (it would lock pgpitr's mutable objects too, and
+    /// the repository lock could never be released).
+    async fn check_object_lock(&self) -> StorageResult<()> {
+        let bucket = &self.location.bucket;
+        let config = match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+        {
+            Ok(out) => out.object_lock_configuration().cloned(),
+            Err(e) => match e.code() {
+                Some("ObjectLockConfigurationNotFoundError") => None,
+                _ => return Err(map_err("", e)),
+            },
+        };
+        let enabled = config
+            .as_ref()
+            .and_then(|c| c.object_lock_enabled())
+            .is_some_and(|e| *e == ObjectLockEnabled::Enabled);
+        if !enabled {
+            return Err(StorageError::Permanent {
+                key: String::new(),
+                message: format!(
+                    "bucket '{bucket}' has no Object Lock enabled, which `s3_object_lock` needs; enable it on the bucket (see docs/operations.md, \"Immutable backups\") or remove `s3_object_lock`"
+                ),
+            });
+        }
+        if config
+            .as_ref()
+            .and_then(|c| c.rule())
+            .and_then(|r| r.default_retention())
+            .is_some()
+        {
+            return Err(StorageError::Permanent {
+                key: String::new(),
+                message: format!(
+                    "bucket '{bucket}' has a default Object Lock retention, which would lock the repository's lock and lease objects too; remove the bucket's default retention (pgpitr sets each object's retention itself)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes every version and delete marker of `key` by its id (ListObjectVersions). A
+    /// version still locked fails the call with [`StorageError::Permanent`]; the versions
+    /// listed before it are gone.
+    async fn delete_versions(&self, key: &str, full: &str) -> StorageResult<()> {
+        let bucket = &self.location.bucket;
+        let mut ids: Vec<String> = Vec::new();
+        let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_object_versions()
+                .bucket(bucket)
+                .prefix(full)
+                .set_key_marker(key_marker.take())
+                .set_version_id_marker(version_marker.take())
+                .send()
+                .await
+                .map_err(|e| map_err(key, e))?;
+            ids.extend(
+                page.versions()
+                    .iter()
+                    .filter(|v| v.key() == Some(full))
+                    .filter_map(|v| v.version_id().map(str::to_string)),
+            );
+            ids.extend(
+                page.delete_markers()
+                    .iter()
+                    .filter(|v| v.key() == Some(full))
+                    .filter_map(|v| v.version_id().map(str::to_string)),
+            );
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() && version_marker.is_none() {
+                break;
+            }
+        }
+        for id in ids {
+            match self
+                .client
+                .delete_object()
+                .bucket(bucket)
+                .key(full)
+                .version_id(&id)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) => match map_err(key, e) {
+                    StorageError::NotFound { .. } => {}
+                    StorageError::Permanent { message, .. } if message.contains("access denied") => {
+                        return Err(StorageError::Permanent {
+                            key: key.to_string(),
+                            message: "a version of the object is still under Object Lock (or deleting versions is not allowed): it stays until its lock ends".into(),
+                        })
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes uploaded so far by the incomplete upload `upload_id` of `full` (ListParts).
     async fn uploaded_bytes(&self, key: &str, full: &str, upload_id: &str) -> StorageResult<u64> {
         let mut pages = self
@@ -560,18 +716,81 @@ impl Storage for S3Storage {
             .send()
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) => Err(match map_err("", e) {
-                StorageError::NotFound { .. } => StorageError::Permanent {
-                    key: String::new(),
-                    message: format!(
-                        "bucket '{}' does not exist; create it or fix `repo`",
-                        self.location.bucket
-                    ),
-                },
-                other => other,
-            }),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(match map_err("", e) {
+                    StorageError::NotFound { .. } => StorageError::Permanent {
+                        key: String::new(),
+                        message: format!(
+                            "bucket '{}' does not exist; create it or fix `repo`",
+                            self.location.bucket
+                        ),
+                    },
+                    other => other,
+                })
+            }
         }
+        match &self.location.lock {
+            Some(_) => self.check_object_lock().await,
+            None => Ok(()),
+        }
+    }
+
+    fn object_lock(&self) -> Option<&ObjectLock> {
+        self.location.lock.as_ref()
+    }
+
+    async fn locked_until(&self, key: &str) -> StorageResult<Option<jiff::Timestamp>> {
+        if self.location.lock.is_none() {
+            return Ok(None);
+        }
+        let until = self
+            .head_object(key)
+            .await?
+            .and_then(|out| out.object_lock_retain_until_date().and_then(timestamp));
+        Ok(until.filter(|t| *t > jiff::Timestamp::now()))
+    }
+
+    async fn extend_lock(&self, key: &str, until: jiff::Timestamp) -> StorageResult<bool> {
+        let Some(lock) = &self.location.lock else {
+            return Ok(false);
+        };
+        if (lock.is_mutable)(key) {
+            return Ok(false);
+        }
+        let Some(head) = self.head_object(key).await? else {
+            return Ok(false);
+        };
+        let current = head.object_lock_retain_until_date().and_then(timestamp);
+        if current.is_some_and(|c| c >= aws_timestamp(until)) {
+            return Ok(false);
+        }
+        // A lock keeps its mode: S3 refuses to turn COMPLIANCE into GOVERNANCE.
+        let mode = match head.object_lock_mode() {
+            Some(ObjectLockMode::Compliance) => ObjectLockRetentionMode::Compliance,
+            Some(ObjectLockMode::Governance) => ObjectLockRetentionMode::Governance,
+            _ => match lock.mode {
+                LockMode::Governance => ObjectLockRetentionMode::Governance,
+                LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+            },
+        };
+        let full = self.full_key(key)?;
+        self.client
+            .put_object_retention()
+            .bucket(&self.location.bucket)
+            .key(&full)
+            .set_version_id(head.version_id().map(str::to_string))
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .retention(
+                ObjectLockRetention::builder()
+                    .mode(mode)
+                    .retain_until_date(aws_time(until))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| true)
+            .map_err(|e| map_err(key, e))
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StorageResult<()> {
@@ -585,6 +804,7 @@ impl Storage for S3Storage {
             return self.put_multipart(key, &full, data).await;
         }
         let (sse, key_id, class) = self.write_headers();
+        let lock = self.lock_of(key);
         let mut req = self
             .client
             .put_object()
@@ -593,6 +813,10 @@ impl Storage for S3Storage {
             .set_server_side_encryption(sse)
             .set_ssekms_key_id(key_id)
             .set_storage_class(class)
+            // A PUT with a lock must carry a checksum (Content-MD5 or x-amz-checksum-*).
+            .set_checksum_algorithm(lock.as_ref().map(|_| ChecksumAlgorithm::Crc32))
+            .set_object_lock_mode(lock.as_ref().map(|(m, _)| m.clone()))
+            .set_object_lock_retain_until_date(lock.map(|(_, t)| aws_time(t)))
             .body(ByteStream::from(data));
         if mode == PutMode::Create {
             req = req.if_none_match("*");
@@ -733,6 +957,9 @@ impl Storage for S3Storage {
 
     async fn delete(&self, key: &str) -> StorageResult<()> {
         let full = self.full_key(key)?;
+        if self.location.lock.is_some() {
+            return self.delete_versions(key, &full).await;
+        }
         match self
             .client
             .delete_object()
@@ -775,6 +1002,25 @@ fn body_error(e: &(dyn std::error::Error + 'static)) -> &'static str {
         "the connection closed before the end"
     } else {
         "connection error"
+    }
+}
+
+/// A timestamp as an S3 date-time (whole seconds, rounded up so that a lock never ends early).
+fn aws_time(t: jiff::Timestamp) -> DateTime {
+    DateTime::from_secs(aws_timestamp(t).as_second())
+}
+
+/// `t` rounded up to a whole second, as S3 stores a retain-until date.
+fn aws_timestamp(t: jiff::Timestamp) -> jiff::Timestamp {
+    let secs = t.as_second() + i64::from(t.subsec_nanosecond() > 0);
+    jiff::Timestamp::from_second(secs).unwrap_or(t)
+}
+
+/// The SDK's name of a lock mode.
+fn object_lock_mode(mode: LockMode) -> ObjectLockMode {
+    match mode {
+        LockMode::Governance => ObjectLockMode::Governance,
+        LockMode::Compliance => ObjectLockMode::Compliance,
     }
 }
 
