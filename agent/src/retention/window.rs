@@ -334,7 +334,7 @@ mod tests {
 /// Random backups, WAL and policies: every kept backup stays restorable to its consistent end
 /// and every moment of the window stays reachable (see `crate::proptest_config`).
 #[cfg(test)]
-mod proptests {
+mod invariants {
     use proptest::prelude::*;
 
     use super::*;
