@@ -62,13 +62,6 @@ pub enum FetchError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    /// A segment the location should hold: a later segment of its timeline is stored.
-    #[error("WAL segment {name} is missing from {location}, which holds the later segment {later} of the same timeline: the archive has a gap; run `pgpitr verify` (another location can be read with --from NAME)")]
-    Gap {
-        name: WalSegmentName,
-        later: WalSegmentName,
-        location: String,
-    },
 }
 
 impl FetchError {
@@ -93,7 +86,6 @@ impl FetchError {
                 None => exit::USAGE,
             },
             FetchError::Usage(_) | FetchError::DataDirectory(_) => exit::USAGE,
-            FetchError::Gap { .. } => exit::INTEGRITY,
             FetchError::Repo(RepoError::Storage(StorageError::Unauthentic { .. })) => {
                 exit::INTEGRITY
             }
@@ -317,53 +309,13 @@ async fn fetch_direct(
     dest: &Path,
     system_identifier: u64,
 ) -> Result<(), FetchError> {
-    let (storage, identity) = open(config, system_identifier, dest).await?;
+    let (storage, _) = open(config, system_identifier, dest).await?;
     let listing = wal::find(storage.as_ref(), name).await?;
     let Some(found) = wal::pick(&listing, name)? else {
-        if let WalFileName::Segment(segment) = name {
-            let later = later_segment(storage.as_ref(), segment, identity.wal_segment_size).await?;
-            if let Some(later) = later {
-                return Err(FetchError::Gap {
-                    name: segment,
-                    later,
-                    location: storage.location(),
-                });
-            }
-        }
         return Err(FetchError::NotFound(name));
     };
     wal::fetch_to(storage.as_ref(), found, dest).await?;
     Ok(())
-}
-
-/// A stored segment of `segment`'s timeline after it, in its log directory or the next
-/// (`wal/<TLI><LOG>/`): then `segment` is one the location should hold. PostgreSQL asks for
-/// segments that do not exist only past the end of the archive of a timeline (the end of
-/// recovery), where no later one is stored; answering "not found" for a segment before a
-/// stored one would end recovery at a gap and promote a server that misses the WAL after it.
-///
-/// # Errors
-/// Storage errors of the listings.
-async fn later_segment(
-    storage: &dyn Storage,
-    segment: WalSegmentName,
-    seg_size: crate::pg::WalSegSize,
-) -> Result<Option<WalSegmentName>, RepoError> {
-    let per_log = (1u64 << 32) / u64::from(seg_size.bytes());
-    let segno = segment.segno(seg_size);
-    let next_log =
-        WalSegmentName::from_segno(segment.timeline, (segno / per_log + 1) * per_log, seg_size);
-    for first in [segment, next_log] {
-        let dir = crate::repo::layout::wal_dir(WalFileName::Segment(first));
-        for w in wal::list(storage, &dir).await? {
-            if let WalFileName::Segment(s) = w.name {
-                if s.timeline == segment.timeline && s > segment {
-                    return Ok(Some(s));
-                }
-            }
-        }
-    }
-    Ok(None)
 }
 
 /// Segments after `current` on its timeline that are already in the spool.
