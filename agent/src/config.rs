@@ -630,9 +630,11 @@ impl Config {
                 message: "locks objects for what the retention policy promises, and this one promises no duration: set keep_within, keep_daily, keep_weekly or keep_monthly (keep_last counts backups, not time)".into(),
             },
         )?;
+        let retain_wal = crate::retention::promise::wal_retention(&policy).unwrap_or(retain);
         Ok(Some(crate::storage::ObjectLock {
             mode,
             retain,
+            retain_wal,
             is_mutable: crate::repo::layout::is_mutable,
         }))
     }
@@ -1251,6 +1253,17 @@ mod tests {
         .unwrap();
         assert_eq!(l.mode, crate::storage::LockMode::Compliance);
         assert_eq!(l.retain, std::time::Duration::from_secs(7 * 86_400));
+        assert_eq!(l.retain_wal, l.retain);
+        // Under a longer WAL window, WAL is locked for the window.
+        let l = lock(
+            "repo = \"s3://b/p\"\ns3_object_lock = \"governance\"\nkeep_daily = 7\nkeep_wal_within = \"14d\"\n",
+            &[],
+        )
+        .unwrap()
+        .unwrap()
+        .unwrap();
+        assert_eq!(l.retain, std::time::Duration::from_secs(7 * 86_400));
+        assert_eq!(l.retain_wal, std::time::Duration::from_secs(14 * 86_400));
         assert!((l.is_mutable)("locks/1-2-3.lock") && !(l.is_mutable)("packs/ab/x.pack"));
         let l = lock(
             "repo = \"s3://b/p\"\nkeep_within = \"30d\"\n",

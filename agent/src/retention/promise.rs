@@ -16,8 +16,8 @@
 //!   does not count time (keep flag, newest, newest restorable, the latest timeline's, last N),
 //!   now + [`new_object_retention`]. Objects shared between backups (packs, pack indexes) take
 //!   the latest of their backups'. A lock is only ever extended, never shortened.
-//! - **WAL** is promised what a new backup is ([`wal_retention`], the hook for a WAL window of
-//!   its own); the WAL a kept backup needs to be consistent (its start through its stop
+//! - **WAL** is promised what a new backup is, or the WAL window (`keep_wal_within`) when that
+//!   is longer ([`wal_retention`]); the WAL a kept backup needs to be consistent (its start through its stop
 //!   segment) takes the backup's lock.
 
 use std::time::Duration;
@@ -49,10 +49,14 @@ pub fn new_object_retention(policy: &RetentionPolicy) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// How long a new WAL file is locked. Today what a new backup is promised
-/// ([`new_object_retention`]); a WAL window of its own (`keep_wal_within`) belongs here.
+/// How long a new WAL file is locked: what a new backup is promised ([`new_object_retention`])
+/// or, when longer, the WAL window (`keep_wal_within`): point-in-time recovery to any moment of
+/// the window needs every WAL file archived in it.
 pub fn wal_retention(policy: &RetentionPolicy) -> Option<Duration> {
-    new_object_retention(policy)
+    let window = policy
+        .keep_wal_within
+        .map(|w| Duration::from_secs(w.seconds));
+    new_object_retention(policy).map(|r| window.map_or(r, |w| w.max(r)))
 }
 
 /// A period of the grandfather-father-son rules (UTC days, ISO weeks, months).
@@ -176,6 +180,27 @@ mod tests {
             );
             assert_eq!(wal_retention(&p), new_object_retention(&p), "{name}");
         }
+        // A WAL window longer than what a backup is promised locks WAL for the window; a
+        // shorter one changes nothing; alone it promises nothing (it is not a policy).
+        let window = |w: &str, daily: Option<u32>| {
+            policy(|p| {
+                p.keep_wal_within = Some(KeepWithin::parse_window(w).unwrap());
+                p.keep_daily = daily;
+            })
+        };
+        assert_eq!(
+            wal_retention(&window("14d", Some(7))),
+            Some(Duration::from_secs(14 * DAY))
+        );
+        assert_eq!(
+            new_object_retention(&window("14d", Some(7))),
+            Some(Duration::from_secs(7 * DAY))
+        );
+        assert_eq!(
+            wal_retention(&window("2d", Some(7))),
+            Some(Duration::from_secs(7 * DAY))
+        );
+        assert_eq!(wal_retention(&window("14d", None)), None);
     }
 
     /// Daily backups at 01:00 UTC from 2026-09-01 through 2026-11-23.

@@ -66,6 +66,9 @@ pub struct ObjectLock {
     pub mode: LockMode,
     /// How long a new object stays locked ([`crate::retention::promise`]).
     pub retain: std::time::Duration,
+    /// How long a new WAL file (`wal/…`) stays locked: at least `retain`, longer under a WAL
+    /// window ([`crate::retention::promise::wal_retention`]).
+    pub retain_wal: std::time::Duration,
     /// Keys never locked.
     pub is_mutable: fn(&str) -> bool,
 }
@@ -75,6 +78,7 @@ impl std::fmt::Debug for ObjectLock {
         f.debug_struct("ObjectLock")
             .field("mode", &self.mode)
             .field("retain", &self.retain)
+            .field("retain_wal", &self.retain_wal)
             .finish_non_exhaustive()
     }
 }

@@ -300,7 +300,12 @@ impl S3Storage {
         if (lock.is_mutable)(key) {
             return None;
         }
-        let retain = jiff::SignedDuration::try_from(lock.retain).ok()?;
+        let retain = if key.starts_with(crate::repo::layout::WAL_ROOT) {
+            lock.retain_wal
+        } else {
+            lock.retain
+        };
+        let retain = jiff::SignedDuration::try_from(retain).ok()?;
         let until = jiff::Timestamp::now().checked_add(retain).ok()?;
         Some((object_lock_mode(lock.mode), until))
     }
