@@ -104,12 +104,17 @@ fn seal_with_prefix(
     }
     let stream = stream(key, prefix);
     let count = segments(plain);
-    for_segments(&mut out[HEADER_LEN..], plain, |i, slot, len| {
-        let mut buf = Slot { buf: slot, len };
-        stream
-            .encrypt_in_place(i as u32, i + 1 == count, aad, &mut buf)
-            .expect("a segment fits its slot");
-    });
+    for_segments(
+        &mut out[HEADER_LEN..],
+        plain,
+        SEGMENT + TAG,
+        |i, slot, len| {
+            let mut buf = Slot { buf: slot, len };
+            stream
+                .encrypt_in_place(i as u32, i + 1 == count, aad, &mut buf)
+                .expect("a segment fits its slot");
+        },
+    );
     out
 }
 
@@ -144,34 +149,30 @@ pub struct Sealer<W: std::io::Write> {
     pending: Vec<u8>,
     /// The next segment's number.
     next: u32,
-    /// One segment and its tag, reused.
-    segment: Vec<u8>,
+    /// Sealed bytes not written yet (the header, then the segments one drain seals), written to
+    /// `out` at once: one write per write of the caller, not one per segment.
+    sealed: Vec<u8>,
 }
 
 impl<W: std::io::Write> Sealer<W> {
-    /// Starts an object in `out` under `key`, with a fresh nonce prefix: writes the header.
-    ///
-    /// # Errors
-    /// `out`'s error.
-    pub fn new(key: &DataKey, out: W) -> std::io::Result<Sealer<W>> {
+    /// Starts an object in `out` under `key`, with a fresh nonce prefix; the header is written
+    /// with the first segments.
+    pub fn new(key: &DataKey, out: W) -> Sealer<W> {
         Sealer::with_prefix(key, out, &random_prefix())
     }
 
-    fn with_prefix(
-        key: &DataKey,
-        mut out: W,
-        prefix: &[u8; NONCE_PREFIX_LEN],
-    ) -> std::io::Result<Sealer<W>> {
-        out.write_all(MAGIC)?;
-        out.write_all(prefix)?;
-        Ok(Sealer {
+    fn with_prefix(key: &DataKey, out: W, prefix: &[u8; NONCE_PREFIX_LEN]) -> Sealer<W> {
+        let mut sealed = Vec::with_capacity(HEADER_LEN + SEGMENT + TAG);
+        sealed.extend_from_slice(MAGIC);
+        sealed.extend_from_slice(prefix);
+        Sealer {
             out,
             stream: stream(key, prefix),
             binding: Binding::default(),
             pending: Vec::new(),
             next: 0,
-            segment: Vec::with_capacity(SEGMENT + TAG),
-        })
+            sealed,
+        }
     }
 
     /// Where to bind the object's key (its associated data).
@@ -195,32 +196,116 @@ impl<W: std::io::Write> Sealer<W> {
         Ok(self.out)
     }
 
-    /// Seals and writes every pending segment that is not the last (all of them when `last`).
+    /// Seals and writes every pending segment that is not the last (all of them when `last`),
+    /// on two threads when they add up to [`PARALLEL_MIN`] or more: the backlog of an object
+    /// whose key was bound only after its last byte arrived is sealed as fast as `seal` would.
     fn drain(&mut self, last: bool) -> std::io::Result<()> {
         let Some(aad) = self.binding.get() else {
             return Ok(());
         };
-        let mut at = 0;
-        loop {
-            let left = self.pending.len() - at;
-            let is_last = last && left <= SEGMENT;
-            if left <= SEGMENT && !is_last {
-                break;
-            }
-            let n = left.min(SEGMENT);
-            self.segment.clear();
-            self.segment.extend_from_slice(&self.pending[at..at + n]);
-            self.stream
-                .encrypt_in_place(self.next, is_last, aad, &mut self.segment)
-                .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
-            self.out.write_all(&self.segment)?;
-            self.next += 1;
-            at += n;
-            if is_last {
-                break;
-            }
+        let take = if last {
+            self.pending.len()
+        } else {
+            self.pending.len().saturating_sub(1) / SEGMENT * SEGMENT
+        };
+        if take == 0 && !last {
+            return Ok(());
         }
-        self.pending.drain(..at);
+        let count = segments(take as u64);
+        let start = self.sealed.len();
+        self.sealed.reserve(take + count as usize * TAG);
+        for k in 0..count as usize {
+            let plain = &self.pending[(k * SEGMENT).min(take)..((k + 1) * SEGMENT).min(take)];
+            self.sealed.extend_from_slice(plain);
+            self.sealed.extend_from_slice(&[0; TAG]);
+        }
+        let (stream, first) = (&self.stream, self.next);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        for_segments(
+            &mut self.sealed[start..],
+            take as u64,
+            SEGMENT + TAG,
+            |i, slot, len| {
+                let mut buf = Slot { buf: slot, len };
+                let is_last = last && i + 1 == count;
+                if stream
+                    .encrypt_in_place(first + i as u32, is_last, aad, &mut buf)
+                    .is_err()
+                {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        );
+        if failed.into_inner() {
+            return Err(std::io::Error::other("a segment too long to seal"));
+        }
+        self.next += count as u32;
+        self.out.write_all(&self.sealed)?;
+        self.sealed.clear();
+        self.pending.drain(..take);
+        Ok(())
+    }
+
+    /// Seals `buf`, coming after everything sealed so far (bound, with less than a segment
+    /// pending), one segment at a time: each is copied into its place and sealed while it is in
+    /// the cache. Whatever might be the last segment stays pending.
+    fn stream_in(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        let aad = self.binding.get().expect("bound");
+        let first = self.next;
+        if !self.pending.is_empty() {
+            let fill = (SEGMENT - self.pending.len()).min(buf.len());
+            self.pending.extend_from_slice(&buf[..fill]);
+            buf = &buf[fill..];
+            if buf.is_empty() {
+                return Ok(());
+            }
+            // A whole segment with more after it.
+            Self::seal_one(
+                &self.stream,
+                &mut self.next,
+                aad,
+                &mut self.sealed,
+                &self.pending,
+            )?;
+            self.pending.clear();
+        }
+        while buf.len() > SEGMENT {
+            Self::seal_one(
+                &self.stream,
+                &mut self.next,
+                aad,
+                &mut self.sealed,
+                &buf[..SEGMENT],
+            )?;
+            buf = &buf[SEGMENT..];
+        }
+        self.pending.extend_from_slice(buf);
+        if self.next != first {
+            self.out.write_all(&self.sealed)?;
+            self.sealed.clear();
+        }
+        Ok(())
+    }
+
+    /// Appends segment `next` (not the last), `plain` sealed, to `sealed`.
+    fn seal_one(
+        stream: &StreamBE32<XChaCha20Poly1305>,
+        next: &mut u32,
+        aad: &[u8],
+        sealed: &mut Vec<u8>,
+        plain: &[u8],
+    ) -> std::io::Result<()> {
+        let start = sealed.len();
+        sealed.extend_from_slice(plain);
+        sealed.extend_from_slice(&[0; TAG]);
+        let mut slot = Slot {
+            buf: &mut sealed[start..],
+            len: plain.len(),
+        };
+        stream
+            .encrypt_in_place(*next, false, aad, &mut slot)
+            .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
+        *next += 1;
         Ok(())
     }
 }
@@ -237,8 +322,13 @@ impl<W: std::io::Write> std::fmt::Debug for Sealer<W> {
 
 impl<W: std::io::Write> std::io::Write for Sealer<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        self.drain(false)?;
+        if self.binding.get().is_none() || self.pending.len() > SEGMENT {
+            // Not bound yet, or a backlog from before: kept, then sealed all at once.
+            self.pending.extend_from_slice(buf);
+            self.drain(false)?;
+        } else {
+            self.stream_in(buf)?;
+        }
         Ok(buf.len())
     }
 
@@ -256,36 +346,28 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Envelop
     let prefix = header(sealed)?;
     let plain =
         plain_len(sealed.len() as u64).ok_or(EnvelopeError::BadLength(sealed.len() as u64))?;
-    let mut body = sealed[HEADER_LEN..].to_vec();
+    let body = &sealed[HEADER_LEN..];
     let stream = stream(key, &prefix);
     let count = segments(plain);
     let failed = std::sync::atomic::AtomicU64::new(u64::MAX);
-    for_segments(&mut body, plain, |i, slot, len| {
-        let mut buf = Slot {
-            buf: slot,
-            len: len + TAG,
-        };
-        if stream
-            .decrypt_in_place(i as u32, i + 1 == count, aad, &mut buf)
-            .is_err()
-        {
-            failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
+    // Each segment is opened in a buffer of its own, which stays in the cache, and only its plain
+    // bytes go to their place in the output: one pass over the object's memory.
+    let mut out = vec![0u8; plain as usize];
+    for_segments(&mut out, plain, SEGMENT, |i, slot, len| {
+        let start = i as usize * (SEGMENT + TAG);
+        let mut buf = Vec::with_capacity(SEGMENT + TAG);
+        buf.extend_from_slice(&body[start..start + len + TAG]);
+        match stream.decrypt_in_place(i as u32, i + 1 == count, aad, &mut buf) {
+            Ok(()) => slot.copy_from_slice(&buf),
+            Err(_) => {
+                failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     });
-    let failed = failed.into_inner();
-    if failed != u64::MAX {
-        return Err(EnvelopeError::Authentication(failed));
+    match failed.into_inner() {
+        u64::MAX => Ok(out),
+        failed => Err(EnvelopeError::Authentication(failed)),
     }
-    // Close the gaps the tags leave.
-    let mut w = 0usize;
-    for i in 0..count as usize {
-        let start = i * (SEGMENT + TAG);
-        let len = segment_len(plain, i as u64);
-        body.copy_within(start..start + len, w);
-        w += len;
-    }
-    body.truncate(w);
-    Ok(body)
 }
 
 /// The nonce prefix of a sealed object from its first [`HEADER_LEN`] bytes.
@@ -366,12 +448,19 @@ fn stream(key: &DataKey, prefix: &[u8; NONCE_PREFIX_LEN]) -> StreamBE32<XChaCha2
     StreamBE32::new(key.bytes().into(), prefix.into())
 }
 
-/// Calls `f(segment, slot, plain length)` for each segment of a body laid out as above (`slot`
-/// is the segment's plain bytes and tag), on two threads for large bodies.
-fn for_segments(body: &mut [u8], plain: u64, f: impl Fn(u64, &mut [u8], usize) + Sync) {
+/// Calls `f(segment, slot, plain length)` for each segment of a body of consecutive slots of
+/// `stride` bytes (the last one shorter), on two threads for large bodies: a sealed body's slots
+/// are a segment's plain bytes and its tag (`SEGMENT + TAG`), a plain body's its plain bytes
+/// (`SEGMENT`).
+fn for_segments(
+    body: &mut [u8],
+    plain: u64,
+    stride: usize,
+    f: impl Fn(u64, &mut [u8], usize) + Sync,
+) {
     let count = segments(plain);
     let run = |first: u64, slots: &mut [u8]| {
-        for (n, slot) in slots.chunks_mut(SEGMENT + TAG).enumerate() {
+        for (n, slot) in slots.chunks_mut(stride).enumerate() {
             let i = first + n as u64;
             f(i, slot, segment_len(plain, i));
         }
@@ -381,6 +470,10 @@ fn for_segments(body: &mut [u8], plain: u64, f: impl Fn(u64, &mut [u8], usize) +
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
     };
+    if body.is_empty() {
+        // An empty object is one empty segment, which still authenticates.
+        return f(0, body, 0);
+    }
     if threads <= 1 {
         return run(0, body);
     }
@@ -389,7 +482,7 @@ fn for_segments(body: &mut [u8], plain: u64, f: impl Fn(u64, &mut [u8], usize) +
         let mut rest = body;
         let mut first = 0;
         while !rest.is_empty() {
-            let take = ((per as usize) * (SEGMENT + TAG)).min(rest.len());
+            let take = ((per as usize) * stride).min(rest.len());
             let (mine, tail) = rest.split_at_mut(take);
             rest = tail;
             let run = &run;
@@ -466,7 +559,7 @@ mod tests {
             let want = seal_with_prefix(&key(1), b"wal/x-1", &[&plain], &prefix);
             for write in [1usize, 1000, SEGMENT, SEGMENT + 3, 1 << 20] {
                 for bind_after in [0usize, n / 2, n] {
-                    let mut s = Sealer::with_prefix(&key(1), Vec::new(), &prefix).unwrap();
+                    let mut s = Sealer::with_prefix(&key(1), Vec::new(), &prefix);
                     let binding = s.binding();
                     let mut written = 0;
                     for part in plain.chunks(write) {
@@ -489,7 +582,7 @@ mod tests {
 
     #[test]
     fn a_sealer_bound_to_one_key_refuses_another() {
-        let mut s = Sealer::new(&key(1), Vec::new()).unwrap();
+        let mut s = Sealer::new(&key(1), Vec::new());
         s.binding().bind(b"wal/a-1");
         std::io::Write::write_all(&mut s, &data(3 * SEGMENT)).unwrap();
         let e = s.finish(b"wal/b-1").expect_err("another key");
@@ -586,6 +679,29 @@ mod tests {
         assert_eq!(
             open(&key(3), b"wal/a", &plain),
             Err(EnvelopeError::NotSealed)
+        );
+        // An empty object is one empty segment, and it authenticates too.
+        let empty = seal(&key(3), b"wal/e", &[]);
+        assert_eq!(open(&key(3), b"wal/e", &empty), Ok(Vec::new()));
+        assert_eq!(
+            open(&key(3), b"wal/f", &empty),
+            Err(EnvelopeError::Authentication(0))
+        );
+        let mut flipped = empty.clone();
+        flipped[HEADER_LEN] ^= 1;
+        assert_eq!(
+            open(&key(3), b"wal/e", &flipped),
+            Err(EnvelopeError::Authentication(0))
+        );
+        // An object opened on several threads names its first failing segment.
+        let large = data(40 * SEGMENT + 5);
+        let mut sealed = seal(&key(3), b"wal/l", &[&large]);
+        for i in [33usize, 21] {
+            sealed[HEADER_LEN + i * (SEGMENT + TAG) + 7] ^= 1;
+        }
+        assert_eq!(
+            open(&key(3), b"wal/l", &sealed),
+            Err(EnvelopeError::Authentication(21))
         );
     }
 

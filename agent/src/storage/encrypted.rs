@@ -169,7 +169,7 @@ impl Storage for EncryptedStorage {
     /// object's key ([`Staged::binding`]), or until [`Storage::put_staged`] names it.
     async fn stage(&self, dir: &str) -> StorageResult<Staged> {
         let inner = self.inner.stage(dir).await?;
-        let sealer = envelope::Sealer::new(&self.key, inner).map_err(|e| staged_error(dir, &e))?;
+        let sealer = envelope::Sealer::new(&self.key, inner);
         Ok(Staged::Sealing(Box::new(sealer)))
     }
 
