@@ -11,8 +11,9 @@
 //!   is a warning or critical and names the fix;
 //! - `--textfile` writes a file that parses and leaves no temporary file; `--listen` serves
 //!   `/metrics` (two scrapes within the cache interval: one scan), 404 elsewhere;
-//! - an unreachable repository: status CRITICAL in one line, metrics `up 0` alone (exit 1); a
-//!   configuration error: status exit 3 (UNKNOWN).
+//! - an unreachable repository: status CRITICAL in one line, metrics `up 0` alone (exit 1), with
+//!   or without a passphrase configured (`--textfile` overwritten); a configuration error: status
+//!   exit 3 (UNKNOWN).
 //!
 //! The exposition is read with a Prometheus text-format parser (`prometheus-parse`).
 
@@ -253,6 +254,30 @@ fn an_unreachable_repository_and_a_bad_configuration() {
     let out = pgpitr(&env, &["metrics"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let m = parse(&String::from_utf8_lossy(&out.stdout));
+    let names: Vec<&str> = m.samples.iter().map(|s| s.metric.as_str()).collect();
+    assert_eq!(names, ["pgpitr_repository_up"]);
+    assert_eq!(value(&m.samples[0]), 0.0);
+
+    // With a passphrase configured the key cannot be read either: still CRITICAL and `up 0`,
+    // and the file node_exporter reads says so instead of keeping the last scan.
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "a passphrase\n").unwrap();
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&passphrase, private).unwrap();
+    let mut encrypted = env.clone();
+    encrypted.push((
+        "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
+        passphrase.display().to_string(),
+    ));
+    let out = pgpitr(&encrypted, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("PGPITR CRITICAL"));
+    let prom = dir.path().join("pgpitr.prom");
+    std::fs::write(&prom, "pgpitr_repository_up 1\n").unwrap();
+    let textfile = prom.display().to_string();
+    let out = pgpitr(&encrypted, &["metrics", "--textfile", &textfile]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let m = parse(&std::fs::read_to_string(&prom).unwrap());
     let names: Vec<&str> = m.samples.iter().map(|s| s.metric.as_str()).collect();
     assert_eq!(names, ["pgpitr_repository_up"]);
     assert_eq!(value(&m.samples[0]), 0.0);

@@ -69,7 +69,20 @@ pub async fn run(
     args: &MetricsArgs,
     out: &mut (dyn Write + Send),
 ) -> Result<Outcome, MetricsError> {
-    let storage = config.storage().await?;
+    let storage = match config.storage().await {
+        Ok(storage) => storage,
+        // The repository's key could not be read because the repository could not: as down
+        // as a failed scan, and said so in the file node_exporter reads rather than leaving the
+        // last one there (an exporter, with --listen, fails to start instead).
+        Err(e) if e.storage_error().is_some() && args.listen.is_none() => {
+            tracing::warn!("the repository could not be opened: {e}");
+            let location = config.raw_storage().await?.location();
+            let text = crate::monitor::metrics::encode(&location, Err(()));
+            emit(args, &text, out)?;
+            return Ok(Outcome::Down);
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(addr) = args.listen {
         let cache = match args.cache {
             Some(s) => Duration::from_secs(s),
@@ -101,17 +114,22 @@ pub async fn run(
         return Ok(Outcome::Served);
     }
     let (text, up) = serve::exposition(&storage).await;
-    let outcome = if up { Outcome::Up } else { Outcome::Down };
+    emit(args, &text, out)?;
+    Ok(if up { Outcome::Up } else { Outcome::Down })
+}
+
+/// Prints `text`, or writes it to `--textfile`.
+fn emit(args: &MetricsArgs, text: &str, out: &mut (dyn Write + Send)) -> Result<(), MetricsError> {
     match &args.textfile {
         Some(path) => write_atomically(path, text.as_bytes()).map_err(|e| MetricsError::Write {
             path: path.clone(),
             message: e.to_string(),
-        })?,
+        }),
         None => {
             let _ = out.write_all(text.as_bytes());
+            Ok(())
         }
     }
-    Ok(outcome)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, readable by all
