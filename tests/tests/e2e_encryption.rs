@@ -261,7 +261,7 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     let repo_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(repo.join("repo.json")).unwrap()).unwrap();
     assert_eq!(
-        repo_json["encryption"]["cipher"], "xchacha20poly1305-stream-64k",
+        repo_json["encryption"]["cipher"], "aes256gcm-hkdf-stream-64k",
         "{repo_json}"
     );
 

@@ -167,16 +167,24 @@ async fn local_directory_conforms() {
 
 #[tokio::test]
 async fn encrypted_local_directory_conforms() {
+    use pgpitr::crypto::envelope::Cipher;
     use pgpitr::crypto::keys::RepoKey;
     use pgpitr::storage::encrypted::EncryptedStorage;
-    let dir = tempfile::tempdir().unwrap();
-    let raw = Arc::new(LocalStorage::new(dir.path()));
-    conformance(Arc::new(EncryptedStorage::new(raw, &RepoKey::generate()))).await;
-    let leftovers: Vec<_> = walk(dir.path())
-        .into_iter()
-        .filter(|p| p.contains(".tmp."))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    for cipher in [Cipher::Aes256Gcm, Cipher::XChaCha20Poly1305] {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = Arc::new(LocalStorage::new(dir.path()));
+        conformance(Arc::new(EncryptedStorage::new(
+            raw,
+            &RepoKey::generate(),
+            cipher,
+        )))
+        .await;
+        let leftovers: Vec<_> = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty(), "{cipher:?}: {leftovers:?}");
+    }
 }
 
 #[tokio::test]

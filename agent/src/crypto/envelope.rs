@@ -1,46 +1,122 @@
-//! The sealed form of every object of an encrypted repository: XChaCha20-Poly1305 in the STREAM
+//! The sealed form of every object of an encrypted repository: an AEAD in the STREAM
 //! construction (Hoang, Reyhanitabar, Rogaway, Vizár, "Online Authenticated-Encryption and its
 //! Nonce-Reuse Misuse-Resistance", 2015; `aead::stream::StreamBE32`), in segments of 64 KiB so
 //! that any byte range can be read and authenticated on its own.
 //!
 //! ```text
-//! offset 0   magic "PGPITRE" and format byte 1                    8 bytes
-//! offset 8   nonce prefix, random per object                      19 bytes
-//! offset 27  segment 0: ciphertext (64 KiB) + Poly1305 tag         65,552 bytes
+//! offset 0   magic "PGPITRE" and format byte (1 or 2)             8 bytes
+//! offset 8   nonce, random per object                             19 bytes
+//! offset 27  segment 0: ciphertext (64 KiB) + 16-byte tag          65,552 bytes
 //!            …
 //!            last segment: ciphertext (0..=64 KiB) + tag, sealed with STREAM's last-segment flag
 //! ```
 //!
-//! Segment `i`'s nonce is the prefix, `i` as 32-bit big-endian and the last-segment flag; its
-//! associated data is the object's key, so an object moved to another key, reordered, cut
-//! short or extended fails authentication. An empty object is one empty last segment.
+//! The format byte names the cipher ([`Cipher`]):
+//! - format 1, XChaCha20-Poly1305 under the data key; the nonce is STREAM's 19-byte prefix;
+//! - format 2, AES-256-GCM under a key derived for the object from the data key and its nonce
+//!   ([`DataKey::object_key`]), which also gives STREAM's 7-byte prefix.
+//!
+//! Segment `i`'s AEAD nonce is the prefix, `i` as 32-bit big-endian and the last-segment flag
+//! (1 on the last segment, else 0); its associated data is the object's key, so an object moved
+//! to another key, reordered, cut short or extended fails authentication. An empty object is
+//! one empty last segment. Format 2 is format 1's layout with a cipher that runs about six
+//! times as fast on CPUs with AES instructions (docs/benchmarks.md); both are read.
 
 use std::ops::Range;
 
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use chacha20poly1305::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
 use chacha20poly1305::aead::Buffer;
 use chacha20poly1305::XChaCha20Poly1305;
 
 use super::keys::DataKey;
 
-/// Magic and format version at the start of every sealed object.
-pub const MAGIC: &[u8; 8] = b"PGPITRE\x01";
-/// Bytes of the random nonce prefix (XChaCha20's 24-byte nonce less STREAM's 5).
-pub const NONCE_PREFIX_LEN: usize = 19;
+/// The magic at the start of every sealed object, before the format byte.
+pub const MAGIC: &[u8; 7] = b"PGPITRE";
+/// Bytes of the random nonce after the format byte.
+pub const NONCE_LEN: usize = 19;
 /// Bytes before the first segment.
-pub const HEADER_LEN: usize = MAGIC.len() + NONCE_PREFIX_LEN;
+pub const HEADER_LEN: usize = MAGIC.len() + 1 + NONCE_LEN;
 /// Plain bytes per segment.
 pub const SEGMENT: usize = 64 * 1024;
-/// Poly1305 tag after each segment.
+/// The authentication tag after each segment (Poly1305's or GCM's).
 pub const TAG: usize = 16;
 /// Objects from this size on are sealed and opened on two threads.
 const PARALLEL_MIN: usize = 1024 * 1024;
+
+/// The cipher of a sealed object, named by its format byte and, in `repo.json`, by
+/// [`Cipher::name`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    /// Format 1: XChaCha20-Poly1305 (RustCrypto's `chacha20poly1305`). Repositories created
+    /// before format 2 keep writing it.
+    XChaCha20Poly1305,
+    /// Format 2: AES-256-GCM (AWS-LC through `aws-lc-rs`), a key per object. New repositories.
+    Aes256Gcm,
+}
+
+impl Cipher {
+    /// The cipher of new repositories.
+    pub const NEW: Cipher = Cipher::Aes256Gcm;
+
+    fn format(self) -> u8 {
+        match self {
+            Cipher::XChaCha20Poly1305 => 1,
+            Cipher::Aes256Gcm => 2,
+        }
+    }
+
+    fn from_format(byte: u8) -> Option<Cipher> {
+        [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm]
+            .into_iter()
+            .find(|c| c.format() == byte)
+    }
+
+    /// The name `repo.json` records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::XChaCha20Poly1305 => "xchacha20poly1305-stream-64k",
+            Cipher::Aes256Gcm => "aes256gcm-hkdf-stream-64k",
+        }
+    }
+
+    /// The cipher `repo.json` names; `None` for one this build does not know.
+    pub fn from_name(name: &str) -> Option<Cipher> {
+        [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+}
+
+/// What precedes a sealed object's first segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub cipher: Cipher,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+impl Header {
+    /// A header with a fresh random nonce.
+    pub fn random(cipher: Cipher) -> Header {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut nonce).expect("the operating system's random source");
+        Header { cipher, nonce }
+    }
+
+    fn write_to(&self, out: &mut [u8]) {
+        out[..MAGIC.len()].copy_from_slice(MAGIC);
+        out[MAGIC.len()] = self.cipher.format();
+        out[MAGIC.len() + 1..HEADER_LEN].copy_from_slice(&self.nonce);
+    }
+}
 
 /// Why a sealed object could not be opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
     #[error("not an encrypted object (no pgpitr encryption header)")]
     NotSealed,
+    #[error("sealed in format {0}, which this version of pgpitr cannot read: upgrade pgpitr")]
+    UnknownFormat(u8),
     #[error("truncated: {0} bytes cannot be a sealed object")]
     BadLength(u64),
     #[error("authentication failed at segment {0}: the object was altered, moved, or sealed with another key")]
@@ -66,28 +142,91 @@ pub fn plain_len(stored: u64) -> Option<u64> {
     (sealed_len(plain) == stored).then_some(plain)
 }
 
-/// A fresh random nonce prefix.
-pub fn random_prefix() -> [u8; NONCE_PREFIX_LEN] {
-    let mut p = [0u8; NONCE_PREFIX_LEN];
-    getrandom::getrandom(&mut p).expect("the operating system's random source");
-    p
+/// The segment cipher of one object: its AEAD keyed, and STREAM's nonce prefix.
+enum Segments {
+    XChaCha(StreamBE32<XChaCha20Poly1305>),
+    Aes { key: LessSafeKey, prefix: [u8; 7] },
+}
+
+impl Segments {
+    fn new(key: &DataKey, header: &Header) -> Segments {
+        match header.cipher {
+            Cipher::XChaCha20Poly1305 => {
+                Segments::XChaCha(StreamBE32::new(key.bytes().into(), (&header.nonce).into()))
+            }
+            Cipher::Aes256Gcm => {
+                let object = key.object_key(&header.nonce);
+                let aes = UnboundKey::new(&AES_256_GCM, object.key()).expect("a 32-byte key");
+                Segments::Aes {
+                    key: LessSafeKey::new(aes),
+                    prefix: object.nonce_prefix(),
+                }
+            }
+        }
+    }
+
+    /// STREAM's nonce of segment `i` (`aead::stream::StreamBE32`): the prefix, `i` big-endian,
+    /// and the last-segment flag.
+    fn aes_nonce(prefix: &[u8; 7], i: u32, last: bool) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..7].copy_from_slice(prefix);
+        n[7..11].copy_from_slice(&i.to_be_bytes());
+        n[11] = u8::from(last);
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Seals segment `i` in place: `slot` is its plain bytes followed by [`TAG`] bytes of room.
+    fn seal(&self, i: u32, last: bool, aad: &[u8], slot: &mut [u8]) -> Result<(), ()> {
+        let len = slot.len().checked_sub(TAG).ok_or(())?;
+        match self {
+            Segments::XChaCha(stream) => stream
+                .encrypt_in_place(i, last, aad, &mut Slot { buf: slot, len })
+                .map_err(|_| ()),
+            Segments::Aes { key, prefix } => {
+                let (plain, tag) = slot.split_at_mut(len);
+                let t = key
+                    .seal_in_place_separate_tag(
+                        Self::aes_nonce(prefix, i, last),
+                        Aad::from(aad),
+                        plain,
+                    )
+                    .map_err(|_| ())?;
+                tag.copy_from_slice(t.as_ref());
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens segment `i` in place: `sealed` is its ciphertext and tag; the plain bytes are then
+    /// its first `sealed.len() - TAG` bytes.
+    fn open(&self, i: u32, last: bool, aad: &[u8], sealed: &mut [u8]) -> Result<(), ()> {
+        if sealed.len() < TAG {
+            return Err(());
+        }
+        match self {
+            Segments::XChaCha(stream) => {
+                let len = sealed.len();
+                stream
+                    .decrypt_in_place(i, last, aad, &mut Slot { buf: sealed, len })
+                    .map_err(|_| ())
+            }
+            Segments::Aes { key, prefix } => key
+                .open_in_place(Self::aes_nonce(prefix, i, last), Aad::from(aad), sealed)
+                .map(|_| ())
+                .map_err(|_| ()),
+        }
+    }
 }
 
 /// Seals the concatenation of `parts` for the object `aad` (its key) under `key`.
-pub fn seal(key: &DataKey, aad: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    seal_with_prefix(key, aad, parts, &random_prefix())
+pub fn seal(key: &DataKey, cipher: Cipher, aad: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    seal_with(key, aad, parts, &Header::random(cipher))
 }
 
-fn seal_with_prefix(
-    key: &DataKey,
-    aad: &[u8],
-    parts: &[&[u8]],
-    prefix: &[u8; NONCE_PREFIX_LEN],
-) -> Vec<u8> {
+fn seal_with(key: &DataKey, aad: &[u8], parts: &[&[u8]], header: &Header) -> Vec<u8> {
     let plain: u64 = parts.iter().map(|p| p.len() as u64).sum();
     let mut out = vec![0u8; sealed_len(plain) as usize];
-    out[..MAGIC.len()].copy_from_slice(MAGIC);
-    out[MAGIC.len()..HEADER_LEN].copy_from_slice(prefix);
+    header.write_to(&mut out);
     // Plain bytes into their segments' places, leaving room for each tag.
     let mut at = 0usize;
     for part in parts {
@@ -102,16 +241,14 @@ fn seal_with_prefix(
             at += n;
         }
     }
-    let stream = stream(key, prefix);
+    let segs = Segments::new(key, header);
     let count = segments(plain);
     for_segments(
         &mut out[HEADER_LEN..],
         plain,
         SEGMENT + TAG,
         |i, slot, len| {
-            let mut buf = Slot { buf: slot, len };
-            stream
-                .encrypt_in_place(i as u32, i + 1 == count, aad, &mut buf)
+            segs.seal(i as u32, i + 1 == count, aad, &mut slot[..len + TAG])
                 .expect("a segment fits its slot");
         },
     );
@@ -143,7 +280,7 @@ impl Binding {
 /// segment, known before its compression ends) overlap sealing and writing with compressing.
 pub struct Sealer<W: std::io::Write> {
     out: W,
-    stream: StreamBE32<XChaCha20Poly1305>,
+    segs: Segments,
     binding: Binding,
     /// Plain bytes not sealed yet; always less than a segment after a drain, once bound.
     pending: Vec<u8>,
@@ -155,19 +292,19 @@ pub struct Sealer<W: std::io::Write> {
 }
 
 impl<W: std::io::Write> Sealer<W> {
-    /// Starts an object in `out` under `key`, with a fresh nonce prefix; the header is written
-    /// with the first segments.
-    pub fn new(key: &DataKey, out: W) -> Sealer<W> {
-        Sealer::with_prefix(key, out, &random_prefix())
+    /// Starts an object in `out` under `key` in `cipher`, with a fresh nonce; the header is
+    /// written with the first segments.
+    pub fn new(key: &DataKey, cipher: Cipher, out: W) -> Sealer<W> {
+        Sealer::with_header(key, out, &Header::random(cipher))
     }
 
-    fn with_prefix(key: &DataKey, out: W, prefix: &[u8; NONCE_PREFIX_LEN]) -> Sealer<W> {
-        let mut sealed = Vec::with_capacity(HEADER_LEN + SEGMENT + TAG);
-        sealed.extend_from_slice(MAGIC);
-        sealed.extend_from_slice(prefix);
+    fn with_header(key: &DataKey, out: W, header: &Header) -> Sealer<W> {
+        let mut sealed = vec![0; HEADER_LEN];
+        sealed.reserve(SEGMENT + TAG);
+        header.write_to(&mut sealed);
         Sealer {
             out,
-            stream: stream(key, prefix),
+            segs: Segments::new(key, header),
             binding: Binding::default(),
             pending: Vec::new(),
             next: 0,
@@ -219,17 +356,16 @@ impl<W: std::io::Write> Sealer<W> {
             self.sealed.extend_from_slice(plain);
             self.sealed.extend_from_slice(&[0; TAG]);
         }
-        let (stream, first) = (&self.stream, self.next);
+        let (segs, first) = (&self.segs, self.next);
         let failed = std::sync::atomic::AtomicBool::new(false);
         for_segments(
             &mut self.sealed[start..],
             take as u64,
             SEGMENT + TAG,
             |i, slot, len| {
-                let mut buf = Slot { buf: slot, len };
                 let is_last = last && i + 1 == count;
-                if stream
-                    .encrypt_in_place(first + i as u32, is_last, aad, &mut buf)
+                if segs
+                    .seal(first + i as u32, is_last, aad, &mut slot[..len + TAG])
                     .is_err()
                 {
                     failed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -261,7 +397,7 @@ impl<W: std::io::Write> Sealer<W> {
             }
             // A whole segment with more after it.
             Self::seal_one(
-                &self.stream,
+                &self.segs,
                 &mut self.next,
                 aad,
                 &mut self.sealed,
@@ -271,7 +407,7 @@ impl<W: std::io::Write> Sealer<W> {
         }
         while buf.len() > SEGMENT {
             Self::seal_one(
-                &self.stream,
+                &self.segs,
                 &mut self.next,
                 aad,
                 &mut self.sealed,
@@ -289,7 +425,7 @@ impl<W: std::io::Write> Sealer<W> {
 
     /// Appends segment `next` (not the last), `plain` sealed, to `sealed`.
     fn seal_one(
-        stream: &StreamBE32<XChaCha20Poly1305>,
+        segs: &Segments,
         next: &mut u32,
         aad: &[u8],
         sealed: &mut Vec<u8>,
@@ -298,12 +434,7 @@ impl<W: std::io::Write> Sealer<W> {
         let start = sealed.len();
         sealed.extend_from_slice(plain);
         sealed.extend_from_slice(&[0; TAG]);
-        let mut slot = Slot {
-            buf: &mut sealed[start..],
-            len: plain.len(),
-        };
-        stream
-            .encrypt_in_place(*next, false, aad, &mut slot)
+        segs.seal(*next, false, aad, &mut sealed[start..])
             .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
         *next += 1;
         Ok(())
@@ -343,11 +474,11 @@ impl<W: std::io::Write> std::io::Write for Sealer<W> {
 /// [`EnvelopeError`]: not sealed, a length no object seals to, or a segment that fails
 /// authentication (altered, truncated, extended, moved to another key, or another key).
 pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-    let prefix = header(sealed)?;
+    let header = header(sealed)?;
     let plain =
         plain_len(sealed.len() as u64).ok_or(EnvelopeError::BadLength(sealed.len() as u64))?;
     let body = &sealed[HEADER_LEN..];
-    let stream = stream(key, &prefix);
+    let segs = Segments::new(key, &header);
     let count = segments(plain);
     let failed = std::sync::atomic::AtomicU64::new(u64::MAX);
     // Each segment is opened in a buffer of its own, which stays in the cache, and only its plain
@@ -355,10 +486,9 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Envelop
     let mut out = vec![0u8; plain as usize];
     for_segments(&mut out, plain, SEGMENT, |i, slot, len| {
         let start = i as usize * (SEGMENT + TAG);
-        let mut buf = Vec::with_capacity(SEGMENT + TAG);
-        buf.extend_from_slice(&body[start..start + len + TAG]);
-        match stream.decrypt_in_place(i as u32, i + 1 == count, aad, &mut buf) {
-            Ok(()) => slot.copy_from_slice(&buf),
+        let mut buf = body[start..start + len + TAG].to_vec();
+        match segs.open(i as u32, i + 1 == count, aad, &mut buf) {
+            Ok(()) => slot.copy_from_slice(&buf[..len]),
             Err(_) => {
                 failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
             }
@@ -370,17 +500,22 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Envelop
     }
 }
 
-/// The nonce prefix of a sealed object from its first [`HEADER_LEN`] bytes.
+/// The header of a sealed object from its first [`HEADER_LEN`] bytes.
 ///
 /// # Errors
-/// [`EnvelopeError::NotSealed`] without the magic.
-pub fn header(sealed: &[u8]) -> Result<[u8; NONCE_PREFIX_LEN], EnvelopeError> {
+/// [`EnvelopeError::NotSealed`] without the magic; [`EnvelopeError::UnknownFormat`] for a
+/// format byte this build does not know.
+pub fn header(sealed: &[u8]) -> Result<Header, EnvelopeError> {
     if sealed.len() < HEADER_LEN || &sealed[..MAGIC.len()] != MAGIC {
         return Err(EnvelopeError::NotSealed);
     }
-    Ok(sealed[MAGIC.len()..HEADER_LEN]
-        .try_into()
-        .expect("prefix length"))
+    let format = sealed[MAGIC.len()];
+    Ok(Header {
+        cipher: Cipher::from_format(format).ok_or(EnvelopeError::UnknownFormat(format))?,
+        nonce: sealed[MAGIC.len() + 1..HEADER_LEN]
+            .try_into()
+            .expect("nonce length"),
+    })
 }
 
 /// The stored bytes that hold plain bytes `range` of an object of `plain_len` bytes: whole
@@ -401,7 +536,7 @@ pub fn sealed_range(range: &Range<u64>, plain_len: u64) -> Range<u64> {
 pub fn open_range(
     key: &DataKey,
     aad: &[u8],
-    prefix: &[u8; NONCE_PREFIX_LEN],
+    header: &Header,
     plain_len: u64,
     range: &Range<u64>,
     stored: &[u8],
@@ -411,21 +546,20 @@ pub fn open_range(
         return Err(EnvelopeError::BadLength(stored.len() as u64));
     }
     let (first, last) = segment_span(range, plain_len);
-    let stream = stream(key, prefix);
+    let segs = Segments::new(key, header);
     let count = segments(plain_len);
     let mut out = Vec::with_capacity((range.end - range.start) as usize);
     let mut buf = Vec::with_capacity(SEGMENT + TAG);
     for (n, i) in (first..=last).enumerate() {
         let start = n * (SEGMENT + TAG);
-        let len = segment_len(plain_len, i) + TAG;
+        let len = segment_len(plain_len, i);
         buf.clear();
-        buf.extend_from_slice(&stored[start..start + len]);
-        stream
-            .decrypt_in_place(i as u32, i + 1 == count, aad, &mut buf)
+        buf.extend_from_slice(&stored[start..start + len + TAG]);
+        segs.open(i as u32, i + 1 == count, aad, &mut buf)
             .map_err(|_| EnvelopeError::Authentication(i))?;
         let seg_start = i * SEGMENT as u64;
         let from = range.start.max(seg_start) - seg_start;
-        let to = range.end.min(seg_start + buf.len() as u64) - seg_start;
+        let to = range.end.min(seg_start + len as u64) - seg_start;
         out.extend_from_slice(&buf[from as usize..to as usize]);
     }
     Ok(out)
@@ -442,10 +576,6 @@ fn segment_span(range: &Range<u64>, plain_len: u64) -> (u64, u64) {
 /// Plain bytes in segment `i` of an object of `plain_len` bytes.
 fn segment_len(plain_len: u64, i: u64) -> usize {
     (plain_len - (i * SEGMENT as u64).min(plain_len)).min(SEGMENT as u64) as usize
-}
-
-fn stream(key: &DataKey, prefix: &[u8; NONCE_PREFIX_LEN]) -> StreamBE32<XChaCha20Poly1305> {
-    StreamBE32::new(key.bytes().into(), prefix.into())
 }
 
 /// Calls `f(segment, slot, plain length)` for each segment of a body of consecutive slots of
@@ -539,6 +669,15 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
+    const CIPHERS: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm];
+
+    fn fixed(cipher: Cipher) -> Header {
+        Header {
+            cipher,
+            nonce: [9; NONCE_LEN],
+        }
+    }
+
     const SIZES: &[usize] = &[
         0,
         1,
@@ -553,13 +692,16 @@ mod tests {
     /// bytes of sealing them at once.
     #[test]
     fn a_sealer_makes_the_bytes_seal_makes() {
-        let prefix = [9u8; NONCE_PREFIX_LEN];
-        for &n in SIZES.iter().chain(&[2 * SEGMENT, 2 * SEGMENT + 17]) {
+        for (&n, cipher) in SIZES
+            .iter()
+            .chain(&[2 * SEGMENT, 2 * SEGMENT + 17])
+            .flat_map(|n| CIPHERS.map(|c| (n, c)))
+        {
             let plain = data(n);
-            let want = seal_with_prefix(&key(1), b"wal/x-1", &[&plain], &prefix);
+            let want = seal_with(&key(1), b"wal/x-1", &[&plain], &fixed(cipher));
             for write in [1usize, 1000, SEGMENT, SEGMENT + 3, 1 << 20] {
                 for bind_after in [0usize, n / 2, n] {
-                    let mut s = Sealer::with_prefix(&key(1), Vec::new(), &prefix);
+                    let mut s = Sealer::with_header(&key(1), Vec::new(), &fixed(cipher));
                     let binding = s.binding();
                     let mut written = 0;
                     for part in plain.chunks(write) {
@@ -572,7 +714,7 @@ mod tests {
                     let got = s.finish(b"wal/x-1").unwrap();
                     assert!(
                         got == want,
-                        "{n} bytes, writes of {write}, bound after {bind_after}"
+                        "{n} bytes, writes of {write}, bound after {bind_after}, {cipher:?}"
                     );
                     assert_eq!(open(&key(1), b"wal/x-1", &got).unwrap(), plain);
                 }
@@ -582,7 +724,7 @@ mod tests {
 
     #[test]
     fn a_sealer_bound_to_one_key_refuses_another() {
-        let mut s = Sealer::new(&key(1), Vec::new());
+        let mut s = Sealer::new(&key(1), Cipher::NEW, Vec::new());
         s.binding().bind(b"wal/a-1");
         std::io::Write::write_all(&mut s, &data(3 * SEGMENT)).unwrap();
         let e = s.finish(b"wal/b-1").expect_err("another key");
@@ -606,10 +748,11 @@ mod tests {
 
     #[test]
     fn seals_and_opens_in_any_split() {
-        for &n in SIZES {
+        for (&n, cipher) in SIZES.iter().flat_map(|n| CIPHERS.map(|c| (n, c))) {
             let plain = data(n);
             let (a, b) = plain.split_at(n / 3);
-            let sealed = seal(&key(1), b"k", &[a, b]);
+            let sealed = seal(&key(1), cipher, b"k", &[a, b]);
+            assert_eq!(header(&sealed).unwrap().cipher, cipher);
             assert_eq!(sealed.len() as u64, sealed_len(n as u64));
             assert_eq!(open(&key(1), b"k", &sealed).unwrap(), plain, "{n}");
             if n >= 64 {
@@ -623,35 +766,43 @@ mod tests {
     fn any_range_opens_alone() {
         let n = 3 * SEGMENT + 100;
         let plain = data(n);
-        let sealed = seal(&key(2), b"obj", &[&plain]);
-        let prefix = header(&sealed).unwrap();
-        for r in [
-            0..0,
-            0..1,
-            5..SEGMENT as u64,
-            SEGMENT as u64 - 3..SEGMENT as u64 + 3,
-            100..n as u64,
-            n as u64 - 1..n as u64,
-            0..n as u64,
-        ] {
-            let s = sealed_range(&r, n as u64);
-            let got = open_range(
-                &key(2),
-                b"obj",
-                &prefix,
-                n as u64,
-                &r,
-                &sealed[s.start as usize..s.end as usize],
-            )
-            .unwrap();
-            assert_eq!(got, &plain[r.start as usize..r.end as usize], "{r:?}");
+        for cipher in CIPHERS {
+            let sealed = seal(&key(2), cipher, b"obj", &[&plain]);
+            let head = header(&sealed).unwrap();
+            for r in [
+                0..0,
+                0..1,
+                5..SEGMENT as u64,
+                SEGMENT as u64 - 3..SEGMENT as u64 + 3,
+                100..n as u64,
+                n as u64 - 1..n as u64,
+                0..n as u64,
+            ] {
+                let s = sealed_range(&r, n as u64);
+                let got = open_range(
+                    &key(2),
+                    b"obj",
+                    &head,
+                    n as u64,
+                    &r,
+                    &sealed[s.start as usize..s.end as usize],
+                )
+                .unwrap();
+                assert_eq!(got, &plain[r.start as usize..r.end as usize], "{r:?}");
+            }
         }
     }
 
     #[test]
     fn tampering_moving_cutting_and_other_keys_fail() {
+        for cipher in CIPHERS {
+            tampering_fails(cipher);
+        }
+    }
+
+    fn tampering_fails(cipher: Cipher) {
         let plain = data(2 * SEGMENT + 10);
-        let sealed = seal(&key(3), b"wal/a", &[&plain]);
+        let sealed = seal(&key(3), cipher, b"wal/a", &[&plain]);
         assert_eq!(
             open(&key(4), b"wal/a", &sealed),
             Err(EnvelopeError::Authentication(0))
@@ -681,7 +832,7 @@ mod tests {
             Err(EnvelopeError::NotSealed)
         );
         // An empty object is one empty segment, and it authenticates too.
-        let empty = seal(&key(3), b"wal/e", &[]);
+        let empty = seal(&key(3), cipher, b"wal/e", &[]);
         assert_eq!(open(&key(3), b"wal/e", &empty), Ok(Vec::new()));
         assert_eq!(
             open(&key(3), b"wal/f", &empty),
@@ -695,7 +846,7 @@ mod tests {
         );
         // An object opened on several threads names its first failing segment.
         let large = data(40 * SEGMENT + 5);
-        let mut sealed = seal(&key(3), b"wal/l", &[&large]);
+        let mut sealed = seal(&key(3), cipher, b"wal/l", &[&large]);
         for i in [33usize, 21] {
             sealed[HEADER_LEN + i * (SEGMENT + TAG) + 7] ^= 1;
         }
@@ -708,12 +859,82 @@ mod tests {
     #[test]
     fn each_object_has_its_own_nonces() {
         let plain = data(1000);
-        let a = seal(&key(5), b"k", &[&plain]);
-        let b = seal(&key(5), b"k", &[&plain]);
-        assert_ne!(a, b);
+        for cipher in CIPHERS {
+            let a = seal(&key(5), cipher, b"k", &[&plain]);
+            let b = seal(&key(5), cipher, b"k", &[&plain]);
+            assert_ne!(a, b);
+            assert_eq!(
+                seal_with(&key(5), b"k", &[&plain], &fixed(cipher)),
+                seal_with(&key(5), b"k", &[&plain], &fixed(cipher))
+            );
+        }
+    }
+
+    /// Both formats are frozen: objects sealed by any release open in every later one. The
+    /// digests of format 1 were taken from the release before format 2 existed.
+    #[test]
+    fn formats_are_frozen() {
+        use sha2::Digest;
+        let digest = |cipher, plain: &[u8]| {
+            let sealed = seal_with(&key(1), b"wal/x", &[plain], &fixed(cipher));
+            hex::encode(sha2::Sha256::digest(sealed))
+        };
+        let plain = data(200_000);
         assert_eq!(
-            seal_with_prefix(&key(5), b"k", &[&plain], &[9; NONCE_PREFIX_LEN]),
-            seal_with_prefix(&key(5), b"k", &[&plain], &[9; NONCE_PREFIX_LEN])
+            digest(Cipher::XChaCha20Poly1305, &plain),
+            "d98745d825d8cadbd0c5d3de5f313cf7e0208939726019377e1275ceb71abae9"
         );
+        assert_eq!(
+            digest(Cipher::XChaCha20Poly1305, &[]),
+            "aba994b153fd0ef574e3b227a49f86c3c3c9b98895e0891d335414bb64a34112"
+        );
+        assert_eq!(
+            digest(Cipher::Aes256Gcm, &plain),
+            "d64c8aae91380556130593ec80d84082c40c240913fedb45816ca0c72dc6ef05"
+        );
+        assert_eq!(
+            digest(Cipher::Aes256Gcm, &[]),
+            "0267c4a1892655b9cc2c57ed30dbf33ef5147faa32b4c126570e06d2c329e69b"
+        );
+    }
+
+    /// Format 2 is STREAM over AES-256-GCM exactly as RustCrypto's `aead::stream` builds it,
+    /// under the object's derived key and prefix: the nonce schedule is theirs, not ours.
+    #[test]
+    fn format_2_is_rustcrypto_stream_over_aes_256_gcm() {
+        use aes_gcm::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
+        let head = fixed(Cipher::Aes256Gcm);
+        let object = key(1).object_key(&head.nonce);
+        let stream: StreamBE32<aes_gcm::Aes256Gcm> =
+            StreamBE32::new(object.key().into(), (&object.nonce_prefix()).into());
+        for n in [0, 1, SEGMENT, 2 * SEGMENT + 17] {
+            let plain = data(n);
+            let sealed = seal_with(&key(1), b"wal/x", &[&plain], &head);
+            let count = segments(n as u64);
+            let mut want = sealed[..HEADER_LEN].to_vec();
+            for i in 0..count {
+                let seg =
+                    &plain[(i as usize * SEGMENT).min(n)..((i as usize + 1) * SEGMENT).min(n)];
+                let mut buf = seg.to_vec();
+                stream
+                    .encrypt_in_place(i as u32, i + 1 == count, b"wal/x", &mut buf)
+                    .unwrap();
+                want.extend_from_slice(&buf);
+            }
+            assert!(sealed == want, "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn an_unknown_format_is_named() {
+        let mut sealed = seal(&key(1), Cipher::NEW, b"k", &[b"x"]);
+        sealed[MAGIC.len()] = 7;
+        assert_eq!(
+            open(&key(1), b"k", &sealed),
+            Err(EnvelopeError::UnknownFormat(7))
+        );
+        // A format-1 object under the same key opens whatever new objects are sealed with.
+        let old = seal(&key(1), Cipher::XChaCha20Poly1305, b"k", &[b"x"]);
+        assert_eq!(open(&key(1), b"k", &old).unwrap(), b"x");
     }
 }

@@ -10,6 +10,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 const DATA_LABEL: &[u8] = b"pgpitr v1 object encryption";
 const ID_LABEL: &[u8] = b"pgpitr v1 content ids";
 const FINGERPRINT_LABEL: &[u8] = b"pgpitr v1 key fingerprint";
+const OBJECT_LABEL: &[u8] = b"pgpitr v2 aes-256-gcm object key";
 
 /// The repository key: 32 random bytes, zeroed when dropped.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -74,6 +75,34 @@ impl DataKey {
     pub fn bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The key of one object sealed in format 2 ([`super::envelope::Cipher::Aes256Gcm`]):
+    /// HKDF-SHA256 of this key with the object's random `nonce` as salt, 32 bytes of AES-256 key
+    /// then 7 bytes of STREAM nonce prefix. A key per object keeps AES-GCM's 96-bit nonces far
+    /// from reuse however many objects a repository holds, as Tink's AES-GCM-HKDF streaming
+    /// AEAD does.
+    pub fn object_key(&self, nonce: &[u8]) -> ObjectKey {
+        let mut okm = ObjectKey([0u8; 39]);
+        hkdf::Hkdf::<Sha256>::new(Some(nonce), &self.0)
+            .expand(OBJECT_LABEL, &mut okm.0)
+            .expect("39 bytes is a valid HKDF-SHA256 length");
+        okm
+    }
+}
+
+/// One object's AES-256 key and STREAM nonce prefix ([`DataKey::object_key`]), zeroed when
+/// dropped.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct ObjectKey([u8; 39]);
+
+impl ObjectKey {
+    pub fn key(&self) -> &[u8] {
+        &self.0[..32]
+    }
+
+    pub fn nonce_prefix(&self) -> [u8; 7] {
+        self.0[32..].try_into().expect("7 bytes")
+    }
 }
 
 impl std::fmt::Debug for DataKey {
@@ -133,6 +162,20 @@ mod tests {
         assert_eq!(a.fingerprint().len(), 16);
         // Stable: a repository's keys must derive the same way in every release.
         assert_eq!(a.fingerprint(), RepoKey::from_bytes([1; 32]).fingerprint());
+    }
+
+    #[test]
+    fn object_keys_differ_per_object_and_are_stable() {
+        let d = RepoKey::from_bytes([1; 32]).data_key();
+        let (x, y) = (d.object_key(&[1; 19]), d.object_key(&[2; 19]));
+        assert_ne!(x.key(), y.key());
+        assert_ne!(x.nonce_prefix(), y.nonce_prefix());
+        assert_ne!(x.key(), d.bytes());
+        // Stable: objects sealed by one release open in every later one.
+        assert_eq!(
+            hex::encode(x.key()),
+            "70242791274b6125a952b3eeab0d8834b384bd45c462750750f8acc4d1d7d30f"
+        );
     }
 
     #[test]

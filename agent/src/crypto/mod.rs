@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptionRecord {
-    /// The object format: `xchacha20poly1305-stream-64k` ([`envelope`]).
+    /// The cipher objects are sealed with ([`envelope::Cipher::name`]):
+    /// `aes256gcm-hkdf-stream-64k`, or `xchacha20poly1305-stream-64k` in repositories created
+    /// before it.
     pub cipher: String,
     /// How content ids in keys are made: `hmac-sha256` ([`keys::ContentIds::Keyed`]).
     pub content_ids: String,
@@ -21,20 +23,20 @@ pub struct EncryptionRecord {
     pub key: String,
 }
 
-pub const CIPHER: &str = "xchacha20poly1305-stream-64k";
 pub const CONTENT_IDS: &str = "hmac-sha256";
 
 impl EncryptionRecord {
-    pub fn for_key(key: &keys::RepoKey) -> EncryptionRecord {
+    pub fn new(key: &keys::RepoKey, cipher: envelope::Cipher) -> EncryptionRecord {
         EncryptionRecord {
-            cipher: CIPHER.into(),
+            cipher: cipher.name().into(),
             content_ids: CONTENT_IDS.into(),
             key: key.fingerprint(),
         }
     }
 
-    /// Whether this build reads repositories with this record.
-    pub fn is_supported(&self) -> bool {
-        self.cipher == CIPHER && self.content_ids == CONTENT_IDS
+    /// The cipher of the repository's objects; `None` when this build cannot read or write
+    /// repositories with this record.
+    pub fn cipher(&self) -> Option<envelope::Cipher> {
+        envelope::Cipher::from_name(&self.cipher).filter(|_| self.content_ids == CONTENT_IDS)
     }
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::identity::RepoIdentity;
 use super::layout::REPO_JSON;
+use crate::crypto::envelope::Cipher;
 use crate::crypto::keys::RepoKey;
 use crate::crypto::slots::{self, KeySlot, Passphrase, KEYS_PREFIX};
 use crate::crypto::EncryptionRecord;
@@ -91,10 +92,11 @@ pub async fn open(
         return Err(KeyError::NotEncrypted { location });
     }
     let unlocked = unlock(raw.as_ref(), passphrase, kek_cache).await?;
+    let mut cipher = Cipher::NEW;
     if let Some(Some(record)) = &record {
-        if !record.is_supported() {
-            return Err(KeyError::Unsupported { location });
-        }
+        cipher = record.cipher().ok_or_else(|| KeyError::Unsupported {
+            location: location.clone(),
+        })?;
         if record.key != unlocked.key.fingerprint() {
             return Err(KeyError::OtherRepository {
                 location,
@@ -102,7 +104,7 @@ pub async fn open(
             });
         }
     }
-    Ok(Arc::new(EncryptedStorage::new(raw, &unlocked.key)))
+    Ok(Arc::new(EncryptedStorage::new(raw, &unlocked.key, cipher)))
 }
 
 /// `repo.json`'s encryption record: `None` when there is no `repo.json`, `Some(None)` for an
@@ -337,6 +339,80 @@ mod tests {
             Err(KeyError::LastSlot { .. })
         ));
         assert!(open(raw.clone(), Some(&pass("b")), None).await.is_ok());
+    }
+
+    /// New repositories seal in format 2; one whose `repo.json` records format 1 (created by an
+    /// earlier release) keeps sealing in format 1, so that its record stays true; a cipher this
+    /// build does not know is refused before anything is written.
+    #[tokio::test]
+    async fn each_repository_keeps_the_cipher_it_was_created_with() {
+        use crate::crypto::envelope;
+        let sealed_format = |raw: DynStorage, key: &'static str| async move {
+            envelope::header(&raw.get(key).await.unwrap())
+                .unwrap()
+                .cipher
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let raw = raw(dir.path());
+        create(raw.as_ref(), &pass("a")).await.unwrap();
+        let enc = open(raw.clone(), Some(&pass("a")), None).await.unwrap();
+        RepoIdentity::ensure(enc.as_ref(), &identity())
+            .await
+            .unwrap();
+        let record = RepoIdentity::load(raw.as_ref()).await.unwrap().encryption;
+        assert_eq!(record.unwrap().cipher, "aes256gcm-hkdf-stream-64k");
+        enc.put("locks/x", Bytes::from_static(b"x"), PutMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(
+            sealed_format(raw.clone(), "locks/x").await,
+            Cipher::Aes256Gcm
+        );
+
+        // The repo.json of a repository of an earlier release.
+        let old = tempfile::tempdir().unwrap();
+        let old_raw = self::raw(old.path());
+        create(old_raw.as_ref(), &pass("a")).await.unwrap();
+        let key = unlock(old_raw.as_ref(), &pass("a"), None)
+            .await
+            .unwrap()
+            .key;
+        let write_record = |cipher: &str| {
+            let mut id = identity();
+            let mut record = EncryptionRecord::new(&key, Cipher::XChaCha20Poly1305);
+            record.cipher = cipher.into();
+            id.encryption = Some(record);
+            Bytes::from(serde_json::to_vec(&id).unwrap())
+        };
+        old_raw
+            .put(
+                REPO_JSON,
+                write_record("xchacha20poly1305-stream-64k"),
+                PutMode::Create,
+            )
+            .await
+            .unwrap();
+        let enc = open(old_raw.clone(), Some(&pass("a")), None).await.unwrap();
+        RepoIdentity::ensure(enc.as_ref(), &identity())
+            .await
+            .unwrap();
+        enc.put("locks/x", Bytes::from_static(b"x"), PutMode::Create)
+            .await
+            .unwrap();
+        assert_eq!(
+            sealed_format(old_raw.clone(), "locks/x").await,
+            Cipher::XChaCha20Poly1305
+        );
+        assert_eq!(enc.get("locks/x").await.unwrap(), &b"x"[..]);
+
+        old_raw
+            .put(REPO_JSON, write_record("rot13-stream"), PutMode::Overwrite)
+            .await
+            .unwrap();
+        assert!(matches!(
+            open(old_raw.clone(), Some(&pass("a")), None).await,
+            Err(KeyError::Unsupported { .. })
+        ));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::StorageResult;
 use super::{DynStorage, ObjectMeta, PutMode, Staged, StagingObject, Storage, StorageError};
-use crate::crypto::envelope::{self, NONCE_PREFIX_LEN};
+use crate::crypto::envelope::{self, Cipher, Header};
 use crate::crypto::keys::{ContentIds, DataKey, RepoKey};
 use crate::crypto::EncryptionRecord;
 
@@ -24,16 +24,17 @@ pub fn is_clear_key(key: &str) -> bool {
     key == crate::repo::layout::REPO_JSON || key.starts_with(crate::crypto::slots::KEYS_PREFIX)
 }
 
-/// Headers (nonce prefix, plain size) of objects read by range, kept so that a pack read chunk
+/// Headers (cipher and nonce, plain size) of objects read by range, kept so that a pack read chunk
 /// by chunk costs one extra request, not one per chunk. Objects are immutable under their key.
 const HEADER_CACHE_MAX: usize = 4096;
 
 pub struct EncryptedStorage {
     inner: DynStorage,
     key: DataKey,
+    cipher: Cipher,
     ids: ContentIds,
     record: EncryptionRecord,
-    headers: Mutex<HashMap<String, ([u8; NONCE_PREFIX_LEN], u64)>>,
+    headers: Mutex<HashMap<String, (Header, u64)>>,
 }
 
 impl std::fmt::Debug for EncryptedStorage {
@@ -45,13 +46,15 @@ impl std::fmt::Debug for EncryptedStorage {
 }
 
 impl EncryptedStorage {
-    /// `inner` under repository key `key`.
-    pub fn new(inner: DynStorage, key: &RepoKey) -> EncryptedStorage {
+    /// `inner` under repository key `key`, sealing new objects with `cipher` (every cipher
+    /// this build knows is read).
+    pub fn new(inner: DynStorage, key: &RepoKey, cipher: Cipher) -> EncryptedStorage {
         EncryptedStorage {
             inner,
             key: key.data_key(),
+            cipher,
             ids: ContentIds::Keyed(Arc::new(key.id_key())),
-            record: EncryptionRecord::for_key(key),
+            record: EncryptionRecord::new(key, cipher),
             headers: Mutex::new(HashMap::new()),
         }
     }
@@ -64,20 +67,16 @@ impl EncryptedStorage {
     }
 
     async fn seal(&self, key: &str, parts: Vec<Bytes>) -> Bytes {
-        let (data_key, aad) = (self.key.clone(), key.as_bytes().to_vec());
+        let (data_key, aad, cipher) = (self.key.clone(), key.as_bytes().to_vec(), self.cipher);
         let seal = move || {
             let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_ref()).collect();
-            Bytes::from(envelope::seal(&data_key, &aad, &slices))
+            Bytes::from(envelope::seal(&data_key, cipher, &aad, &slices))
         };
         tokio::task::spawn_blocking(seal).await.expect("sealing")
     }
 
-    /// Nonce prefix and plain size of `key`, from the cache (unless `fresh`) or the backend.
-    async fn header_of(
-        &self,
-        key: &str,
-        fresh: bool,
-    ) -> StorageResult<([u8; NONCE_PREFIX_LEN], u64)> {
+    /// Header and plain size of `key`, from the cache (unless `fresh`) or the backend.
+    async fn header_of(&self, key: &str, fresh: bool) -> StorageResult<(Header, u64)> {
         if !fresh {
             if let Some(h) = self.headers.lock().expect("no panics").get(key) {
                 return Ok(*h);
@@ -169,7 +168,7 @@ impl Storage for EncryptedStorage {
     /// object's key ([`Staged::binding`]), or until [`Storage::put_staged`] names it.
     async fn stage(&self, dir: &str) -> StorageResult<Staged> {
         let inner = self.inner.stage(dir).await?;
-        let sealer = envelope::Sealer::new(&self.key, inner);
+        let sealer = envelope::Sealer::new(&self.key, self.cipher, inner);
         Ok(Staged::Sealing(Box::new(sealer)))
     }
 
@@ -292,7 +291,7 @@ mod tests {
 
     fn pair(dir: &std::path::Path) -> (DynStorage, EncryptedStorage) {
         let raw: DynStorage = Arc::new(LocalStorage::new(dir.to_path_buf()));
-        let enc = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]));
+        let enc = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]), Cipher::NEW);
         (raw, enc)
     }
 
@@ -364,6 +363,7 @@ mod tests {
         .unwrap();
         let stored = raw.get("packs/ab/x.pack").await.unwrap();
         assert!(!stored.windows(16).any(|w| w == &plain[400..416]));
+        assert_eq!(envelope::header(&stored).unwrap().cipher, Cipher::Aes256Gcm);
         assert_eq!(enc.get("packs/ab/x.pack").await.unwrap(), plain);
         assert_eq!(
             enc.get_range("packs/ab/x.pack", 70_000..70_100)
@@ -405,7 +405,12 @@ mod tests {
             enc.get_range("locks/t.beat", 0..6).await.unwrap(),
             &b"twotwo"[..]
         );
-        let other = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([9; 32]));
+        // Another process, of a repository still in format 1: ranges read its objects too.
+        let other = EncryptedStorage::new(
+            raw.clone(),
+            &RepoKey::from_bytes([9; 32]),
+            Cipher::XChaCha20Poly1305,
+        );
         other
             .put("locks/t.beat", Bytes::from_static(b"3"), PutMode::Overwrite)
             .await
@@ -440,7 +445,7 @@ mod tests {
             enc.get("locks/c.lock").await,
             Err(StorageError::Unauthentic { .. })
         ));
-        let other = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([8; 32]));
+        let other = EncryptedStorage::new(raw.clone(), &RepoKey::from_bytes([8; 32]), Cipher::NEW);
         assert!(matches!(
             other.get("locks/b.lock").await,
             Err(StorageError::Unauthentic { .. })
