@@ -76,6 +76,41 @@ fn a_correct_setup_passes_every_check() {
         checks.as_array().unwrap().iter().all(|c| c["ok"] == true),
         "{text}"
     );
+
+    // Again at once: the server is idle at the start of the segment after the one the first
+    // check switched, where a switch alone closes nothing.
+    let out = check(&c, &repo, &["--timeout", "20"]);
+    let again = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{again}");
+
+    // Archiving that stops: the check's switch must reach the repository, not the segments
+    // archived before.
+    c.psql("SELECT txid_current()");
+    let last = c.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    c.wait_archived(&last);
+    set_writable(&repo, false);
+    let out = check(&c, &repo, &["--timeout", "5"]);
+    set_writable(&repo, true);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("archiving") && text.contains("did not reach the repository"),
+        "{text}"
+    );
+}
+
+/// Makes every directory under `dir` writable or not for everyone (PostgreSQL's user among
+/// them; this test's user reads it either way).
+fn set_writable(dir: &std::path::Path, writable: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if writable { 0o777 } else { 0o555 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            set_writable(&entry.path(), writable);
+        }
+    }
 }
 
 #[test]

@@ -330,6 +330,14 @@ async fn switch_and_wait(
                     .to_string(),
             )
         })?;
+    // A record first (a transaction's commit), so that the switch closes a segment even on an
+    // idle server whose last switch left it at a segment's start: there a switch is a no-op,
+    // and the segment named would not be closed before the server wrote more (a second `check`
+    // in a row would time out).
+    client
+        .batch_execute("SELECT txid_current()")
+        .await
+        .map_err(|e| (format!("txid_current(): {e}"), String::new()))?;
     let row = client
         .query_one(
             "SELECT pg_walfile_name(pg_current_wal_insert_lsn()), pg_switch_wal()::text",
