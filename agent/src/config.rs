@@ -174,25 +174,6 @@ pub struct CopyConfig {
 /// The name `--from` gives the main repository.
 pub const MAIN_LOCATION: &str = "main";
 
-/// The keys of a `[[copy]]` table and their types.
-const COPY_KEYS: &[(&str, Kind)] = &[
-    ("name", Kind::Str),
-    ("repo", Kind::Str),
-    ("s3_endpoint", Kind::Str),
-    ("s3_region", Kind::Str),
-    ("s3_force_path_style", Kind::Bool),
-    ("s3_timeout", Kind::Str),
-    ("s3_retries", Kind::Int),
-    ("s3_sse", Kind::Str),
-    ("s3_sse_kms_key_id", Kind::Str),
-    ("s3_storage_class", Kind::Str),
-    ("keep_last", Kind::Int),
-    ("keep_within", Kind::Str),
-    ("keep_daily", Kind::Int),
-    ("keep_weekly", Kind::Int),
-    ("keep_monthly", Kind::Int),
-];
-
 fn default_region() -> String {
     "us-east-1".into()
 }
@@ -235,7 +216,12 @@ enum Kind {
     Int,
 }
 
-const KEYS: &[(&str, Kind)] = &[
+/// Keys and their types.
+type Keys = &'static [(&'static str, Kind)];
+
+/// Where a location's objects go and how they are written: the main repository's keys and
+/// every `[[copy]]`'s.
+const STORAGE_KEYS: Keys = &[
     ("repo", Kind::Str),
     ("s3_endpoint", Kind::Str),
     ("s3_region", Kind::Str),
@@ -245,6 +231,34 @@ const KEYS: &[(&str, Kind)] = &[
     ("s3_sse", Kind::Str),
     ("s3_sse_kms_key_id", Kind::Str),
     ("s3_storage_class", Kind::Str),
+];
+
+/// Which backups a location keeps: the main repository's keys and every `[[copy]]`'s.
+const RETENTION_KEYS: Keys = &[
+    ("keep_last", Kind::Int),
+    ("keep_within", Kind::Str),
+    ("keep_daily", Kind::Int),
+    ("keep_weekly", Kind::Int),
+    ("keep_monthly", Kind::Int),
+];
+
+/// The keys of the configuration's top level.
+const KEYS: &[Keys] = &[STORAGE_KEYS, RETENTION_KEYS, MAIN_KEYS];
+
+/// The keys of a `[[copy]]` table.
+const COPY_KEYS: &[Keys] = &[&[("name", Kind::Str)], STORAGE_KEYS, RETENTION_KEYS];
+
+/// The key `key` among `groups`, with its type.
+fn find_key(groups: &[Keys], key: &str) -> Option<(&'static str, Kind)> {
+    groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .find(|(k, _)| *k == key)
+        .copied()
+}
+
+/// The top level's keys that copies do not have.
+const MAIN_KEYS: Keys = &[
     ("s3_object_lock", Kind::Str),
     ("conninfo", Kind::Str),
     ("spool_dir", Kind::Str),
@@ -252,11 +266,6 @@ const KEYS: &[(&str, Kind)] = &[
     ("archive_parallel", Kind::Int),
     ("restore_prefetch", Kind::Int),
     ("restore_parallel", Kind::Int),
-    ("keep_last", Kind::Int),
-    ("keep_within", Kind::Str),
-    ("keep_daily", Kind::Int),
-    ("keep_weekly", Kind::Int),
-    ("keep_monthly", Kind::Int),
     ("keep_wal_within", Kind::Str),
     ("max_backup_age", Kind::Str),
     ("max_wal_age", Kind::Str),
@@ -350,7 +359,7 @@ impl Config {
                 continue;
             }
             let key = var.trim_start_matches("PGPITR_").to_ascii_lowercase();
-            let Some((name, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
+            let Some((name, kind)) = find_key(KEYS, &key) else {
                 return Err(ConfigError::Env {
                     var: var.clone(),
                     message: "unknown setting (see docs/configuration.md)".into(),
@@ -890,14 +899,14 @@ fn check_types(path: &Path, table: &toml::Table) -> Result<(), ConfigError> {
 fn check_table(
     path: &Path,
     table: &toml::Table,
-    keys: &[(&'static str, Kind)],
+    keys: &[Keys],
     context: &str,
 ) -> Result<(), ConfigError> {
     for (key, value) in table {
         if context.is_empty() && key == "copy" {
             continue;
         }
-        let Some((name, kind)) = keys.iter().find(|(k, _)| k == key) else {
+        let Some((name, kind)) = find_key(keys, key) else {
             let shown = key.len() <= 40
                 && key
                     .chars()
@@ -1494,7 +1503,7 @@ mod proptests {
 
         #[test]
         fn arbitrary_variables_never_panic_and_are_not_quoted(
-            key in prop::sample::select(KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>()),
+            key in prop::sample::select(KEYS.iter().flat_map(|g| g.iter()).map(|(k, _)| *k).collect::<Vec<_>>()),
             value in "Zq7\\PC{0,20}",
         ) {
             let env = vec![

@@ -93,24 +93,7 @@ pub fn backup_facts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::WalSegmentName;
-
-    const SEG: WalSegSize = WalSegSize::DEFAULT;
-
-    fn file(name: &str) -> ArchivedWal {
-        ArchivedWal {
-            name: name.parse().unwrap(),
-            content_id: "a".repeat(64),
-            key: format!("wal/{name}"),
-            size: 100,
-        }
-    }
-
-    fn segs(tli: u32, from: u64, to: u64) -> Vec<ArchivedWal> {
-        (from..=to)
-            .map(|n| file(&WalSegmentName::from_segno(TimelineId(tli), n, SEG).to_string()))
-            .collect()
-    }
+    use crate::retention::fixtures::{segs, SEG};
 
     /// A backup of timeline `tli` from `start` to `stop`, stopped at `2026-11-<day>`.
     fn backup(id: &str, tli: u32, start: &str, stop: &str, day: u32) -> BackupSummary {

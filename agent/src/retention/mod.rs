@@ -7,6 +7,8 @@
 //! order) lives in `commands::expire`.
 
 pub mod facts;
+#[cfg(test)]
+mod fixtures;
 pub mod policy;
 pub mod promise;
 pub mod wal;

@@ -147,25 +147,7 @@ pub fn expirable_wal(
 mod tests {
     use super::*;
     use crate::repo::manifest::BackupId;
-
-    const SEG: WalSegSize = WalSegSize::DEFAULT;
-
-    fn file(name: &str) -> ArchivedWal {
-        ArchivedWal {
-            name: name.parse().unwrap(),
-            content_id: "a".repeat(64),
-            key: format!("wal/{name}"),
-            size: 100,
-        }
-    }
-
-    fn seg(tli: u32, n: u64) -> String {
-        WalSegmentName::from_segno(TimelineId(tli), n, SEG).to_string()
-    }
-
-    fn segs(tli: u32, from: u64, to: u64) -> Vec<ArchivedWal> {
-        (from..=to).map(|n| file(&seg(tli, n))).collect()
-    }
+    use crate::retention::fixtures::{file, seg, segs, SEG};
 
     fn backup(id: &str, tli: (u32, u32), start: &str, stop: &str) -> BackupSummary {
         let t: jiff::Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();

@@ -126,24 +126,7 @@ pub fn wal_window(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::WalSegmentName;
-
-    const SEG: WalSegSize = WalSegSize::DEFAULT;
-
-    fn file(name: &str) -> ArchivedWal {
-        ArchivedWal {
-            name: name.parse().unwrap(),
-            content_id: "a".repeat(64),
-            key: format!("wal/{name}"),
-            size: 100,
-        }
-    }
-
-    fn segs(tli: u32, from: u64, to: u64) -> Vec<ArchivedWal> {
-        (from..=to)
-            .map(|n| file(&WalSegmentName::from_segno(TimelineId(tli), n, SEG).to_string()))
-            .collect()
-    }
+    use crate::retention::fixtures::{file, segs, SEG};
 
     /// A backup of timeline `tli` in segment `seg`, stopped on 2026-11-`day`.
     fn backup(id: &str, tli: u32, seg: u64, day: u32) -> BackupSummary {
@@ -241,11 +224,10 @@ mod tests {
         assert_eq!(ids(&w.continuous), vec!["d01", "future"]);
     }
 
-    #[test]
-    fn each_history_has_its_own_base() {
-        // Timeline 2 left timeline 1 at segment 6, after d01 and d05 and before d10 and d20
-        // (timeline 1, abandoned). On timeline 2's history the base is d05, on timeline 1's
-        // d10; d01 keeps only its own WAL. d22, on timeline 2, is newer than both.
+    /// Timeline 2 left timeline 1 at segment 6, after d01 and d05 and before d10 and d20
+    /// (timeline 1, abandoned); d22, on timeline 2, is newer than both. Kept backups, archived
+    /// WAL (segments and `00000002.history`) and histories.
+    fn forked_history() -> (Vec<BackupSummary>, Vec<ArchivedWal>, Vec<TimelineHistory>) {
         let kept = vec![
             backup("d01", 1, 2, 1),
             backup("d05", 1, 4, 5),
@@ -253,8 +235,16 @@ mod tests {
             backup("d20", 1, 10, 20),
             backup("d22", 2, 9, 22),
         ];
-        let wal = [segs(1, 2, 11), segs(2, 6, 10)].concat();
-        let histories = vec![history(2, "1\t0/6000028\tx\n")];
+        let mut wal = [segs(1, 2, 11), segs(2, 6, 10)].concat();
+        wal.push(file("00000002.history"));
+        (kept, wal, vec![history(2, "1\t0/6000028\tx\n")])
+    }
+
+    #[test]
+    fn each_history_has_its_own_base() {
+        // On timeline 2's history the base is d05, on timeline 1's d10; d01 keeps only its own
+        // WAL.
+        let (kept, wal, histories) = forked_history();
         let w = wal_window(&kept, &wal, &histories, SEG, "14d".parse().unwrap(), now());
         let bases: Vec<(u32, &str)> = w
             .bases
@@ -268,20 +258,11 @@ mod tests {
 
     #[test]
     fn after_a_fork_the_window_of_each_history_stays_reachable() {
-        // The history of `each_history_has_its_own_base`, through `expirable_wal`: only
-        // segment 3 of timeline 1 goes (below d05's start, the older base, and not d01's own);
-        // d01 still restores to its end, and a target on timeline 2 inside the window plans.
+        // `forked_history` through `expirable_wal`: only segment 3 of timeline 1 goes (below
+        // d05's start, the older base, and not d01's own); d01 still restores to its end, and a
+        // target on timeline 2 inside the window plans.
         use crate::recovery::{plan, PlanInput, RecoveryTarget, RecoveryTargetSpec};
-        let kept = vec![
-            backup("d01", 1, 2, 1),
-            backup("d05", 1, 4, 5),
-            backup("d10", 1, 8, 10),
-            backup("d20", 1, 10, 20),
-            backup("d22", 2, 9, 22),
-        ];
-        let mut wal = [segs(1, 2, 11), segs(2, 6, 10)].concat();
-        wal.push(file("00000002.history"));
-        let histories = vec![history(2, "1\t0/6000028\tx\n")];
+        let (kept, wal, histories) = forked_history();
         let w = wal_window(&kept, &wal, &histories, SEG, "14d".parse().unwrap(), now());
         let (continuous, own): (Vec<BackupSummary>, Vec<BackupSummary>) = kept
             .iter()
