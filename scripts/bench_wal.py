@@ -218,61 +218,75 @@ def main():
         run([f"{PG}/psql", "-X"] + conn + ["-c", sql, "postgres"])
     run(["sync"])
     raw = sum(os.path.getsize(f"{wal}/{n}") for n in names)
+    # label -> (times, peak RSS) of every call, over all rounds, in the order first recorded.
     results = {}
 
     def record(label, times, rss):
-        med, mean = summary(times)
-        results[label] = (med, mean, max(rss), len(times))
+        t, r = results.setdefault(label, ([], []))
+        t.extend(times)
+        r.extend(rss)
+
+    def record_one(label, result):
+        record(label, [result[0]], [result[1]])
 
     garage = start_garage(root)
     passphrase = f"{root}/passphrase"
     with open(passphrase, "w") as f:
         f.write("benchmark passphrase\n")
     os.chmod(passphrase, 0o600)
+    LIMIT = "the machine's limit: cp + fsync (dd conv=fsync), one segment per call"
     for rnd in range(ROUNDS):
-        # --- the machine's own limit: copy each segment into a file and fsync it, one process
-        # per segment (dd conv=fsync: cp + fsync in one process), as a WAL command at best does ---
+        # --- the synchronous commands, one segment at a time through each of them in turn, so
+        # that whatever else the machine does at a moment (its disk is shared) falls on all of
+        # them alike: the machine's own limit (dd conv=fsync: cp + fsync in one process, as a
+        # WAL command at best does), pgpitr into a plain and into an encrypted repository (no
+        # batching, no prefetch; the first encrypted call stretches the passphrase, later calls
+        # find it in the spool), and pgBackRest 2.45 with lz4 ---
         lim = f"{root}/limit-{rnd}"
         os.makedirs(lim)
+        envs = {}
+        for kind in ("plain", "encrypted"):
+            repo = f"{root}/pgpitr-repo-{kind}-{rnd}"
+            os.makedirs(repo)
+            env = dict(os.environ, PGPITR_REPO=repo, PGPITR_ARCHIVE_BATCH="0", PGPITR_RESTORE_PREFETCH="0")
+            env.pop("PGPITR_CONFIG", None)
+            if kind == "encrypted":
+                env["PGPITR_ENCRYPTION_PASSPHRASE_FILE"] = passphrase
+                run([f"{TARGET}/pgpitr", "key", "create"], env=env)
+            envs[kind] = (repo, env, fake_pgdata(root, wal, names, ready=False))
+        br = f"{root}/pgbr-{rnd}"
+        os.makedirs(f"{br}/repo")
+        conf = f"{br}/pgbackrest.conf"
+        with open(conf, "w") as f:
+            f.write(f"[global]\nrepo1-path={br}/repo\ncompress-type=lz4\nlog-level-console=warn\nlog-level-file=off\n"
+                    f"lock-path={br}/lock\nspool-path={br}/spool\narchive-async=n\n\n"
+                    f"[bench]\npg1-path={data}\npg1-port={port}\npg1-socket-path={sock}\npg1-user=postgres\n")
+        run(["chown", "-R", "postgres", br]) if os.geteuid() == 0 else None
+        base = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
+        run(as_pg(base + ["stanza-create"]))
         settle()
-        t, r = zip(*[timed(["dd", f"if={wal}/{n}", f"of={lim}/{n}", "bs=1M", "conv=fsync", "status=none"])
-                     for n in names])
-        record("the machine's limit: cp + fsync (dd conv=fsync), one segment per call", t, r)
+        for n in names:
+            record_one(LIMIT, timed(["dd", f"if={wal}/{n}", f"of={lim}/{n}", "bs=1M", "conv=fsync", "status=none"]))
+            for kind, label in (("plain", "pgpitr-archive, one segment per call"),
+                                ("encrypted", "pgpitr-archive, encrypted repository, one segment per call")):
+                _, env, d = envs[kind]
+                record_one(label, timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d))
+            record_one("pgBackRest archive-push (lz4)", timed(as_pg(base + ["archive-push", f"{wal}/{n}"])))
         shutil.rmtree(lim)
-
-        # --- pgpitr, synchronous (no batching, no prefetch) ---
-        repo = f"{root}/pgpitr-repo-{rnd}"
-        os.makedirs(repo)
-        env = dict(os.environ, PGPITR_REPO=repo, PGPITR_ARCHIVE_BATCH="0", PGPITR_RESTORE_PREFETCH="0")
-        env.pop("PGPITR_CONFIG", None)
-        d = fake_pgdata(root, wal, names, ready=False)
-        settle()
-        t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
-        record("pgpitr-archive, one segment per call", t, r)
+        repo = envs["plain"][0]
         stored = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(repo) for f in fs)
-        out = restore_pgdata(root, data)
+        outs = {kind: restore_pgdata(root, data) for kind in ("plain", "encrypted", "pgbackrest")}
+        run(["chown", "-R", "postgres", outs["pgbackrest"]]) if os.geteuid() == 0 else None
         settle()
-        t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
-                     for n in names])
-        record("pgpitr-restore, one segment per call", t, r)
-
-        # --- pgpitr into an encrypted repository, synchronous (the first call of each command
-        # stretches the passphrase; later calls find it in the spool) ---
-        repo = f"{root}/pgpitr-repo-e{rnd}"
-        os.makedirs(repo)
-        env = dict(os.environ, PGPITR_REPO=repo, PGPITR_ARCHIVE_BATCH="0", PGPITR_RESTORE_PREFETCH="0",
-                   PGPITR_ENCRYPTION_PASSPHRASE_FILE=passphrase)
-        env.pop("PGPITR_CONFIG", None)
-        run([f"{TARGET}/pgpitr", "key", "create"], env=env)
-        d = fake_pgdata(root, wal, names, ready=False)
-        settle()
-        t, r = zip(*[timed([f"{TARGET}/pgpitr-archive", f"pg_wal/{n}", n], env, d) for n in names])
-        record("pgpitr-archive, encrypted repository, one segment per call", t, r)
-        out = restore_pgdata(root, data)
-        settle()
-        t, r = zip(*[restore_checked(out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], env, wal, n)
-                     for n in names])
-        record("pgpitr-restore, encrypted repository, one segment per call", t, r)
+        for n in names:
+            for kind, label in (("plain", "pgpitr-restore, one segment per call"),
+                                ("encrypted", "pgpitr-restore, encrypted repository, one segment per call")):
+                out = outs[kind]
+                record_one(label, restore_checked(
+                    out, [f"{TARGET}/pgpitr-restore", n, "pg_wal/RECOVERYXLOG"], envs[kind][1], wal, n))
+            out = outs["pgbackrest"]
+            record_one("pgBackRest archive-get", restore_checked(
+                out, as_pg(base + ["archive-get", n, f"{out}/pg_wal/RECOVERYXLOG"]), None, wal, n))
 
         # --- pgpitr with batching / prefetch, called as PostgreSQL calls it ---
         repo = f"{root}/pgpitr-repo-b{rnd}"
@@ -313,26 +327,6 @@ def main():
                          for n in names])
             record("pgpitr-restore from S3 (Garage), one segment per call", t, r)
 
-        # --- pgBackRest 2.45, lz4, synchronous ---
-        br = f"{root}/pgbr-{rnd}"
-        os.makedirs(f"{br}/repo")
-        conf = f"{br}/pgbackrest.conf"
-        with open(conf, "w") as f:
-            f.write(f"[global]\nrepo1-path={br}/repo\ncompress-type=lz4\nlog-level-console=warn\nlog-level-file=off\n"
-                    f"lock-path={br}/lock\nspool-path={br}/spool\narchive-async=n\n\n"
-                    f"[bench]\npg1-path={data}\npg1-port={port}\npg1-socket-path={sock}\npg1-user=postgres\n")
-        run(["chown", "-R", "postgres", br]) if os.geteuid() == 0 else None
-        base = ["pgbackrest", f"--config={conf}", "--stanza=bench"]
-        run(as_pg(base + ["stanza-create"]))
-        settle()
-        t, r = zip(*[timed(as_pg(base + ["archive-push", f"{wal}/{n}"])) for n in names])
-        record("pgBackRest archive-push (lz4)", t, r)
-        out = restore_pgdata(root, data)
-        run(["chown", "-R", "postgres", out]) if os.geteuid() == 0 else None
-        settle()
-        t, r = zip(*[restore_checked(out, as_pg(base + ["archive-get", n, f"{out}/pg_wal/RECOVERYXLOG"]), None, wal, n)
-                     for n in names])
-        record("pgBackRest archive-get", t, r)
 
     run(as_pg([f"{PG}/pg_ctl", "-D", data, "-m", "immediate", "stop"]))
     if garage:
@@ -342,12 +336,17 @@ def main():
     print(f"{len(names)} real 16 MiB segments from pgbench (scale 20, 4 clients, after a CHECKPOINT), "
           f"{raw / 2**20:.0f} MiB plain, {stored / 2**20:.0f} MiB stored by pgpitr "
           f"({stored / raw:.2f}); local repository on the same disk; {ROUNDS} rounds, each segment once per round; "
-          f"every figure is per call, process start included.\n")
+          f"the synchronous commands take each segment in turn (dd, pgpitr plain, pgpitr encrypted, pgBackRest), "
+          f"so that the machine's moments fall on all of them alike; medians and means are over every call of "
+          f"every round; every figure is per call, process start included.\n")
     print("| command | median ms/segment | mean ms/segment | segments/s (1/mean) | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|")
-    for label, (med, mean, rss, n) in results.items():
-        print(f"| {label} | {med:.1f} | {mean:.1f} | {1000 / mean:.0f} | {rss / 1024:.1f} |")
-    limit = results["the machine's limit: cp + fsync (dd conv=fsync), one segment per call"][0]
+    medians = {}
+    for label, (times, rss) in results.items():
+        med, mean = summary(times)
+        medians[label] = med
+        print(f"| {label} | {med:.1f} | {mean:.1f} | {1000 / mean:.0f} | {max(rss) / 1024:.1f} |")
+    limit = medians[LIMIT]
     print("\n| median ratio | to pgBackRest (target ≤ 0.5) | to cp + fsync |")
     print("|---|---:|---:|")
     for ours, theirs in (("pgpitr-archive, one segment per call", "pgBackRest archive-push (lz4)"),
@@ -356,7 +355,7 @@ def main():
                           "pgBackRest archive-push (lz4)"),
                          ("pgpitr-restore, encrypted repository, one segment per call",
                           "pgBackRest archive-get")):
-        print(f"| {ours} | {results[ours][0] / results[theirs][0]:.2f} | {results[ours][0] / limit:.2f} |")
+        print(f"| {ours} | {medians[ours] / medians[theirs]:.2f} | {medians[ours] / limit:.2f} |")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -41,6 +41,9 @@ pub const HEADER_LEN: usize = MAGIC.len() + 1 + NONCE_LEN;
 pub const SEGMENT: usize = 64 * 1024;
 /// The authentication tag after each segment (Poly1305's or GCM's).
 pub const TAG: usize = 16;
+/// Sealed bytes a [`Sealer`] gathers before it writes them: few writes, and a buffer that stays
+/// in the cache instead of growing to a whole compressed part in fresh memory.
+const WRITE_MAX: usize = 4 * (SEGMENT + TAG);
 /// Objects from this size on are sealed and opened on two threads.
 const PARALLEL_MIN: usize = 1024 * 1024;
 
@@ -414,9 +417,13 @@ impl<W: std::io::Write> Sealer<W> {
                 &buf[..SEGMENT],
             )?;
             buf = &buf[SEGMENT..];
+            if self.sealed.len() >= WRITE_MAX {
+                self.out.write_all(&self.sealed)?;
+                self.sealed.clear();
+            }
         }
         self.pending.extend_from_slice(buf);
-        if self.next != first {
+        if self.next != first && !self.sealed.is_empty() {
             self.out.write_all(&self.sealed)?;
             self.sealed.clear();
         }
