@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 use pgpitr_tests::pg::Cluster;
-use pgpitr_tests::{bin, give_to_pg_user, temp_dir};
+use pgpitr_tests::{bin, give_to_pg_user, set_mode, temp_dir};
 
 fn check(c: &Cluster, repo: &std::path::Path, extra: &[&str]) -> Output {
     Command::new(bin("pgpitr"))
@@ -102,9 +102,7 @@ fn a_correct_setup_passes_every_check() {
 /// Makes every directory under `dir` writable or not for everyone (PostgreSQL's user among
 /// them; this test's user reads it either way).
 fn set_writable(dir: &std::path::Path, writable: bool) {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = if writable { 0o777 } else { 0o555 };
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    set_mode(dir, if writable { 0o777 } else { 0o555 });
     for entry in std::fs::read_dir(dir).unwrap() {
         let entry = entry.unwrap();
         if entry.file_type().unwrap().is_dir() {

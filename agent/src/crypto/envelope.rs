@@ -61,6 +61,8 @@ pub enum Cipher {
 impl Cipher {
     /// The cipher of new repositories.
     pub const NEW: Cipher = Cipher::Aes256Gcm;
+    /// Every cipher this build reads.
+    pub const ALL: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm];
 
     fn format(self) -> u8 {
         match self {
@@ -70,9 +72,7 @@ impl Cipher {
     }
 
     fn from_format(byte: u8) -> Option<Cipher> {
-        [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm]
-            .into_iter()
-            .find(|c| c.format() == byte)
+        Cipher::ALL.into_iter().find(|c| c.format() == byte)
     }
 
     /// The name `repo.json` records.
@@ -85,9 +85,7 @@ impl Cipher {
 
     /// The cipher `repo.json` names; `None` for one this build does not know.
     pub fn from_name(name: &str) -> Option<Cipher> {
-        [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm]
-            .into_iter()
-            .find(|c| c.name() == name)
+        Cipher::ALL.into_iter().find(|c| c.name() == name)
     }
 }
 
@@ -379,9 +377,16 @@ impl<W: std::io::Write> Sealer<W> {
             return Err(std::io::Error::other("a segment too long to seal"));
         }
         self.next += count as u32;
-        self.out.write_all(&self.sealed)?;
-        self.sealed.clear();
+        Self::write_sealed(&mut self.out, &mut self.sealed)?;
         self.pending.drain(..take);
+        Ok(())
+    }
+
+    /// Writes the sealed bytes gathered so far to `out` (fields, not `self`, so that a caller
+    /// may hold the binding's associated data meanwhile).
+    fn write_sealed(out: &mut W, sealed: &mut Vec<u8>) -> std::io::Result<()> {
+        out.write_all(sealed)?;
+        sealed.clear();
         Ok(())
     }
 
@@ -418,14 +423,12 @@ impl<W: std::io::Write> Sealer<W> {
             )?;
             buf = &buf[SEGMENT..];
             if self.sealed.len() >= WRITE_MAX {
-                self.out.write_all(&self.sealed)?;
-                self.sealed.clear();
+                Self::write_sealed(&mut self.out, &mut self.sealed)?;
             }
         }
         self.pending.extend_from_slice(buf);
         if self.next != first && !self.sealed.is_empty() {
-            self.out.write_all(&self.sealed)?;
-            self.sealed.clear();
+            Self::write_sealed(&mut self.out, &mut self.sealed)?;
         }
         Ok(())
     }
@@ -676,8 +679,6 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
-    const CIPHERS: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm];
-
     fn fixed(cipher: Cipher) -> Header {
         Header {
             cipher,
@@ -702,7 +703,7 @@ mod tests {
         for (&n, cipher) in SIZES
             .iter()
             .chain(&[2 * SEGMENT, 2 * SEGMENT + 17])
-            .flat_map(|n| CIPHERS.map(|c| (n, c)))
+            .flat_map(|n| Cipher::ALL.map(|c| (n, c)))
         {
             let plain = data(n);
             let want = seal_with(&key(1), b"wal/x-1", &[&plain], &fixed(cipher));
@@ -755,7 +756,7 @@ mod tests {
 
     #[test]
     fn seals_and_opens_in_any_split() {
-        for (&n, cipher) in SIZES.iter().flat_map(|n| CIPHERS.map(|c| (n, c))) {
+        for (&n, cipher) in SIZES.iter().flat_map(|n| Cipher::ALL.map(|c| (n, c))) {
             let plain = data(n);
             let (a, b) = plain.split_at(n / 3);
             let sealed = seal(&key(1), cipher, b"k", &[a, b]);
@@ -773,7 +774,7 @@ mod tests {
     fn any_range_opens_alone() {
         let n = 3 * SEGMENT + 100;
         let plain = data(n);
-        for cipher in CIPHERS {
+        for cipher in Cipher::ALL {
             let sealed = seal(&key(2), cipher, b"obj", &[&plain]);
             let head = header(&sealed).unwrap();
             for r in [
@@ -802,7 +803,7 @@ mod tests {
 
     #[test]
     fn tampering_moving_cutting_and_other_keys_fail() {
-        for cipher in CIPHERS {
+        for cipher in Cipher::ALL {
             tampering_fails(cipher);
         }
     }
@@ -866,7 +867,7 @@ mod tests {
     #[test]
     fn each_object_has_its_own_nonces() {
         let plain = data(1000);
-        for cipher in CIPHERS {
+        for cipher in Cipher::ALL {
             let a = seal(&key(5), cipher, b"k", &[&plain]);
             let b = seal(&key(5), cipher, b"k", &[&plain]);
             assert_ne!(a, b);

@@ -347,11 +347,16 @@ mod tests {
     #[tokio::test]
     async fn each_repository_keeps_the_cipher_it_was_created_with() {
         use crate::crypto::envelope;
-        let sealed_format = |raw: DynStorage, key: &'static str| async move {
-            envelope::header(&raw.get(key).await.unwrap())
+        // The format of an object stored through `enc`, read back raw from `raw`.
+        async fn format_of_a_new_object(enc: &DynStorage, raw: &DynStorage) -> Cipher {
+            enc.put("locks/x", Bytes::from_static(b"x"), PutMode::Create)
+                .await
+                .unwrap();
+            assert_eq!(enc.get("locks/x").await.unwrap(), &b"x"[..]);
+            envelope::header(&raw.get("locks/x").await.unwrap())
                 .unwrap()
                 .cipher
-        };
+        }
         let dir = tempfile::tempdir().unwrap();
         let raw = raw(dir.path());
         create(raw.as_ref(), &pass("a")).await.unwrap();
@@ -361,13 +366,7 @@ mod tests {
             .unwrap();
         let record = RepoIdentity::load(raw.as_ref()).await.unwrap().encryption;
         assert_eq!(record.unwrap().cipher, "aes256gcm-hkdf-stream-64k");
-        enc.put("locks/x", Bytes::from_static(b"x"), PutMode::Create)
-            .await
-            .unwrap();
-        assert_eq!(
-            sealed_format(raw.clone(), "locks/x").await,
-            Cipher::Aes256Gcm
-        );
+        assert_eq!(format_of_a_new_object(&enc, &raw).await, Cipher::Aes256Gcm);
 
         // The repo.json of a repository of an earlier release.
         let old = tempfile::tempdir().unwrap();
@@ -396,14 +395,10 @@ mod tests {
         RepoIdentity::ensure(enc.as_ref(), &identity())
             .await
             .unwrap();
-        enc.put("locks/x", Bytes::from_static(b"x"), PutMode::Create)
-            .await
-            .unwrap();
         assert_eq!(
-            sealed_format(old_raw.clone(), "locks/x").await,
+            format_of_a_new_object(&enc, &old_raw).await,
             Cipher::XChaCha20Poly1305
         );
-        assert_eq!(enc.get("locks/x").await.unwrap(), &b"x"[..]);
 
         old_raw
             .put(REPO_JSON, write_record("rot13-stream"), PutMode::Overwrite)
