@@ -371,12 +371,27 @@ fn encrypted_local_repository_end_to_end_with_misuse_and_rotation() {
     // The restore with the new passphrase.
     restore_and_check(&new_env, &w);
 
-    // A tampered WAL object: pgpitr-restore exits 202, verify names it.
-    let key = files_under(&repo.join("wal"))
-        .into_iter()
+    // Another segment's object put in place of one (WAL objects carry their key in their last
+    // segment only): pgpitr-restore exits 202.
+    let wal = files_under(&repo.join("wal"));
+    let key = wal
+        .iter()
         .find(|p| p.to_string_lossy().contains(&w.canary_segment))
+        .unwrap()
+        .clone();
+    let original = std::fs::read(&key).unwrap();
+    let other = wal
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with(".lz4") && **p != key)
         .unwrap();
-    let mut bytes = std::fs::read(&key).unwrap();
+    std::fs::copy(other, &key).unwrap();
+    let (code, out, _) = run_restore_command(&new_env, &c, &w.canary_segment);
+    assert_eq!(code, Some(202), "{out}");
+    assert!(out.contains("failed authentication"), "{out}");
+    std::fs::write(&key, &original).unwrap();
+
+    // A tampered WAL object: pgpitr-restore exits 202, verify names it.
+    let mut bytes = original;
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&key, &bytes).unwrap();

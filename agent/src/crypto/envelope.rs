@@ -4,23 +4,31 @@
 //! that any byte range can be read and authenticated on its own.
 //!
 //! ```text
-//! offset 0   magic "PGPITRE" and format byte (1 or 2)             8 bytes
+//! offset 0   magic "PGPITRE" and format byte (1 to 4)             8 bytes
 //! offset 8   nonce, random per object                             19 bytes
 //! offset 27  segment 0: ciphertext (64 KiB) + 16-byte tag          65,552 bytes
 //!            …
 //!            last segment: ciphertext (0..=64 KiB) + tag, sealed with STREAM's last-segment flag
 //! ```
 //!
-//! The format byte names the cipher ([`Cipher`]):
+//! The format byte names the cipher ([`Cipher`]) and which segments carry the object's key
+//! ([`KeyBinding`]):
 //! - format 1, XChaCha20-Poly1305 under the data key; the nonce is STREAM's 19-byte prefix;
 //! - format 2, AES-256-GCM under a key derived for the object from the data key and its nonce
-//!   ([`DataKey::object_key`]), which also gives STREAM's 7-byte prefix.
+//!   ([`DataKey::object_key`]), which also gives STREAM's 7-byte prefix;
+//! - formats 3 and 4, formats 2 and 1 with the object's key in the last segment only
+//!   ([`KeyBinding::LastSegment`]), for objects sealed as their bytes arrive, before their key
+//!   is known (a WAL object's key holds the keyed hash of its content). They are read whole.
 //!
 //! Segment `i`'s AEAD nonce is the prefix, `i` as 32-bit big-endian and the last-segment flag
-//! (1 on the last segment, else 0); its associated data is the object's key, so an object moved
-//! to another key, reordered, cut short or extended fails authentication. An empty object is
-//! one empty last segment. Format 2 is format 1's layout with a cipher that runs about six
-//! times as fast on CPUs with AES instructions (docs/benchmarks.md); both are read.
+//! (1 on the last segment, else 0). Its associated data is the object's key (formats 1 and 2;
+//! the last segment of formats 3 and 4) or empty (the other segments of formats 3 and 4). An
+//! object moved to another key, reordered, mixed with another, cut short or extended fails
+//! authentication: each segment belongs to one object by its nonce (a key of its own in formats
+//! 2 and 3, a prefix of its own in formats 1 and 4) and to its place by its counter, and the
+//! last segment binds the object to its key. An empty object is one empty
+//! last segment. Format 2 is format 1's layout with a cipher that runs about six times as fast
+//! on CPUs with AES instructions (docs/benchmarks.md); every format is read.
 
 use std::ops::Range;
 
@@ -64,17 +72,6 @@ impl Cipher {
     /// Every cipher this build reads.
     pub const ALL: [Cipher; 2] = [Cipher::XChaCha20Poly1305, Cipher::Aes256Gcm];
 
-    fn format(self) -> u8 {
-        match self {
-            Cipher::XChaCha20Poly1305 => 1,
-            Cipher::Aes256Gcm => 2,
-        }
-    }
-
-    fn from_format(byte: u8) -> Option<Cipher> {
-        Cipher::ALL.into_iter().find(|c| c.format() == byte)
-    }
-
     /// The name `repo.json` records.
     pub fn name(self) -> &'static str {
         match self {
@@ -89,24 +86,65 @@ impl Cipher {
     }
 }
 
+/// Which of an object's segments carry its key as associated data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyBinding {
+    /// Every segment (formats 1 and 2): any byte range opens alone, bound to the key.
+    EverySegment,
+    /// The last segment only (formats 3 and 4): the object can be sealed and written as its
+    /// bytes arrive, before its key is known, and is read whole.
+    LastSegment,
+}
+
+impl KeyBinding {
+    /// The associated data of a segment of the object stored under `key`.
+    fn aad(self, key: &[u8], last: bool) -> &[u8] {
+        match self {
+            KeyBinding::LastSegment if !last => &[],
+            _ => key,
+        }
+    }
+}
+
+/// Every format this build reads: its byte, cipher and key binding.
+const FORMATS: [(u8, Cipher, KeyBinding); 4] = [
+    (1, Cipher::XChaCha20Poly1305, KeyBinding::EverySegment),
+    (2, Cipher::Aes256Gcm, KeyBinding::EverySegment),
+    (3, Cipher::Aes256Gcm, KeyBinding::LastSegment),
+    (4, Cipher::XChaCha20Poly1305, KeyBinding::LastSegment),
+];
+
 /// What precedes a sealed object's first segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub cipher: Cipher,
+    pub binding: KeyBinding,
     pub nonce: [u8; NONCE_LEN],
 }
 
 impl Header {
     /// A header with a fresh random nonce.
-    pub fn random(cipher: Cipher) -> Header {
+    pub fn random(cipher: Cipher, binding: KeyBinding) -> Header {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).expect("the operating system's random source");
-        Header { cipher, nonce }
+        Header {
+            cipher,
+            binding,
+            nonce,
+        }
+    }
+
+    fn format(&self) -> u8 {
+        FORMATS
+            .iter()
+            .find(|f| f.1 == self.cipher && f.2 == self.binding)
+            .expect("every cipher has a format for either binding")
+            .0
     }
 
     fn write_to(&self, out: &mut [u8]) {
         out[..MAGIC.len()].copy_from_slice(MAGIC);
-        out[MAGIC.len()] = self.cipher.format();
+        out[MAGIC.len()] = self.format();
         out[MAGIC.len() + 1..HEADER_LEN].copy_from_slice(&self.nonce);
     }
 }
@@ -122,6 +160,8 @@ pub enum EnvelopeError {
     BadLength(u64),
     #[error("authentication failed at segment {0}: the object was altered, moved, or sealed with another key")]
     Authentication(u64),
+    #[error("a byte range was asked of an object sealed to be read whole (format {0}): it was moved here from another key")]
+    WholeOnly(u8),
 }
 
 /// Segments of an object of `plain_len` bytes: at least one.
@@ -219,9 +259,15 @@ impl Segments {
     }
 }
 
-/// Seals the concatenation of `parts` for the object `aad` (its key) under `key`.
+/// Seals the concatenation of `parts` for the object `aad` (its key) under `key`, every
+/// segment bound to the key (formats 1 and 2).
 pub fn seal(key: &DataKey, cipher: Cipher, aad: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    seal_with(key, aad, parts, &Header::random(cipher))
+    seal_with(
+        key,
+        aad,
+        parts,
+        &Header::random(cipher, KeyBinding::EverySegment),
+    )
 }
 
 fn seal_with(key: &DataKey, aad: &[u8], parts: &[&[u8]], header: &Header) -> Vec<u8> {
@@ -249,46 +295,30 @@ fn seal_with(key: &DataKey, aad: &[u8], parts: &[&[u8]], header: &Header) -> Vec
         plain,
         SEGMENT + TAG,
         |i, slot, len| {
-            segs.seal(i as u32, i + 1 == count, aad, &mut slot[..len + TAG])
+            let last = i + 1 == count;
+            let aad = header.binding.aad(aad, last);
+            segs.seal(i as u32, last, aad, &mut slot[..len + TAG])
                 .expect("a segment fits its slot");
         },
     );
     out
 }
 
-/// The associated data a [`Sealer`] seals its segments with, set once, possibly from another
-/// thread than the one writing: the object's key, often known only once its content is hashed.
-#[derive(Clone, Default)]
-pub struct Binding(std::sync::Arc<std::sync::OnceLock<Vec<u8>>>);
-
-impl Binding {
-    /// Binds the object to `aad`; a later call changes nothing (and [`Sealer::finish`] then
-    /// refuses any other key).
-    pub fn bind(&self, aad: &[u8]) {
-        let _ = self.0.set(aad.to_vec());
-    }
-
-    fn get(&self) -> Option<&[u8]> {
-        self.0.get().map(Vec::as_slice)
-    }
-}
-
-/// Seals an object while its plain bytes arrive, into the very bytes [`seal`] makes of them
-/// (the header, then each segment once a later byte shows it is not the last one). Segments
-/// are sealed from the moment the object's key is bound ([`Sealer::binding`]); plain bytes
-/// written before wait in memory. Sealing as the bytes arrive, rather than after the last one,
-/// lets a caller that learns the key early (a WAL object's key carries the keyed hash of the
-/// segment, known before its compression ends) overlap sealing and writing with compressing.
+/// Seals an object while its plain bytes arrive, in its cipher's late-bound format
+/// ([`KeyBinding::LastSegment`]): each segment is sealed and written once a later byte shows it
+/// is not the last one, so that sealing and writing overlap with whatever produces the bytes
+/// (compression), and the object's key is needed only by [`Sealer::finish`], for the last
+/// segment. A WAL object's key holds the keyed hash of its content, known only once all of it
+/// has been read. The output is the very bytes sealing them at once makes with the same header.
 pub struct Sealer<W: std::io::Write> {
     out: W,
     segs: Segments,
-    binding: Binding,
-    /// Plain bytes not sealed yet; always less than a segment after a drain, once bound.
+    /// Plain bytes not sealed yet: at most a segment, which may be the last.
     pending: Vec<u8>,
     /// The next segment's number.
     next: u32,
-    /// Sealed bytes not written yet (the header, then the segments one drain seals), written to
-    /// `out` at once: one write per write of the caller, not one per segment.
+    /// Sealed bytes not written yet (the header, then sealed segments), written to `out` every
+    /// few segments ([`WRITE_MAX`]) and at the end of each write of the caller.
     sealed: Vec<u8>,
 }
 
@@ -296,105 +326,54 @@ impl<W: std::io::Write> Sealer<W> {
     /// Starts an object in `out` under `key` in `cipher`, with a fresh nonce; the header is
     /// written with the first segments.
     pub fn new(key: &DataKey, cipher: Cipher, out: W) -> Sealer<W> {
-        Sealer::with_header(key, out, &Header::random(cipher))
+        Sealer::with_header(key, out, &Header::random(cipher, KeyBinding::LastSegment))
     }
 
     fn with_header(key: &DataKey, out: W, header: &Header) -> Sealer<W> {
+        assert_eq!(
+            header.binding,
+            KeyBinding::LastSegment,
+            "a late-bound format"
+        );
         let mut sealed = vec![0; HEADER_LEN];
         sealed.reserve(SEGMENT + TAG);
         header.write_to(&mut sealed);
         Sealer {
             out,
             segs: Segments::new(key, header),
-            binding: Binding::default(),
             pending: Vec::new(),
             next: 0,
             sealed,
         }
     }
 
-    /// Where to bind the object's key (its associated data).
-    pub fn binding(&self) -> Binding {
-        self.binding.clone()
-    }
-
-    /// Seals what is left as the last segment and returns the output.
+    /// Seals what is left as the last segment, bound to the object's key `aad`, and returns
+    /// the output.
     ///
     /// # Errors
-    /// `out`'s error; `InvalidInput` when the object was bound to another key than `aad`.
+    /// `out`'s error.
     pub fn finish(mut self, aad: &[u8]) -> std::io::Result<W> {
-        self.binding.bind(aad);
-        if self.binding.get() != Some(aad) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "an object sealed for one key was stored under another",
-            ));
-        }
-        self.drain(true)?;
+        let start = self.sealed.len();
+        self.sealed.extend_from_slice(&self.pending);
+        self.sealed.extend_from_slice(&[0; TAG]);
+        self.segs
+            .seal(self.next, true, aad, &mut self.sealed[start..])
+            .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
+        Self::write_sealed(&mut self.out, &mut self.sealed)?;
         Ok(self.out)
     }
 
-    /// Seals and writes every pending segment that is not the last (all of them when `last`),
-    /// on two threads when they add up to [`PARALLEL_MIN`] or more: the backlog of an object
-    /// whose key was bound only after its last byte arrived is sealed as fast as `seal` would.
-    fn drain(&mut self, last: bool) -> std::io::Result<()> {
-        let Some(aad) = self.binding.get() else {
-            return Ok(());
-        };
-        let take = if last {
-            self.pending.len()
-        } else {
-            self.pending.len().saturating_sub(1) / SEGMENT * SEGMENT
-        };
-        if take == 0 && !last {
-            return Ok(());
-        }
-        let count = segments(take as u64);
-        let start = self.sealed.len();
-        self.sealed.reserve(take + count as usize * TAG);
-        for k in 0..count as usize {
-            let plain = &self.pending[(k * SEGMENT).min(take)..((k + 1) * SEGMENT).min(take)];
-            self.sealed.extend_from_slice(plain);
-            self.sealed.extend_from_slice(&[0; TAG]);
-        }
-        let (segs, first) = (&self.segs, self.next);
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        for_segments(
-            &mut self.sealed[start..],
-            take as u64,
-            SEGMENT + TAG,
-            |i, slot, len| {
-                let is_last = last && i + 1 == count;
-                if segs
-                    .seal(first + i as u32, is_last, aad, &mut slot[..len + TAG])
-                    .is_err()
-                {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            },
-        );
-        if failed.into_inner() {
-            return Err(std::io::Error::other("a segment too long to seal"));
-        }
-        self.next += count as u32;
-        Self::write_sealed(&mut self.out, &mut self.sealed)?;
-        self.pending.drain(..take);
-        Ok(())
-    }
-
     /// Writes the sealed bytes gathered so far to `out` (fields, not `self`, so that a caller
-    /// may hold the binding's associated data meanwhile).
+    /// may hold other fields meanwhile).
     fn write_sealed(out: &mut W, sealed: &mut Vec<u8>) -> std::io::Result<()> {
         out.write_all(sealed)?;
         sealed.clear();
         Ok(())
     }
 
-    /// Seals `buf`, coming after everything sealed so far (bound, with less than a segment
-    /// pending), one segment at a time: each is copied into its place and sealed while it is in
+    /// Seals `buf`, coming after everything sealed so far, one segment at a time: each is copied into its place and sealed while it is in
     /// the cache. Whatever might be the last segment stays pending.
     fn stream_in(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
-        let aad = self.binding.get().expect("bound");
         let first = self.next;
         if !self.pending.is_empty() {
             let fill = (SEGMENT - self.pending.len()).min(buf.len());
@@ -404,20 +383,13 @@ impl<W: std::io::Write> Sealer<W> {
                 return Ok(());
             }
             // A whole segment with more after it.
-            Self::seal_one(
-                &self.segs,
-                &mut self.next,
-                aad,
-                &mut self.sealed,
-                &self.pending,
-            )?;
+            Self::seal_one(&self.segs, &mut self.next, &mut self.sealed, &self.pending)?;
             self.pending.clear();
         }
         while buf.len() > SEGMENT {
             Self::seal_one(
                 &self.segs,
                 &mut self.next,
-                aad,
                 &mut self.sealed,
                 &buf[..SEGMENT],
             )?;
@@ -433,18 +405,18 @@ impl<W: std::io::Write> Sealer<W> {
         Ok(())
     }
 
-    /// Appends segment `next` (not the last), `plain` sealed, to `sealed`.
+    /// Appends segment `next`, `plain` sealed, to `sealed`: not the last, so with no associated
+    /// data.
     fn seal_one(
         segs: &Segments,
         next: &mut u32,
-        aad: &[u8],
         sealed: &mut Vec<u8>,
         plain: &[u8],
     ) -> std::io::Result<()> {
         let start = sealed.len();
         sealed.extend_from_slice(plain);
         sealed.extend_from_slice(&[0; TAG]);
-        segs.seal(*next, false, aad, &mut sealed[start..])
+        segs.seal(*next, false, &[], &mut sealed[start..])
             .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
         *next += 1;
         Ok(())
@@ -456,20 +428,13 @@ impl<W: std::io::Write> std::fmt::Debug for Sealer<W> {
         f.debug_struct("Sealer")
             .field("next", &self.next)
             .field("pending", &self.pending.len())
-            .field("bound", &self.binding.get().is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl<W: std::io::Write> std::io::Write for Sealer<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.binding.get().is_none() || self.pending.len() > SEGMENT {
-            // Not bound yet, or a backlog from before: kept, then sealed all at once.
-            self.pending.extend_from_slice(buf);
-            self.drain(false)?;
-        } else {
-            self.stream_in(buf)?;
-        }
+        self.stream_in(buf)?;
         Ok(buf.len())
     }
 
@@ -497,7 +462,8 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Envelop
     for_segments(&mut out, plain, SEGMENT, |i, slot, len| {
         let start = i as usize * (SEGMENT + TAG);
         let mut buf = body[start..start + len + TAG].to_vec();
-        match segs.open(i as u32, i + 1 == count, aad, &mut buf) {
+        let last = i + 1 == count;
+        match segs.open(i as u32, last, header.binding.aad(aad, last), &mut buf) {
             Ok(()) => slot.copy_from_slice(&buf[..len]),
             Err(_) => {
                 failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
@@ -520,8 +486,13 @@ pub fn header(sealed: &[u8]) -> Result<Header, EnvelopeError> {
         return Err(EnvelopeError::NotSealed);
     }
     let format = sealed[MAGIC.len()];
+    let &(_, cipher, binding) = FORMATS
+        .iter()
+        .find(|f| f.0 == format)
+        .ok_or(EnvelopeError::UnknownFormat(format))?;
     Ok(Header {
-        cipher: Cipher::from_format(format).ok_or(EnvelopeError::UnknownFormat(format))?,
+        cipher,
+        binding,
         nonce: sealed[MAGIC.len() + 1..HEADER_LEN]
             .try_into()
             .expect("nonce length"),
@@ -542,7 +513,9 @@ pub fn sealed_range(range: &Range<u64>, plain_len: u64) -> Range<u64> {
 /// Opens the segments [`sealed_range`] named for plain bytes `range` and returns those bytes.
 ///
 /// # Errors
-/// [`EnvelopeError::BadLength`] when `stored` is not those segments; authentication failures.
+/// [`EnvelopeError::BadLength`] when `stored` is not those segments;
+/// [`EnvelopeError::WholeOnly`] for an object whose key only its last segment carries (formats
+/// 3 and 4: its other segments are not bound to where it is stored); authentication failures.
 pub fn open_range(
     key: &DataKey,
     aad: &[u8],
@@ -551,6 +524,9 @@ pub fn open_range(
     range: &Range<u64>,
     stored: &[u8],
 ) -> Result<Vec<u8>, EnvelopeError> {
+    if header.binding != KeyBinding::EverySegment {
+        return Err(EnvelopeError::WholeOnly(header.format()));
+    }
     let want = sealed_range(range, plain_len);
     if stored.len() as u64 != want.end - want.start {
         return Err(EnvelopeError::BadLength(stored.len() as u64));
@@ -679,11 +655,22 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
-    fn fixed(cipher: Cipher) -> Header {
+    /// Format `format`'s header with a fixed nonce.
+    fn fixed(format: u8) -> Header {
+        let &(_, cipher, binding) = FORMATS.iter().find(|f| f.0 == format).unwrap();
         Header {
             cipher,
+            binding,
             nonce: [9; NONCE_LEN],
         }
+    }
+
+    /// Every format's header, each with a fresh nonce.
+    fn every_format() -> Vec<Header> {
+        FORMATS
+            .iter()
+            .map(|&(_, cipher, binding)| Header::random(cipher, binding))
+            .collect()
     }
 
     const SIZES: &[usize] = &[
@@ -696,47 +683,73 @@ mod tests {
         2_500_000,
     ];
 
-    /// Sealing as the bytes arrive, bound before, during or after them, makes exactly the
-    /// bytes of sealing them at once.
+    /// Sealing as the bytes arrive, in writes of any size, makes exactly the bytes of sealing
+    /// them at once, in both late-bound formats.
     #[test]
     fn a_sealer_makes_the_bytes_seal_makes() {
-        for (&n, cipher) in SIZES
+        for (&n, head) in SIZES
             .iter()
             .chain(&[2 * SEGMENT, 2 * SEGMENT + 17])
-            .flat_map(|n| Cipher::ALL.map(|c| (n, c)))
+            .flat_map(|n| [(n, fixed(3)), (n, fixed(4))])
         {
             let plain = data(n);
-            let want = seal_with(&key(1), b"wal/x-1", &[&plain], &fixed(cipher));
+            let want = seal_with(&key(1), b"wal/x-1", &[&plain], &head);
             for write in [1usize, 1000, SEGMENT, SEGMENT + 3, 1 << 20] {
-                for bind_after in [0usize, n / 2, n] {
-                    let mut s = Sealer::with_header(&key(1), Vec::new(), &fixed(cipher));
-                    let binding = s.binding();
-                    let mut written = 0;
-                    for part in plain.chunks(write) {
-                        if written >= bind_after {
-                            binding.bind(b"wal/x-1");
-                        }
-                        std::io::Write::write_all(&mut s, part).unwrap();
-                        written += part.len();
-                    }
-                    let got = s.finish(b"wal/x-1").unwrap();
-                    assert!(
-                        got == want,
-                        "{n} bytes, writes of {write}, bound after {bind_after}, {cipher:?}"
-                    );
-                    assert_eq!(open(&key(1), b"wal/x-1", &got).unwrap(), plain);
+                let mut s = Sealer::with_header(&key(1), Vec::new(), &head);
+                for part in plain.chunks(write) {
+                    std::io::Write::write_all(&mut s, part).unwrap();
                 }
+                let got = s.finish(b"wal/x-1").unwrap();
+                assert!(got == want, "{n} bytes, writes of {write}, {head:?}");
+                assert_eq!(open(&key(1), b"wal/x-1", &got).unwrap(), plain);
             }
         }
     }
 
+    /// A sealer writes a late-bound format, segment by segment as the bytes arrive; such an
+    /// object is bound to its key by its last segment, and is read whole.
     #[test]
-    fn a_sealer_bound_to_one_key_refuses_another() {
+    fn a_late_bound_object_is_written_as_it_comes_and_read_whole() {
+        let plain = data(3 * SEGMENT + 5);
         let mut s = Sealer::new(&key(1), Cipher::NEW, Vec::new());
-        s.binding().bind(b"wal/a-1");
-        std::io::Write::write_all(&mut s, &data(3 * SEGMENT)).unwrap();
-        let e = s.finish(b"wal/b-1").expect_err("another key");
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        std::io::Write::write_all(&mut s, &plain).unwrap();
+        // Every segment but the one that may be the last is already sealed, before the key is
+        // known.
+        assert_eq!(s.out.len(), HEADER_LEN + 3 * (SEGMENT + TAG));
+        let sealed = s.finish(b"wal/a-1").unwrap();
+        let head = header(&sealed).unwrap();
+        assert_eq!(sealed[MAGIC.len()], 3);
+        assert_eq!(head.binding, KeyBinding::LastSegment);
+        assert_eq!(open(&key(1), b"wal/a-1", &sealed).unwrap(), plain);
+        // Moved to another key: the last segment says so.
+        assert_eq!(
+            open(&key(1), b"wal/b-1", &sealed),
+            Err(EnvelopeError::Authentication(3))
+        );
+        // No range of it opens, not even under its own key.
+        let r = 0..10;
+        let stored = &sealed[..sealed_range(&r, plain.len() as u64).end as usize];
+        assert_eq!(
+            open_range(
+                &key(1),
+                b"wal/a-1",
+                &head,
+                plain.len() as u64,
+                &r,
+                &stored[HEADER_LEN..]
+            ),
+            Err(EnvelopeError::WholeOnly(3))
+        );
+        // Its format byte changed to format 2's: the first segment was sealed without the key.
+        let mut relabelled = sealed.clone();
+        relabelled[MAGIC.len()] = 2;
+        assert_eq!(
+            open(&key(1), b"wal/a-1", &relabelled),
+            Err(EnvelopeError::Authentication(0))
+        );
+        // Format 1's cipher streams in format 4.
+        let s = Sealer::new(&key(1), Cipher::XChaCha20Poly1305, Vec::new());
+        assert_eq!(s.finish(b"k").unwrap()[MAGIC.len()], 4);
     }
 
     #[test]
@@ -756,11 +769,14 @@ mod tests {
 
     #[test]
     fn seals_and_opens_in_any_split() {
-        for (&n, cipher) in SIZES.iter().flat_map(|n| Cipher::ALL.map(|c| (n, c))) {
+        for (&n, head) in SIZES
+            .iter()
+            .flat_map(|n| every_format().into_iter().map(move |h| (n, h)))
+        {
             let plain = data(n);
             let (a, b) = plain.split_at(n / 3);
-            let sealed = seal(&key(1), cipher, b"k", &[a, b]);
-            assert_eq!(header(&sealed).unwrap().cipher, cipher);
+            let sealed = seal_with(&key(1), b"k", &[a, b], &head);
+            assert_eq!(header(&sealed).unwrap(), head);
             assert_eq!(sealed.len() as u64, sealed_len(n as u64));
             assert_eq!(open(&key(1), b"k", &sealed).unwrap(), plain, "{n}");
             if n >= 64 {
@@ -803,21 +819,27 @@ mod tests {
 
     #[test]
     fn tampering_moving_cutting_and_other_keys_fail() {
-        for cipher in Cipher::ALL {
-            tampering_fails(cipher);
+        for head in every_format() {
+            tampering_fails(&head);
         }
     }
 
-    fn tampering_fails(cipher: Cipher) {
+    fn tampering_fails(head: &Header) {
+        let seal = |aad: &[u8], plain: &[u8]| seal_with(&key(3), aad, &[plain], head);
         let plain = data(2 * SEGMENT + 10);
-        let sealed = seal(&key(3), cipher, b"wal/a", &[&plain]);
+        let sealed = seal(b"wal/a", &plain);
         assert_eq!(
             open(&key(4), b"wal/a", &sealed),
             Err(EnvelopeError::Authentication(0))
         );
+        // Moved: the first segment that carries the key fails.
+        let bound = match head.binding {
+            KeyBinding::EverySegment => 0,
+            KeyBinding::LastSegment => 2,
+        };
         assert_eq!(
             open(&key(3), b"wal/b", &sealed),
-            Err(EnvelopeError::Authentication(0))
+            Err(EnvelopeError::Authentication(bound))
         );
         let mut flipped = sealed.clone();
         flipped[HEADER_LEN + SEGMENT + TAG + 3] ^= 1;
@@ -840,7 +862,7 @@ mod tests {
             Err(EnvelopeError::NotSealed)
         );
         // An empty object is one empty segment, and it authenticates too.
-        let empty = seal(&key(3), cipher, b"wal/e", &[]);
+        let empty = seal(b"wal/e", &[]);
         assert_eq!(open(&key(3), b"wal/e", &empty), Ok(Vec::new()));
         assert_eq!(
             open(&key(3), b"wal/f", &empty),
@@ -854,7 +876,7 @@ mod tests {
         );
         // An object opened on several threads names its first failing segment.
         let large = data(40 * SEGMENT + 5);
-        let mut sealed = seal(&key(3), cipher, b"wal/l", &[&large]);
+        let mut sealed = seal(b"wal/l", &large);
         for i in [33usize, 21] {
             sealed[HEADER_LEN + i * (SEGMENT + TAG) + 7] ^= 1;
         }
@@ -867,55 +889,75 @@ mod tests {
     #[test]
     fn each_object_has_its_own_nonces() {
         let plain = data(1000);
-        for cipher in Cipher::ALL {
+        for (format, cipher, _) in FORMATS {
             let a = seal(&key(5), cipher, b"k", &[&plain]);
             let b = seal(&key(5), cipher, b"k", &[&plain]);
             assert_ne!(a, b);
             assert_eq!(
-                seal_with(&key(5), b"k", &[&plain], &fixed(cipher)),
-                seal_with(&key(5), b"k", &[&plain], &fixed(cipher))
+                seal_with(&key(5), b"k", &[&plain], &fixed(format)),
+                seal_with(&key(5), b"k", &[&plain], &fixed(format))
             );
         }
     }
 
-    /// Both formats are frozen: objects sealed by any release open in every later one. The
-    /// digests of format 1 were taken from the release before format 2 existed.
+    /// Every format is frozen: objects sealed by any release open in every later one. The
+    /// digests of format 1 were taken from the release before format 2 existed, format 2's from
+    /// the one before format 3.
     #[test]
     fn formats_are_frozen() {
         use sha2::Digest;
-        let digest = |cipher, plain: &[u8]| {
-            let sealed = seal_with(&key(1), b"wal/x", &[plain], &fixed(cipher));
+        let digest = |format, plain: &[u8]| {
+            let sealed = seal_with(&key(1), b"wal/x", &[plain], &fixed(format));
             hex::encode(sha2::Sha256::digest(sealed))
         };
         let plain = data(200_000);
         assert_eq!(
-            digest(Cipher::XChaCha20Poly1305, &plain),
+            digest(1, &plain),
             "d98745d825d8cadbd0c5d3de5f313cf7e0208939726019377e1275ceb71abae9"
         );
         assert_eq!(
-            digest(Cipher::XChaCha20Poly1305, &[]),
+            digest(1, &[]),
             "aba994b153fd0ef574e3b227a49f86c3c3c9b98895e0891d335414bb64a34112"
         );
         assert_eq!(
-            digest(Cipher::Aes256Gcm, &plain),
+            digest(2, &plain),
             "d64c8aae91380556130593ec80d84082c40c240913fedb45816ca0c72dc6ef05"
         );
         assert_eq!(
-            digest(Cipher::Aes256Gcm, &[]),
+            digest(2, &[]),
             "0267c4a1892655b9cc2c57ed30dbf33ef5147faa32b4c126570e06d2c329e69b"
+        );
+        assert_eq!(
+            digest(3, &plain),
+            "ae68cd44c18b15064d7bc45583a0c0b2a2317371c3200c15c7e8945213488b84"
+        );
+        assert_eq!(
+            digest(3, &[]),
+            "16a12eedeb20419b0bb8d7b60e77425af7d0f8e93ab930ba5bf435f03718fea5"
+        );
+        assert_eq!(
+            digest(4, &plain),
+            "053e5d5fefbcb3b60b1f381881f86f23fe325f685b9af59f814a8e77bce0bed0"
+        );
+        assert_eq!(
+            digest(4, &[]),
+            "9e6cfdb07eb2e4e57da2515bcb1b2dc6462cbc666d63d5dc25aa483838699e2a"
         );
     }
 
-    /// Format 2 is STREAM over AES-256-GCM exactly as RustCrypto's `aead::stream` builds it,
-    /// under the object's derived key and prefix: the nonce schedule is theirs, not ours.
+    /// Formats 2 and 3 are STREAM over AES-256-GCM exactly as RustCrypto's `aead::stream`
+    /// builds it, under the object's derived key and prefix: the nonce schedule is theirs, not
+    /// ours. Format 3 differs only in the associated data of the segments before the last.
     #[test]
-    fn format_2_is_rustcrypto_stream_over_aes_256_gcm() {
+    fn formats_2_and_3_are_rustcrypto_stream_over_aes_256_gcm() {
         use aes_gcm::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
-        let head = fixed(Cipher::Aes256Gcm);
-        let object = key(1).object_key(&head.nonce);
-        let stream: StreamBE32<aes_gcm::Aes256Gcm> =
-            StreamBE32::new(object.key().into(), (&object.nonce_prefix()).into());
-        for n in [0, 1, SEGMENT, 2 * SEGMENT + 17] {
+        for (n, head) in [0, 1, SEGMENT, 2 * SEGMENT + 17]
+            .into_iter()
+            .flat_map(|n| [(n, fixed(2)), (n, fixed(3))])
+        {
+            let object = key(1).object_key(&head.nonce);
+            let stream: StreamBE32<aes_gcm::Aes256Gcm> =
+                StreamBE32::new(object.key().into(), (&object.nonce_prefix()).into());
             let plain = data(n);
             let sealed = seal_with(&key(1), b"wal/x", &[&plain], &head);
             let count = segments(n as u64);
@@ -924,12 +966,18 @@ mod tests {
                 let seg =
                     &plain[(i as usize * SEGMENT).min(n)..((i as usize + 1) * SEGMENT).min(n)];
                 let mut buf = seg.to_vec();
+                let last = i + 1 == count;
+                let aad: &[u8] = if last || head.binding == KeyBinding::EverySegment {
+                    b"wal/x"
+                } else {
+                    b""
+                };
                 stream
-                    .encrypt_in_place(i as u32, i + 1 == count, b"wal/x", &mut buf)
+                    .encrypt_in_place(i as u32, last, aad, &mut buf)
                     .unwrap();
                 want.extend_from_slice(&buf);
             }
-            assert!(sealed == want, "{n} bytes");
+            assert!(sealed == want, "{n} bytes, {head:?}");
         }
     }
 

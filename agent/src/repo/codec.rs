@@ -35,9 +35,7 @@ pub struct Written {
 /// call needs only a few MiB of fresh memory, which is slow to fault in on a virtual machine.
 ///
 /// `in_order` sees each plain part after its frame was written, in order (for the restore-point
-/// scan). `digested` is given the SHA-256 as soon as it is known, while parts may still be
-/// compressed and written (an encrypted repository binds the object's key then, and seals the
-/// rest as it comes). `released` is told each part's byte range once it has been both hashed and
+/// scan). `released` is told each part's byte range once it has been both hashed and
 /// compressed and is never read again: a caller reading `plain` from a mapped file can then
 /// drop those pages from its mapping, so that its resident memory stays a few parts.
 ///
@@ -48,7 +46,6 @@ pub fn compress_into(
     out: &mut (dyn Write + Send),
     in_order: &mut (dyn FnMut(&[u8]) + Send),
     released: &(dyn Fn(std::ops::Range<usize>) + Sync),
-    digested: &(dyn Fn(&[u8; 32]) + Sync),
 ) -> std::io::Result<Written> {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let parts: Vec<&[u8]> = if plain.is_empty() {
@@ -129,7 +126,6 @@ pub fn compress_into(
             s.spawn(compress_parts);
         }
         let sha256 = hash_parts();
-        digested(&sha256);
         // Then help with the parts left: on poorly compressible WAL (full-page images), lz4
         // takes longer than SHA-256.
         compress_parts();
@@ -666,7 +662,7 @@ mod tests {
             }
         }
         let mut frames = Frames(Vec::new());
-        let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}, &|_| {}).unwrap();
+        let digest = compress_into(plain, &mut frames, &mut |_| {}, &|_| {}).unwrap();
         let index = frames.0.pop().expect("the part index is written last");
         Compressed {
             frames: frames.0,
@@ -846,7 +842,6 @@ mod tests {
             let mut seen = Vec::new();
             let released =
                 std::sync::Mutex::new(vec![0u32; plain.len().div_ceil(PART_SIZE).max(1)]);
-            let digested = std::sync::Mutex::new(Vec::new());
             let digest = compress_into(
                 &plain,
                 &mut object,
@@ -856,11 +851,8 @@ mod tests {
                     assert_eq!(r.end, (r.start + PART_SIZE).min(len));
                     released.lock().unwrap()[r.start / PART_SIZE] += 1;
                 },
-                &|sha| digested.lock().unwrap().push(*sha),
             )
             .unwrap();
-            // The SHA-256 is handed over once, and is the one returned.
-            assert_eq!(*digested.lock().unwrap(), vec![digest.sha256]);
             // One frame per part, in order, as a single thread encodes them, then the index.
             let mut expected = Vec::new();
             let mut parts: Vec<&[u8]> = plain.chunks(PART_SIZE).collect();
@@ -989,7 +981,7 @@ mod tests {
         }
         let plain = pseudo_random(8 * PART_SIZE);
         let mut out = FailAfter { left: 2, calls: 0 };
-        let err = compress_into(&plain, &mut out, &mut |_| {}, &|_| {}, &|_| {}).unwrap_err();
+        let err = compress_into(&plain, &mut out, &mut |_| {}, &|_| {}).unwrap_err();
         assert_eq!(err.to_string(), "disk full");
         assert_eq!(out.calls, 3, "nothing is written after the failure");
     }
@@ -1048,7 +1040,7 @@ mod proptests {
     /// An object as the archiver stores it: frames, then its part index.
     fn object_of(plain: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        compress_into(plain, &mut out, &mut |_| {}, &|_| {}, &|_| {}).unwrap();
+        compress_into(plain, &mut out, &mut |_| {}, &|_| {}).unwrap();
         out
     }
 

@@ -110,10 +110,6 @@ pub async fn store(
     let source = path.to_path_buf();
     let holds_records = matches!(name, WalFileName::Segment(_) | WalFileName::Partial(_));
     let mut staged = storage.stage(&layout::wal_dir(name)).await?;
-    // An encrypted repository seals each object for its key, which holds the content id: bound
-    // as soon as the hash is known, the rest is sealed and written while it is compressed.
-    let binding = staged.binding();
-    let ids = storage.content_ids();
     let (written, staged, points) = tokio::task::spawn_blocking(move || {
         let io = |e| RepoError::io(&source, e);
         let file = std::fs::File::open(&source).map_err(io)?;
@@ -129,11 +125,6 @@ pub async fn store(
                 }
             },
             &|range| release(map.as_ref(), range),
-            &|sha| {
-                if let Some(b) = &binding {
-                    b.bind(layout::wal_object_key(name, &ids.id(sha)).as_bytes());
-                }
-            },
         )
         .map_err(|e| {
             // A full repository disk: the staged file's error already names where and why.

@@ -296,17 +296,6 @@ pub enum Staged {
     Sealing(Box<crate::crypto::envelope::Sealer<Staged>>),
 }
 
-impl Staged {
-    /// Where to bind the object's key once it is known, so that sealing can start before the
-    /// last byte is written; `None` when the bytes are not sealed here.
-    pub fn binding(&self) -> Option<crate::crypto::envelope::Binding> {
-        match self {
-            Staged::Sealing(s) => Some(s.binding()),
-            Staged::Memory(_) | Staged::File(_) => None,
-        }
-    }
-}
-
 impl std::io::Write for Staged {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
