@@ -238,23 +238,52 @@ impl Segments {
         }
     }
 
-    /// Opens segment `i` in place: `sealed` is its ciphertext and tag; the plain bytes are then
-    /// its first `sealed.len() - TAG` bytes.
-    fn open(&self, i: u32, last: bool, aad: &[u8], sealed: &mut [u8]) -> Result<(), ()> {
-        if sealed.len() < TAG {
+    /// Opens segment `i`, `sealed` (its ciphertext and tag), into `out`, which is
+    /// `sealed.len() - TAG` bytes long. AES-GCM decrypts straight from `sealed` (often a mapped
+    /// file) into `out`; XChaCha20-Poly1305 through a copy.
+    fn open(
+        &self,
+        i: u32,
+        last: bool,
+        aad: &[u8],
+        sealed: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ()> {
+        let Some(len) = sealed
+            .len()
+            .checked_sub(TAG)
+            .filter(|&len| len == out.len())
+        else {
             return Err(());
-        }
+        };
         match self {
             Segments::XChaCha(stream) => {
-                let len = sealed.len();
+                let mut buf = sealed.to_vec();
                 stream
-                    .decrypt_in_place(i, last, aad, &mut Slot { buf: sealed, len })
-                    .map_err(|_| ())
+                    .decrypt_in_place(
+                        i,
+                        last,
+                        aad,
+                        &mut Slot {
+                            buf: &mut buf,
+                            len: len + TAG,
+                        },
+                    )
+                    .map_err(|_| ())?;
+                out.copy_from_slice(&buf[..len]);
+                Ok(())
             }
-            Segments::Aes { key, prefix } => key
-                .open_in_place(Self::aes_nonce(prefix, i, last), Aad::from(aad), sealed)
-                .map(|_| ())
-                .map_err(|_| ()),
+            Segments::Aes { key, prefix } => {
+                let (ciphertext, tag) = sealed.split_at(len);
+                key.open_separate_gather(
+                    Self::aes_nonce(prefix, i, last),
+                    Aad::from(aad),
+                    ciphertext,
+                    tag,
+                    out,
+                )
+                .map_err(|_| ())
+            }
         }
     }
 }
@@ -456,18 +485,23 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Envelop
     let segs = Segments::new(key, &header);
     let count = segments(plain);
     let failed = std::sync::atomic::AtomicU64::new(u64::MAX);
-    // Each segment is opened in a buffer of its own, which stays in the cache, and only its plain
-    // bytes go to their place in the output: one pass over the object's memory.
+    // Each segment is opened straight into its place in the output: one pass over the object.
     let mut out = vec![0u8; plain as usize];
     for_segments(&mut out, plain, SEGMENT, |i, slot, len| {
         let start = i as usize * (SEGMENT + TAG);
-        let mut buf = body[start..start + len + TAG].to_vec();
         let last = i + 1 == count;
-        match segs.open(i as u32, last, header.binding.aad(aad, last), &mut buf) {
-            Ok(()) => slot.copy_from_slice(&buf[..len]),
-            Err(_) => {
-                failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
-            }
+        let aad = header.binding.aad(aad, last);
+        if segs
+            .open(
+                i as u32,
+                last,
+                aad,
+                &body[start..start + len + TAG],
+                &mut slot[..len],
+            )
+            .is_err()
+        {
+            failed.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
         }
     });
     match failed.into_inner() {
@@ -535,13 +569,12 @@ pub fn open_range(
     let segs = Segments::new(key, header);
     let count = segments(plain_len);
     let mut out = Vec::with_capacity((range.end - range.start) as usize);
-    let mut buf = Vec::with_capacity(SEGMENT + TAG);
+    let mut buf = vec![0; SEGMENT];
     for (n, i) in (first..=last).enumerate() {
         let start = n * (SEGMENT + TAG);
         let len = segment_len(plain_len, i);
-        buf.clear();
-        buf.extend_from_slice(&stored[start..start + len + TAG]);
-        segs.open(i as u32, i + 1 == count, aad, &mut buf)
+        let sealed = &stored[start..start + len + TAG];
+        segs.open(i as u32, i + 1 == count, aad, sealed, &mut buf[..len])
             .map_err(|_| EnvelopeError::Authentication(i))?;
         let seg_start = i * SEGMENT as u64;
         let from = range.start.max(seg_start) - seg_start;
