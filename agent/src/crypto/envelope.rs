@@ -1,7 +1,7 @@
 //! The sealed form of every object of an encrypted repository: an AEAD in the STREAM
 //! construction (Hoang, Reyhanitabar, Rogaway, Vizár, "Online Authenticated-Encryption and its
 //! Nonce-Reuse Misuse-Resistance", 2015; `aead::stream::StreamBE32`), in segments of 64 KiB so
-//! that any byte range can be read and authenticated on its own.
+//! that any byte range can be read and authenticated on its own (formats 1 and 2).
 //!
 //! ```text
 //! offset 0   magic "PGPITRE" and format byte (1 to 4)             8 bytes
@@ -26,9 +26,9 @@
 //! object moved to another key, reordered, mixed with another, cut short or extended fails
 //! authentication: each segment belongs to one object by its nonce (a key of its own in formats
 //! 2 and 3, a prefix of its own in formats 1 and 4) and to its place by its counter, and the
-//! last segment binds the object to its key. An empty object is one empty
-//! last segment. Format 2 is format 1's layout with a cipher that runs about six times as fast
-//! on CPUs with AES instructions (docs/benchmarks.md); every format is read.
+//! last segment binds the object to its key. An empty object is one empty last segment. Format
+//! 2 is format 1's layout with a cipher that runs about six times as fast on CPUs with AES
+//! instructions (docs/benchmarks.md); every format is read.
 
 use std::ops::Range;
 
