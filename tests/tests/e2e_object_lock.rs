@@ -15,6 +15,10 @@
 //!   with the governance bypass), while a plain DELETE or an overwrite only hides it behind a
 //!   newer version, which the documented recovery removes; a point-in-time restore from the
 //!   attacked backup then works.
+//! - the same with an encrypted repository: every sealed object is locked, key slots never are,
+//!   so a passphrase is rotated (`key add`, `key remove`) under compliance mode, and a
+//!   point-in-time restore with the new passphrase gives exactly the marker rows before its
+//!   target.
 
 use std::time::Duration;
 
@@ -222,8 +226,8 @@ fn storage_locks_what_is_written_once_and_never_the_mutable_objects() {
 }
 
 /// Every PutObject and CreateMultipartUpload in `seen` asked for a compliance lock, except those
-/// of mutable keys, which asked for none; WAL, packs, manifests and lock objects were among them.
-fn assert_every_write_locked_but_the_mutable_ones(seen: &[Seen]) {
+/// of mutable keys, which asked for none; objects under each of `roots` were among them.
+fn assert_every_write_locked_but_the_mutable_ones(seen: &[Seen], roots: &[&str]) {
     let mut kinds = std::collections::BTreeMap::new();
     for r in seen {
         let (path, query) = r.target.split_once('?').unwrap_or((&r.target, ""));
@@ -248,9 +252,9 @@ fn assert_every_write_locked_but_the_mutable_ones(seen: &[Seen]) {
             .entry(key.split('/').next().unwrap().to_string())
             .or_insert(0) += 1;
     }
-    for kind in ["wal", "packs", "backups", "locks"] {
+    for kind in roots {
         assert!(
-            kinds.contains_key(kind),
+            kinds.contains_key(*kind),
             "no write under {kind}/: {kinds:?}"
         );
     }
@@ -321,7 +325,7 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
     }
     archive_everything(&c);
     seen.extend(proxy.seen());
-    assert_every_write_locked_but_the_mutable_ones(&seen);
+    assert_every_write_locked_but_the_mutable_ones(&seen, &["wal", "packs", "backups", "locks"]);
 
     // `pgpitr check` reports the lock. (Its archiving check switches WAL, which does nothing
     // at the very start of a segment: write something first.)
@@ -481,4 +485,98 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
         extended.unwrap() >= after(Duration::from_secs(3500)) && extended > before,
         "{extended:?}"
     );
+}
+
+/// An encrypted repository under compliance-mode Object Lock: the sealed objects are locked like
+/// plain ones, the key slots are not, so rotation works, and a restore with the new passphrase
+/// is exact.
+#[test]
+fn an_encrypted_repository_is_locked_but_its_key_slots_rotate() {
+    let m = Moto::start();
+    let rt = runtime();
+    rt.block_on(m.bucket("repo", true));
+    let proxy = FaultProxy::start(&m.endpoint, 0.0);
+    proxy.record();
+    let secrets = pgpitr_tests::temp_dir("lock-secrets");
+    let passphrase = |name: &str, words: &str| {
+        let path = secrets.path().join(name);
+        std::fs::write(&path, format!("{words}\n")).unwrap();
+        pgpitr_tests::set_mode(&path, 0o600);
+        pgpitr_tests::give_to_pg_user(&path);
+        path.display().to_string()
+    };
+    let (old, new) = (
+        passphrase("old", "the first passphrase"),
+        passphrase("new", "the passphrase after rotation"),
+    );
+    let with = |file: &str| -> Env {
+        let mut env = locked_env(&m, "repo", "compliance", "10m");
+        for (k, v) in env.iter_mut() {
+            if k == "PGPITR_S3_ENDPOINT" {
+                *v = proxy.endpoint();
+            }
+        }
+        env.push(("PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(), file.into()));
+        env
+    };
+    let env = with(&old);
+    pgpitr_ok(&env, &["key", "create"]);
+
+    let c = archiving_cluster(env.clone(), "");
+    create_markers(&c);
+    add_markers(&c, 2);
+    backup(&env, &c);
+    add_markers(&c, 2);
+    c.psql("SELECT pg_create_restore_point('rotated')");
+    let expected = marker_ids(&c, None);
+    add_markers(&c, 2);
+    archive_everything(&c);
+    // The key slot was written unlocked, everything else locked; the objects are sealed.
+    let roots = ["wal", "packs", "backups", "restore-points", "keys"];
+    assert_every_write_locked_but_the_mutable_ones(&proxy.seen(), &roots);
+    let (client, wal) = (m.client(), format!("{PREFIX}/wal/0000000100000000/"));
+    let stored = rt.block_on(async {
+        let listed = client
+            .list_objects_v2()
+            .bucket("repo")
+            .prefix(&wal)
+            .send()
+            .await
+            .unwrap();
+        let key = listed.contents()[0].key().unwrap().to_string();
+        let object = client
+            .get_object()
+            .bucket("repo")
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        object.body.collect().await.unwrap().into_bytes()
+    });
+    assert!(stored.starts_with(b"PGPITRE"));
+
+    // Rotation under compliance mode: slots are mutable, never locked.
+    pgpitr_ok(&env, &["key", "add", "--new-passphrase-file", &new]);
+    let slots: serde_json::Value =
+        serde_json::from_str(&pgpitr_ok(&env, &["key", "list", "--json"])).unwrap();
+    let old_slot = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["configured"] == true)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new_env = with(&new);
+    pgpitr_ok(&new_env, &["key", "remove", &old_slot]);
+    let out = pgpitr(&env, &["list"]);
+    assert!(
+        !out.status.success(),
+        "the old passphrase still opens: {}",
+        text(&out)
+    );
+
+    let (r, _) = restore_and_start(15, &new_env, &["--target-name", "rotated"], &[], &new_env);
+    assert_eq!(marker_ids(&r, None), expected);
 }
