@@ -164,8 +164,9 @@ impl Storage for EncryptedStorage {
     }
 
     /// Sealed as it is written into what the storage underneath stages (a temporary file of a
-    /// local repository, memory for S3); its segments wait in memory until the caller binds the
-    /// object's key ([`Staged::binding`]), or until [`Storage::put_staged`] names it.
+    /// local repository, memory for S3), segment by segment in the cipher's late-bound format
+    /// (`envelope::Sealer`): the object's key, which [`Storage::put_staged`] names, is bound in
+    /// its last segment.
     async fn stage(&self, dir: &str) -> StorageResult<Staged> {
         let inner = self.inner.stage(dir).await?;
         let sealer = envelope::Sealer::new(&self.key, self.cipher, inner);
