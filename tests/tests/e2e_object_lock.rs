@@ -310,6 +310,9 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
     assert!(!reused.is_empty());
     let mut seen = proxy.seen();
     proxy.record();
+    // Locks end on whole seconds (rounded up): a backup B within a second of A's packs would
+    // need them locked no longer than they are, and rightly extend nothing.
+    std::thread::sleep(Duration::from_secs(2));
     let b = backup(&env, &c);
     let extended: Vec<String> = proxy
         .seen()
