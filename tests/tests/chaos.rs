@@ -8,8 +8,8 @@
 //! - a killed `pgpitr restore` leaves a directory that PostgreSQL cannot start from (no
 //!   `global/pg_control`) and that the next restore refuses, or one whose every file is whole.
 //!
-//! Writers: `pgpitr-archive` one file at a time and batching (on a local repository and on
-//! Garage), `pgpitr-restore` and its background refill, `pgpitr backup`, `pgpitr expire`,
+//! Writers: `pgpitr-archive` one file at a time and batching (on a local repository, an
+//! encrypted local one and Garage), `pgpitr-restore` and its background refill, `pgpitr backup`, `pgpitr expire`,
 //! `pgpitr restore` and `pgpitr drill` (against a real PostgreSQL 15). Kill moments are uniform over the
 //! writer's own run time, measured first. The suite runs a small seeded sample; the seed is
 //! printed (`CHAOS_SEED` replays a run) and `CHAOS_KILLS` sets the number of
@@ -228,6 +228,23 @@ fn wait_for_refills(wal: &WalDir) {
 fn archive_and_restore_commands_survive_kill_9_on_local_directory() {
     let (_dir, repo) = local_repo();
     archive_and_restore_commands_under_kill_9(repo_env(&repo), "local");
+}
+
+/// The same on an encrypted repository, whose WAL objects are sealed and written segment by
+/// segment while they are compressed (format 3), so that a kill leaves partly written ones.
+#[test]
+fn archive_and_restore_commands_survive_kill_9_on_an_encrypted_local_directory() {
+    let (dir, repo) = local_repo();
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "chaos passphrase\n").unwrap();
+    pgpitr_tests::set_mode(&passphrase, 0o600);
+    let mut env = repo_env(&repo);
+    env.push((
+        "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
+        passphrase.display().to_string(),
+    ));
+    pgpitr_ok(&env, &["key", "create"]);
+    archive_and_restore_commands_under_kill_9(env, "encrypted");
 }
 
 #[test]
