@@ -134,6 +134,16 @@ impl Header {
         }
     }
 
+    /// The header of format `byte` with `nonce`; `None` for a format this build does not know.
+    fn of_format(byte: u8, nonce: [u8; NONCE_LEN]) -> Option<Header> {
+        let &(_, cipher, binding) = FORMATS.iter().find(|f| f.0 == byte)?;
+        Some(Header {
+            cipher,
+            binding,
+            nonce,
+        })
+    }
+
     fn format(&self) -> u8 {
         FORMATS
             .iter()
@@ -382,12 +392,13 @@ impl<W: std::io::Write> Sealer<W> {
     /// # Errors
     /// `out`'s error.
     pub fn finish(mut self, aad: &[u8]) -> std::io::Result<W> {
-        let start = self.sealed.len();
-        self.sealed.extend_from_slice(&self.pending);
-        self.sealed.extend_from_slice(&[0; TAG]);
-        self.segs
-            .seal(self.next, true, aad, &mut self.sealed[start..])
-            .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
+        Self::seal_one(
+            &self.segs,
+            &mut self.next,
+            Some(aad),
+            &mut self.sealed,
+            &self.pending,
+        )?;
         Self::write_sealed(&mut self.out, &mut self.sealed)?;
         Ok(self.out)
     }
@@ -400,8 +411,9 @@ impl<W: std::io::Write> Sealer<W> {
         Ok(())
     }
 
-    /// Seals `buf`, coming after everything sealed so far, one segment at a time: each is copied into its place and sealed while it is in
-    /// the cache. Whatever might be the last segment stays pending.
+    /// Seals `buf`, coming after everything sealed so far, one segment at a time: each is copied
+    /// into its place and sealed while it is in the cache. Whatever might be the last segment
+    /// stays pending.
     fn stream_in(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
         let first = self.next;
         if !self.pending.is_empty() {
@@ -412,13 +424,20 @@ impl<W: std::io::Write> Sealer<W> {
                 return Ok(());
             }
             // A whole segment with more after it.
-            Self::seal_one(&self.segs, &mut self.next, &mut self.sealed, &self.pending)?;
+            Self::seal_one(
+                &self.segs,
+                &mut self.next,
+                None,
+                &mut self.sealed,
+                &self.pending,
+            )?;
             self.pending.clear();
         }
         while buf.len() > SEGMENT {
             Self::seal_one(
                 &self.segs,
                 &mut self.next,
+                None,
                 &mut self.sealed,
                 &buf[..SEGMENT],
             )?;
@@ -434,18 +453,20 @@ impl<W: std::io::Write> Sealer<W> {
         Ok(())
     }
 
-    /// Appends segment `next`, `plain` sealed, to `sealed`: not the last, so with no associated
-    /// data.
+    /// Appends segment `next`, `plain` sealed, to `sealed`: the last one, bound to the object's
+    /// key, when `key` is given, else one before it, with no associated data.
     fn seal_one(
         segs: &Segments,
         next: &mut u32,
+        key: Option<&[u8]>,
         sealed: &mut Vec<u8>,
         plain: &[u8],
     ) -> std::io::Result<()> {
         let start = sealed.len();
         sealed.extend_from_slice(plain);
         sealed.extend_from_slice(&[0; TAG]);
-        segs.seal(*next, false, &[], &mut sealed[start..])
+        let aad = key.unwrap_or_default();
+        segs.seal(*next, key.is_some(), aad, &mut sealed[start..])
             .map_err(|_| std::io::Error::other("a segment too long to seal"))?;
         *next += 1;
         Ok(())
@@ -520,17 +541,10 @@ pub fn header(sealed: &[u8]) -> Result<Header, EnvelopeError> {
         return Err(EnvelopeError::NotSealed);
     }
     let format = sealed[MAGIC.len()];
-    let &(_, cipher, binding) = FORMATS
-        .iter()
-        .find(|f| f.0 == format)
-        .ok_or(EnvelopeError::UnknownFormat(format))?;
-    Ok(Header {
-        cipher,
-        binding,
-        nonce: sealed[MAGIC.len() + 1..HEADER_LEN]
-            .try_into()
-            .expect("nonce length"),
-    })
+    let nonce = sealed[MAGIC.len() + 1..HEADER_LEN]
+        .try_into()
+        .expect("nonce length");
+    Header::of_format(format, nonce).ok_or(EnvelopeError::UnknownFormat(format))
 }
 
 /// The stored bytes that hold plain bytes `range` of an object of `plain_len` bytes: whole
@@ -690,12 +704,7 @@ mod tests {
 
     /// Format `format`'s header with a fixed nonce.
     fn fixed(format: u8) -> Header {
-        let &(_, cipher, binding) = FORMATS.iter().find(|f| f.0 == format).unwrap();
-        Header {
-            cipher,
-            binding,
-            nonce: [9; NONCE_LEN],
-        }
+        Header::of_format(format, [9; NONCE_LEN]).unwrap()
     }
 
     /// Every format's header, each with a fresh nonce.
