@@ -26,6 +26,30 @@ pub fn repo_env(repo: &Path) -> Env {
     vec![("PGPITR_REPO".to_string(), repo.display().to_string())]
 }
 
+/// A passphrase file `name` in `dir` holding `passphrase`, mode 0600, that the server's user can
+/// read (its `restore_command` opens the repository too).
+pub fn passphrase_file(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{passphrase}\n")).unwrap();
+    crate::set_mode(&path, 0o600);
+    give_to_pg_user(&path);
+    path
+}
+
+/// `env` with its passphrase file, if any, replaced by `file`.
+pub fn with_passphrase(env: &Env, file: &Path) -> Env {
+    let mut env: Env = env
+        .iter()
+        .filter(|(k, _)| k != "PGPITR_ENCRYPTION_PASSPHRASE_FILE")
+        .cloned()
+        .collect();
+    env.push((
+        "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
+        file.display().to_string(),
+    ));
+    env
+}
+
 /// A libpq connection string for the cluster's socket, as user `postgres`.
 pub fn conninfo(c: &Cluster) -> String {
     format!(

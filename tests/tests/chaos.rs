@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use pgpitr_tests::chaos::{kills, run_killing, run_timed, Ending, Rng, Scale, Tally};
 use pgpitr_tests::cli::{
-    archiving_cluster, conninfo, local_repo, pgpitr, pgpitr_cmd, pgpitr_ok, repo_env, text, Env,
+    archiving_cluster, conninfo, local_repo, passphrase_file, pgpitr, pgpitr_cmd, pgpitr_ok,
+    repo_env, text, with_passphrase, Env,
 };
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::Cluster;
@@ -235,14 +236,8 @@ fn archive_and_restore_commands_survive_kill_9_on_local_directory() {
 #[test]
 fn archive_and_restore_commands_survive_kill_9_on_an_encrypted_local_directory() {
     let (dir, repo) = local_repo();
-    let passphrase = dir.path().join("passphrase");
-    std::fs::write(&passphrase, "chaos passphrase\n").unwrap();
-    pgpitr_tests::set_mode(&passphrase, 0o600);
-    let mut env = repo_env(&repo);
-    env.push((
-        "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
-        passphrase.display().to_string(),
-    ));
+    let passphrase = passphrase_file(dir.path(), "passphrase", "chaos passphrase");
+    let env = with_passphrase(&repo_env(&repo), &passphrase);
     pgpitr_ok(&env, &["key", "create"]);
     archive_and_restore_commands_under_kill_9(env, "encrypted");
 }

@@ -23,7 +23,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pgpitr_tests::chaos::{kills, run_killing, Ending, Rng, Scale, Tally};
-use pgpitr_tests::cli::{archiving_cluster, local_repo, pgpitr, pgpitr_cmd, pgpitr_ok, text, Env};
+use pgpitr_tests::cli::{
+    archiving_cluster, local_repo, passphrase_file, pgpitr, pgpitr_cmd, pgpitr_ok, repo_env, text,
+    with_passphrase, Env,
+};
 use pgpitr_tests::fault_proxy::{Fault, FaultProxy};
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::Cluster;
@@ -451,21 +454,12 @@ fn an_encrypted_repository_is_copied_sealed_and_restores_from_the_copy() {
     let (_copy_dir, copy) = local_repo();
     let secrets = temp_dir("copy-secrets");
     give_to_pg_user(secrets.path());
-    let passphrase = secrets.path().join("passphrase");
-    std::fs::write(&passphrase, "copy passphrase\n").unwrap();
-    pgpitr_tests::set_mode(&passphrase, 0o600);
-    give_to_pg_user(&passphrase);
+    let passphrase = passphrase_file(secrets.path(), "passphrase", "copy passphrase");
     let config = config_file(
         secrets.path(),
         &format!("[[copy]]\nname = \"disk\"\nrepo = \"{}\"\n", copy.display()),
     );
-    let main_env: Env = vec![
-        ("PGPITR_REPO".into(), repo.display().to_string()),
-        (
-            "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
-            passphrase.display().to_string(),
-        ),
-    ];
+    let main_env = with_passphrase(&repo_env(&repo), &passphrase);
     let env = with(&main_env, &[("PGPITR_CONFIG", config.to_str().unwrap())]);
     pgpitr_ok(&main_env, &["key", "create"]);
     let c = archiving_cluster(main_env.clone(), "");

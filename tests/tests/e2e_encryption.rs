@@ -13,11 +13,12 @@
 //!   passphrase, remove the old one, restore with the new one, the old one refused); the last
 //!   slot cannot be removed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use pgpitr_tests::cli::{
-    archiving_cluster, conninfo, local_repo, pgpitr, pgpitr_ok, repo_env, text, Env,
+    archiving_cluster, conninfo, local_repo, passphrase_file, pgpitr, pgpitr_ok, repo_env, text,
+    with_passphrase, Env,
 };
 use pgpitr_tests::garage::Garage;
 use pgpitr_tests::pg::Cluster;
@@ -25,28 +26,6 @@ use pgpitr_tests::{bin, files_under, give_to_pg_user, temp_dir, PG_USER};
 use sha2::{Digest, Sha256};
 
 const TABLE: &str = "canary_ledger_q7";
-
-/// A passphrase file that the server's user can read, mode 0600.
-fn passphrase_file(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{passphrase}\n")).unwrap();
-    pgpitr_tests::set_mode(&path, 0o600);
-    give_to_pg_user(&path);
-    path
-}
-
-fn with_passphrase(env: &Env, file: &Path) -> Env {
-    let mut env: Env = env
-        .iter()
-        .filter(|(k, _)| k != "PGPITR_ENCRYPTION_PASSPHRASE_FILE")
-        .cloned()
-        .collect();
-    env.push((
-        "PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(),
-        file.display().to_string(),
-    ));
-    env
-}
 
 /// What the workload wrote: canary values, a target time and the markers before it, and the
 /// WAL segment that holds the canaries.

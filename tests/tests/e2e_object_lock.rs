@@ -26,7 +26,9 @@ use aws_sdk_s3::types::{ObjectLockConfiguration, ObjectLockEnabled, ObjectLockMo
 use bytes::Bytes;
 use pgpitr::repo::layout;
 use pgpitr::storage::{DynStorage, PutMode};
-use pgpitr_tests::cli::{archiving_cluster, conninfo, pgpitr, pgpitr_ok, text, Env};
+use pgpitr_tests::cli::{
+    archiving_cluster, conninfo, passphrase_file, pgpitr, pgpitr_ok, text, with_passphrase, Env,
+};
 use pgpitr_tests::fault_proxy::{FaultProxy, Seen};
 use pgpitr_tests::moto::Moto;
 use pgpitr_tests::pitr::{
@@ -41,6 +43,16 @@ fn locked_env(m: &Moto, bucket: &str, mode: &str, within: &str) -> Env {
     let mut env = m.env(bucket, PREFIX);
     env.push(("PGPITR_S3_OBJECT_LOCK".into(), mode.into()));
     env.push(("PGPITR_KEEP_WITHIN".into(), within.into()));
+    env
+}
+
+/// `env` reaching S3 through `proxy` instead of directly.
+fn through(proxy: &FaultProxy, mut env: Env) -> Env {
+    for (k, v) in env.iter_mut() {
+        if k == "PGPITR_S3_ENDPOINT" {
+            *v = proxy.endpoint();
+        }
+    }
     env
 }
 
@@ -283,12 +295,7 @@ fn expire_retains_locked_backups_an_attacker_cannot_delete_and_a_restore_works()
     // pgpitr reaches moto through a recording proxy; the attacker goes straight to moto.
     let proxy = FaultProxy::start(&m.endpoint, 0.0);
     proxy.record();
-    let mut env = locked_env(&m, "repo", "compliance", "150s");
-    for (k, v) in env.iter_mut() {
-        if k == "PGPITR_S3_ENDPOINT" {
-            *v = proxy.endpoint();
-        }
-    }
+    let env = through(&proxy, locked_env(&m, "repo", "compliance", "150s"));
     let s = storage_of(&env);
 
     let c = archiving_cluster(env.clone(), "");
@@ -501,28 +508,10 @@ fn an_encrypted_repository_is_locked_but_its_key_slots_rotate() {
     let proxy = FaultProxy::start(&m.endpoint, 0.0);
     proxy.record();
     let secrets = pgpitr_tests::temp_dir("lock-secrets");
-    let passphrase = |name: &str, words: &str| {
-        let path = secrets.path().join(name);
-        std::fs::write(&path, format!("{words}\n")).unwrap();
-        pgpitr_tests::set_mode(&path, 0o600);
-        pgpitr_tests::give_to_pg_user(&path);
-        path.display().to_string()
-    };
-    let (old, new) = (
-        passphrase("old", "the first passphrase"),
-        passphrase("new", "the passphrase after rotation"),
-    );
-    let with = |file: &str| -> Env {
-        let mut env = locked_env(&m, "repo", "compliance", "10m");
-        for (k, v) in env.iter_mut() {
-            if k == "PGPITR_S3_ENDPOINT" {
-                *v = proxy.endpoint();
-            }
-        }
-        env.push(("PGPITR_ENCRYPTION_PASSPHRASE_FILE".into(), file.into()));
-        env
-    };
-    let env = with(&old);
+    let old = passphrase_file(secrets.path(), "old", "the first passphrase");
+    let new = passphrase_file(secrets.path(), "new", "the passphrase after rotation");
+    let locked = through(&proxy, locked_env(&m, "repo", "compliance", "10m"));
+    let env = with_passphrase(&locked, &old);
     pgpitr_ok(&env, &["key", "create"]);
 
     let c = archiving_cluster(env.clone(), "");
@@ -559,7 +548,8 @@ fn an_encrypted_repository_is_locked_but_its_key_slots_rotate() {
     assert!(stored.starts_with(b"PGPITRE"));
 
     // Rotation under compliance mode: slots are mutable, never locked.
-    pgpitr_ok(&env, &["key", "add", "--new-passphrase-file", &new]);
+    let new_file = new.to_str().unwrap();
+    pgpitr_ok(&env, &["key", "add", "--new-passphrase-file", new_file]);
     let slots: serde_json::Value =
         serde_json::from_str(&pgpitr_ok(&env, &["key", "list", "--json"])).unwrap();
     let old_slot = slots
@@ -571,7 +561,7 @@ fn an_encrypted_repository_is_locked_but_its_key_slots_rotate() {
         .as_str()
         .unwrap()
         .to_string();
-    let new_env = with(&new);
+    let new_env = with_passphrase(&locked, &new);
     pgpitr_ok(&new_env, &["key", "remove", &old_slot]);
     let out = pgpitr(&env, &["list"]);
     assert!(
